@@ -1,0 +1,64 @@
+// Parameters shared by the three-stage kernels. The host struct `ThreeStageParams` in
+// src/kernels/three_stage.rs has the same fields in the same order.
+struct Params {
+    batch: u32,
+    heads: u32,
+    kv_heads: u32,
+    seq_q: u32,
+    seq_kv: u32,
+    head_dim: u32,
+    // 0: none, 1: top-left (key j <= query i), 2: bottom-right (j <= i + seq_kv - seq_q).
+    causal: u32,
+    has_mask: u32,
+    // Element strides of the mask over batch and heads; 0 where the mask broadcasts.
+    mask_batch_stride: u32,
+    mask_head_stride: u32,
+    // Flattened (batch · heads + head) index of the first head this dispatch covers. The score
+    // matrix holds only the heads of one chunk, indexed from here.
+    bh_offset: u32,
+    scale: f32,
+    // Added to @builtin(workgroup_id) when a grid larger than the per-dispatch limit is split.
+    group_offset: vec3<u32>,
+    _padding: u32,
+}
+
+// Negative infinity, built at run time because WGSL constant expressions may not be infinite.
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+// Whether query row `i` may attend to key `j` under the causal mask.
+fn causal_allows(p: Params, i: u32, j: u32) -> bool {
+    switch p.causal {
+        case 1u: {
+            return j <= i;
+        }
+        case 2u: {
+            // j <= i + seq_kv - seq_q, written without unsigned underflow.
+            return j + p.seq_q <= i + p.seq_kv;
+        }
+        default: {
+            return true;
+        }
+    }
+}
+
+// One past the last key that any row in [row_begin, row_end) may attend to under the causal
+// mask, clamped to seq_kv. Keys from here on are masked for the whole tile and can be skipped.
+fn causal_key_end(p: Params, row_end: u32) -> u32 {
+    let last_row = row_end - 1u;
+    switch p.causal {
+        case 1u: {
+            return min(last_row + 1u, p.seq_kv);
+        }
+        case 2u: {
+            if last_row + p.seq_kv < p.seq_q {
+                return 0u;
+            }
+            return min(last_row + p.seq_kv - p.seq_q + 1u, p.seq_kv);
+        }
+        default: {
+            return p.seq_kv;
+        }
+    }
+}

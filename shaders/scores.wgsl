@@ -1,0 +1,121 @@
+// Stage 1 of the three-stage path: S = scale · Q Kᵀ + mask, with causally masked entries -inf.
+//
+// Each workgroup computes one TILE_Q × TILE_KV block of S for one (batch, head). Its
+// WG_KV × WG_Q invocations each own ROWS × COLS entries, strided so that neighbouring
+// invocations write neighbouring columns. Q and K are staged through workgroup memory TILE_D
+// head-dim columns at a time, with zeros past the edges, so any head_dim and sequence length work.
+
+const ROWS: u32 = 4u;
+const COLS: u32 = 4u;
+// Invocations along seq_q and seq_kv, and head-dim columns staged per step. The host sets them
+// in `kernels::tiling` and computes the dispatch grid from the same values.
+override WG_Q: u32 = 16u;
+override WG_KV: u32 = 16u;
+override TILE_D: u32 = 16u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+// [batch, heads, seq_q, head_dim]
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+// [batch, kv_heads, seq_kv, head_dim]
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
+@group(0) @binding(3) var<storage, read> mask: array<f32>;
+// [heads of this chunk, seq_q, seq_kv], starting at head bh_offset.
+@group(0) @binding(4) var<storage, read_write> scores: array<f32>;
+
+// Q rows of the tile, [TILE_Q][TILE_D]: WG_Q · ROWS · TILE_D · 4 bytes (4 KiB at the defaults).
+var<workgroup> q_tile: array<f32, WG_Q * ROWS * TILE_D>;
+// K rows of the tile stored transposed, [TILE_D][TILE_KV], so that neighbouring invocations read
+// neighbouring words: WG_KV · COLS · TILE_D · 4 bytes (4 KiB at the defaults).
+var<workgroup> k_tile: array<f32, WG_KV * COLS * TILE_D>;
+
+@compute @workgroup_size(WG_KV, WG_Q, 1)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_id) local_id: vec3<u32>,
+    @builtin(local_invocation_index) local_index: u32,
+) {
+    let tile_q = WG_Q * ROWS;
+    let tile_kv = WG_KV * COLS;
+    let invocations = WG_Q * WG_KV;
+    let group = workgroup_id + params.group_offset;
+    let head_local = group.z;
+    let bh = params.bh_offset + head_local;
+    let b = bh / params.heads;
+    let h = bh % params.heads;
+    let kv_head = h / (params.heads / params.kv_heads);
+    let d = params.head_dim;
+    let q_base = bh * params.seq_q * d;
+    let k_base = (b * params.kv_heads + kv_head) * params.seq_kv * d;
+    let row0 = group.y * tile_q;
+    let col0 = group.x * tile_kv;
+
+    // A tile whose every key is causally masked for every row skips the products. The test
+    // depends only on workgroup-uniform values, so the barriers below stay in uniform control flow.
+    let row_end = min(row0 + tile_q, params.seq_q);
+    let computes = col0 < causal_key_end(params, row_end);
+
+    var acc: array<f32, ROWS * COLS>;
+    if computes {
+        for (var d0 = 0u; d0 < d; d0 += TILE_D) {
+            // Load Q: [tile_q][TILE_D], zero past seq_q and head_dim.
+            for (var t = local_index; t < tile_q * TILE_D; t += invocations) {
+                let row = row0 + t / TILE_D;
+                let col = d0 + t % TILE_D;
+                var value = 0.0;
+                if row < params.seq_q && col < d {
+                    value = q[q_base + row * d + col];
+                }
+                q_tile[t] = value;
+            }
+            // Load K transposed: k_tile[c][key], zero past seq_kv and head_dim.
+            for (var t = local_index; t < tile_kv * TILE_D; t += invocations) {
+                let key = t / TILE_D;
+                let c = t % TILE_D;
+                var value = 0.0;
+                if col0 + key < params.seq_kv && d0 + c < d {
+                    value = k[k_base + (col0 + key) * d + d0 + c];
+                }
+                k_tile[c * tile_kv + key] = value;
+            }
+            workgroupBarrier();
+
+            for (var c = 0u; c < TILE_D; c++) {
+                var q_values: array<f32, ROWS>;
+                for (var r = 0u; r < ROWS; r++) {
+                    q_values[r] = q_tile[(local_id.y + r * WG_Q) * TILE_D + c];
+                }
+                for (var cc = 0u; cc < COLS; cc++) {
+                    let k_value = k_tile[c * tile_kv + local_id.x + cc * WG_KV];
+                    for (var r = 0u; r < ROWS; r++) {
+                        acc[r * COLS + cc] = fma(q_values[r], k_value, acc[r * COLS + cc]);
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+
+    // Scale, add the mask, apply the causal mask, write.
+    let mask_base = b * params.mask_batch_stride + h * params.mask_head_stride;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + local_id.y + r * WG_Q;
+        if row >= params.seq_q {
+            continue;
+        }
+        for (var cc = 0u; cc < COLS; cc++) {
+            let col = col0 + local_id.x + cc * WG_KV;
+            if col >= params.seq_kv {
+                continue;
+            }
+            var s = params.scale * acc[r * COLS + cc];
+            if params.has_mask != 0u {
+                s += mask[mask_base + row * params.seq_kv + col];
+            }
+            if !causal_allows(params, row, col) {
+                s = neg_inf();
+            }
+            scores[(head_local * params.seq_q + row) * params.seq_kv + col] = s;
+        }
+    }
+}

@@ -1,0 +1,90 @@
+// Stage 2 of the three-stage path: row softmax of S, in place, and the row's log-sum-exp.
+//
+// One workgroup per score row. Each invocation keeps a running maximum and a running sum of
+// exp(s - max) over its strided part of the row (an online softmax, so the row is read twice
+// rather than three times), the workgroup combines the pairs in a tree, and a second pass writes
+// p = exp(s - max) / sum. Everything is f32. A row whose every score is -inf gets probabilities 0
+// and log-sum-exp -inf, never NaN.
+
+// Invocations per row; a power of two, because the tree reduction halves the active range.
+override WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+// [heads of this chunk, seq_q, seq_kv]: scores in, probabilities out.
+@group(0) @binding(1) var<storage, read_write> scores: array<f32>;
+// [batch, heads, seq_q]: natural-log log-sum-exp of each row's scores.
+@group(0) @binding(2) var<storage, read_write> lse: array<f32>;
+
+// Partial maxima and sums of the invocations: 2 · WG · 4 bytes (2 KiB at the default).
+var<workgroup> partial_max: array<f32, WG>;
+var<workgroup> partial_sum: array<f32, WG>;
+
+// Merges the running (max, sum) pair (m, l) with the pair (m2, l2) of a disjoint set of scores.
+fn merge(m: f32, l: f32, m2: f32, l2: f32) -> vec2<f32> {
+    let new_max = max(m, m2);
+    if new_max == neg_inf() {
+        // Both sides saw only masked scores: exp(-inf - -inf) would be NaN.
+        return vec2<f32>(new_max, 0.0);
+    }
+    return vec2<f32>(new_max, l * exp(m - new_max) + l2 * exp(m2 - new_max));
+}
+
+@compute @workgroup_size(WG, 1, 1)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_index) local_index: u32,
+) {
+    let group = workgroup_id + params.group_offset;
+    let row = group.x;
+    let head_local = group.z;
+    let row_base = (head_local * params.seq_q + row) * params.seq_kv;
+
+    // Pass 1: running max and sum over this invocation's keys. Masked (-inf) scores add nothing.
+    var m = neg_inf();
+    var l = 0.0;
+    for (var j = local_index; j < params.seq_kv; j += WG) {
+        let s = scores[row_base + j];
+        if s == neg_inf() {
+            continue;
+        }
+        if s > m {
+            l = l * exp(m - s) + 1.0;
+            m = s;
+        } else {
+            // Also taken for NaN, which then makes the sum, and the row, NaN.
+            l += exp(s - m);
+        }
+    }
+    partial_max[local_index] = m;
+    partial_sum[local_index] = l;
+    workgroupBarrier();
+
+    // Tree reduction of the (max, sum) pairs.
+    for (var width = WG / 2u; width > 0u; width /= 2u) {
+        if local_index < width {
+            let merged = merge(
+                partial_max[local_index],
+                partial_sum[local_index],
+                partial_max[local_index + width],
+                partial_sum[local_index + width],
+            );
+            partial_max[local_index] = merged.x;
+            partial_sum[local_index] = merged.y;
+        }
+        workgroupBarrier();
+    }
+    let row_max = partial_max[0];
+    let row_sum = partial_sum[0];
+    let fully_masked = row_max == neg_inf();
+
+    // Pass 2: probabilities, 0 for every key of a fully masked row.
+    let inv_sum = select(1.0 / row_sum, 0.0, fully_masked);
+    let safe_max = select(row_max, 0.0, fully_masked);
+    for (var j = local_index; j < params.seq_kv; j += WG) {
+        let s = scores[row_base + j];
+        scores[row_base + j] = exp(s - safe_max) * inv_sum;
+    }
+    if local_index == 0u {
+        lse[(params.bh_offset + head_local) * params.seq_q + row] = row_max + log(row_sum);
+    }
+}

@@ -1,0 +1,289 @@
+//! Entry points: host-slice calls that upload, run and read back, and a recording call that
+//! works on the caller's buffers inside the caller's command encoder.
+
+use wgpu::util::DeviceExt;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernels::{check_binding, three_stage};
+use crate::problem::{AttentionInputs, AttentionProblem};
+
+/// Which kernels compute the attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// The best kernel for the problem and the device.
+    #[default]
+    Auto,
+    /// Scores, softmax and output as three dispatches, with the score matrix in memory. Memory
+    /// grows with `seq_q × seq_kv`, bounded per dispatch by processing heads in chunks.
+    ThreeStage,
+}
+
+impl Kernel {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Auto => "auto",
+            Kernel::ThreeStage => "three-stage",
+        }
+    }
+
+    /// Parses a name written by [`Kernel::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Kernel::Auto),
+            "three-stage" => Some(Kernel::ThreeStage),
+            _ => None,
+        }
+    }
+
+    /// The kernel that [`Kernel::Auto`] resolves to for `problem`.
+    pub fn resolve(self, _problem: &AttentionProblem) -> Kernel {
+        match self {
+            Kernel::Auto => Kernel::ThreeStage,
+            other => other,
+        }
+    }
+}
+
+/// Output of a host-slice call.
+#[derive(Clone, Debug)]
+pub struct AttentionOutput {
+    /// Attention output, `[batch, heads, seq_q, head_dim]`.
+    pub out: Vec<f32>,
+    /// Natural-log log-sum-exp of each row's scaled, masked scores, `[batch, heads, seq_q]`;
+    /// `-inf` for a fully masked row.
+    pub lse: Vec<f32>,
+}
+
+/// The caller's GPU buffers for [`Context::record`], each used whole from offset 0.
+///
+/// Inputs need [`wgpu::BufferUsages::STORAGE`]; `out` and `lse` are written by the kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuTensors<'a> {
+    /// Queries, `[batch, heads, seq_q, head_dim]` f32.
+    pub q: &'a wgpu::Buffer,
+    /// Keys, `[batch, kv_heads, seq_kv, head_dim]` f32.
+    pub k: &'a wgpu::Buffer,
+    /// Values, `[batch, kv_heads, seq_kv, head_dim]` f32.
+    pub v: &'a wgpu::Buffer,
+    /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]` f32, when the problem has one.
+    pub mask: Option<&'a wgpu::Buffer>,
+    /// Output, `[batch, heads, seq_q, head_dim]` f32.
+    pub out: &'a wgpu::Buffer,
+    /// Log-sum-exp output, `[batch, heads, seq_q]` f32; when `None` the kernels write it to a
+    /// scratch buffer.
+    pub lse: Option<&'a wgpu::Buffer>,
+}
+
+impl Context {
+    /// Computes attention on the GPU from host slices and returns the output,
+    /// `[batch, heads, seq_q, head_dim]`.
+    ///
+    /// Supports head dims 1 to [`crate::MAX_HEAD_DIM`], grouped-query attention, both causal
+    /// alignments and an additive mask broadcast over batch and heads. Blocks until the result is
+    /// read back.
+    ///
+    /// # Errors
+    ///
+    /// An invalid problem, slice lengths that do not match it, a tensor larger than the device's
+    /// storage binding limit, or an error reported by wgpu.
+    pub fn attention(&self, problem: &AttentionProblem, inputs: &AttentionInputs<'_>) -> Result<Vec<f32>> {
+        Ok(self.attention_with(Kernel::Auto, problem, inputs)?.out)
+    }
+
+    /// Computes attention with the chosen kernel and returns the output and the log-sum-exp.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::attention`].
+    pub fn attention_with(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        inputs: &AttentionInputs<'_>,
+    ) -> Result<AttentionOutput> {
+        problem.validate()?;
+        inputs.validate(problem)?;
+        self.check_bindings(problem)?;
+        let device = self.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+
+        let storage = |label: &str, data: &[f32]| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let output = |label: &str, elements: usize| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 4 * elements as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let s = &problem.shape;
+        let q = storage("wgpu-attention q", inputs.q);
+        let k = storage("wgpu-attention k", inputs.k);
+        let v = storage("wgpu-attention v", inputs.v);
+        let mask = inputs.mask.map(|mask| storage("wgpu-attention mask", mask));
+        let out = output("wgpu-attention out", s.q_len());
+        let lse = output("wgpu-attention lse", s.lse_len());
+
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("wgpu-attention"),
+        });
+        let tensors = GpuTensors { q: &q, k: &k, v: &v, mask: mask.as_ref(), out: &out, lse: Some(&lse) };
+        self.record(kernel, problem, &mut encoder, &tensors)?;
+        let out_staging = copy_to_staging(device, &mut encoder, &out);
+        let lse_staging = copy_to_staging(device, &mut encoder, &lse);
+        self.queue().submit([encoder.finish()]);
+
+        let out_host = read_back(device, &out_staging);
+        let lse_host = read_back(device, &lse_staging);
+        if let Some(source) = pollster::block_on(oom_scope.pop()) {
+            return Err(Error::Device { during: "attention", source });
+        }
+        if let Some(source) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device { during: "attention", source });
+        }
+        Ok(AttentionOutput { out: out_host?, lse: lse_host? })
+    }
+
+    /// Records attention into the caller's `encoder`, reading and writing the caller's buffers,
+    /// with no read-back. Submit the encoder to run it.
+    ///
+    /// Scratch buffers are created per call and released once the submitted work completes.
+    ///
+    /// # Errors
+    ///
+    /// An invalid problem, buffers smaller than the problem needs or without
+    /// [`wgpu::BufferUsages::STORAGE`], a mask buffer given without a mask in the problem (or the
+    /// reverse), or a tensor larger than the device's storage binding limit.
+    pub fn record(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        encoder: &mut wgpu::CommandEncoder,
+        tensors: &GpuTensors<'_>,
+    ) -> Result<()> {
+        problem.validate()?;
+        self.check_bindings(problem)?;
+        let s = &problem.shape;
+        check_buffer("q", tensors.q, &s.q_dims())?;
+        check_buffer("k", tensors.k, &s.kv_dims())?;
+        check_buffer("v", tensors.v, &s.kv_dims())?;
+        check_buffer("out", tensors.out, &s.q_dims())?;
+        if let Some(lse) = tensors.lse {
+            check_buffer("lse", lse, &[s.batch, s.heads, s.seq_q])?;
+        }
+        match (problem.mask_dims(), tensors.mask) {
+            (Some(dims), Some(mask)) => check_buffer("mask", mask, &dims)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::MaskMismatch(
+                    "the problem has a mask shape but no mask buffer was given",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::MaskMismatch(
+                    "a mask buffer was given but the problem has no mask shape; call \
+                     AttentionProblem::with_mask",
+                ));
+            }
+        }
+
+        let device = self.device();
+        let placeholder = |label: &str, elements: usize| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 4 * elements as u64,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let no_mask = placeholder("wgpu-attention no mask", 1);
+        let lse_scratch;
+        let lse = match tensors.lse {
+            Some(lse) => lse,
+            None => {
+                lse_scratch = placeholder("wgpu-attention lse", s.lse_len());
+                &lse_scratch
+            }
+        };
+        let bindings = three_stage::Bindings {
+            q: tensors.q,
+            k: tensors.k,
+            v: tensors.v,
+            mask: tensors.mask.unwrap_or(&no_mask),
+            out: tensors.out,
+            lse,
+        };
+        match kernel.resolve(problem) {
+            Kernel::ThreeStage | Kernel::Auto => three_stage::record(self, problem, encoder, &bindings),
+        }
+    }
+
+    fn check_bindings(&self, problem: &AttentionProblem) -> Result<()> {
+        let s = &problem.shape;
+        let limits = self.limits();
+        check_binding(limits, "q", s.q_len())?;
+        check_binding(limits, "k", s.kv_len())?;
+        check_binding(limits, "v", s.kv_len())?;
+        check_binding(limits, "mask", problem.mask_len())?;
+        Ok(())
+    }
+}
+
+fn check_buffer(tensor: &'static str, buffer: &wgpu::Buffer, dims: &[usize]) -> Result<()> {
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::BufferUsage { tensor, missing: wgpu::BufferUsages::STORAGE });
+    }
+    let expected: usize = dims.iter().product();
+    let actual = (buffer.size() / 4) as usize;
+    if actual < expected {
+        return Err(Error::LengthMismatch { tensor, expected, actual, shape: format!("{dims:?}") });
+    }
+    Ok(())
+}
+
+fn copy_to_staging(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    source: &wgpu::Buffer,
+) -> wgpu::Buffer {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-attention read-back"),
+        size: source.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    encoder.copy_buffer_to_buffer(source, 0, &staging, 0, source.size());
+    staging
+}
+
+/// Maps `staging`, waits for the device and copies its contents out as f32.
+pub(crate) fn read_back(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result<Vec<f32>> {
+    let slice = staging.slice(..);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |result| {
+        // The receiver outlives the wait below, so a failed send cannot happen.
+        let _ = sender.send(result);
+    });
+    device
+        .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+        .map_err(|error| Error::ReadBack(error.to_string()))?;
+    receiver
+        .recv()
+        .map_err(|error| Error::ReadBack(error.to_string()))?
+        .map_err(|error| Error::ReadBack(error.to_string()))?;
+    let view = slice.get_mapped_range().map_err(|error| Error::ReadBack(error.to_string()))?;
+    let data = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+    drop(view);
+    staging.unmap();
+    Ok(data)
+}

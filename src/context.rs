@@ -1,0 +1,224 @@
+//! Adapter selection, the device and queue, and the compiled-pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// Environment variable that picks an adapter by a part of its name or by backend.
+pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
+
+/// A wgpu device and queue with the attention pipelines compiled for them.
+///
+/// Pipelines are compiled on first use and cached, so later calls with the same kernel and tile
+/// sizes reuse them. The context is `Send + Sync`: share it across threads behind an `Arc`.
+pub struct Context {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: Option<wgpu::AdapterInfo>,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+}
+
+/// Identifies one compiled pipeline: a shader and its override constants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PipelineKey {
+    pub shader: &'static str,
+    /// Override constants, as (name, value) pairs in a fixed order.
+    pub constants: Vec<(&'static str, u32)>,
+}
+
+/// A compiled compute pipeline with the bind group layout its dispatches use.
+pub(crate) struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl Context {
+    /// Creates a context on the adapter named by `WGPU_ATTENTION_ADAPTER`, or on the best adapter
+    /// found when it is unset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoAdapter`] (with instructions to install a Vulkan driver) when wgpu finds no
+    /// adapter, [`Error::AdapterNotFound`] when none matches the variable, and
+    /// [`Error::RequestDevice`] when the device cannot be created.
+    pub fn new() -> Result<Self> {
+        let request = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
+        Self::with_adapter(request.as_deref())
+    }
+
+    /// Creates a context on the first adapter matching `request`, or on the best adapter found
+    /// when `request` is `None`.
+    ///
+    /// `request` is either a backend (`vulkan`, `metal`, `dx12`, `gl`) or a case-insensitive part
+    /// of the adapter's name (`llvmpipe`, `nvidia`). The best adapter is a discrete GPU before an
+    /// integrated one, a GPU before a CPU, and Vulkan, Metal or DX12 before GL.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::new`].
+    pub fn with_adapter(request: Option<&str>) -> Result<Self> {
+        let adapter = select_adapter(request)?;
+        pollster::block_on(Self::from_adapter(&adapter))
+    }
+
+    /// Creates a context with a new device from `adapter`, requesting every limit it offers and
+    /// the optional features the kernels use (`SHADER_F16`, `SUBGROUP`, `TIMESTAMP_QUERY`) where
+    /// it has them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RequestDevice`] when the device cannot be created.
+    pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY;
+        let descriptor = wgpu::DeviceDescriptor {
+            label: Some("wgpu-attention"),
+            required_features: adapter.features() & wanted,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        };
+        let (device, queue) = adapter
+            .request_device(&descriptor)
+            .await
+            .map_err(|source| Error::RequestDevice { adapter: info.name.clone(), source })?;
+        log::info!("using adapter {} ({:?}, {})", info.name, info.backend, info.driver_info);
+        let mut context = Self::from_device(device, queue);
+        context.info = Some(info);
+        Ok(context)
+    }
+
+    /// Creates a context on the caller's own device and queue.
+    ///
+    /// The kernels respect the device's limits and use only the features it was created with.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let limits = device.limits();
+        let features = device.features();
+        Self { device, queue, info: None, limits, features, pipelines: Mutex::new(HashMap::new()) }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The adapter's description, when the context created the device itself.
+    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
+        self.info.as_ref()
+    }
+
+    /// The device's limits.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The device's features.
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+
+    /// Returns the cached pipeline for `key`, compiling it with `build` on first use.
+    pub(crate) fn pipeline(
+        &self,
+        key: PipelineKey,
+        build: impl FnOnce(&wgpu::Device, &PipelineKey) -> Result<Pipeline>,
+    ) -> Result<Arc<Pipeline>> {
+        // A poisoned lock only means another thread panicked while compiling; the map is still
+        // consistent because entries are inserted whole.
+        let mut cache = self.pipelines.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Some(pipeline) = cache.get(&key) {
+            return Ok(pipeline.clone());
+        }
+        let pipeline = Arc::new(build(&self.device, &key)?);
+        log::debug!("compiled pipeline {} with constants {:?}", key.shader, key.constants);
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("adapter", &self.info.as_ref().map(|info| &info.name))
+            .field("features", &self.features)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lists every adapter wgpu finds on every backend.
+pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+/// Picks the adapter matching `request`, or the best one when `request` is `None`.
+///
+/// # Errors
+///
+/// [`Error::NoAdapter`] when there is none at all, [`Error::AdapterNotFound`] when none matches.
+pub fn select_adapter(request: Option<&str>) -> Result<wgpu::Adapter> {
+    let mut adapters = enumerate_adapters();
+    if adapters.is_empty() {
+        return Err(Error::NoAdapter);
+    }
+    adapters.sort_by_key(|adapter| adapter_rank(&adapter.get_info()));
+    let Some(request) = request else {
+        return Ok(adapters.swap_remove(0));
+    };
+    let wanted = request.trim().to_lowercase();
+    let position = adapters.iter().position(|adapter| {
+        let info = adapter.get_info();
+        backend_name(info.backend) == wanted || info.name.to_lowercase().contains(&wanted)
+    });
+    match position {
+        Some(index) => Ok(adapters.swap_remove(index)),
+        None => Err(Error::AdapterNotFound {
+            request: request.to_string(),
+            available: adapters
+                .iter()
+                .map(|adapter| {
+                    let info = adapter.get_info();
+                    format!("{} ({})", info.name, backend_name(info.backend))
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// Lower ranks are preferred: GPUs before CPUs, native APIs before GL.
+fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (device, backend)
+}
+
+/// The lowercase backend name used for adapter selection.
+pub fn backend_name(backend: wgpu::Backend) -> &'static str {
+    match backend {
+        wgpu::Backend::Vulkan => "vulkan",
+        wgpu::Backend::Metal => "metal",
+        wgpu::Backend::Dx12 => "dx12",
+        wgpu::Backend::Gl => "gl",
+        wgpu::Backend::BrowserWebGpu => "webgpu",
+        _ => "other",
+    }
+}

@@ -1,0 +1,180 @@
+//! The crate's error type.
+
+/// How an adapter is requested through [`crate::Context::new`] or `--adapter`.
+const ADAPTER_HINT: &str = "set WGPU_ATTENTION_ADAPTER (or --adapter) to a part of an adapter name \
+     or to a backend (vulkan, metal, dx12, gl); `wgpu-attention info` lists the adapters";
+
+/// How to get an adapter on a machine without a GPU.
+pub const INSTALL_HINT: &str = "install a Vulkan driver: on a machine without a GPU, Mesa's \
+     lavapipe runs Vulkan on the CPU (Debian and Ubuntu: `apt-get install mesa-vulkan-drivers`; \
+     Fedora: `dnf install mesa-vulkan-drivers`)";
+
+/// Everything that can go wrong in this crate.
+///
+/// Each message names the offending value and says what to change.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A dimension of the problem is zero.
+    #[error("dimension `{name}` is 0; every dimension of an attention problem must be at least 1")]
+    ZeroDimension {
+        /// The dimension's name, as in [`crate::AttentionShape`].
+        name: &'static str,
+    },
+
+    /// The number of query heads is not a multiple of the number of key/value heads.
+    #[error(
+        "heads = {heads} is not a multiple of kv_heads = {kv_heads}; grouped-query attention \
+         needs each key/value head shared by the same number of query heads"
+    )]
+    HeadsNotDivisible {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+    },
+
+    /// The head dimension is larger than the kernels support.
+    #[error("head_dim = {head_dim} is larger than the supported maximum of {max}")]
+    HeadDimTooLarge {
+        /// Requested head dimension.
+        head_dim: usize,
+        /// Largest supported head dimension.
+        max: usize,
+    },
+
+    /// The softmax scale is NaN or infinite.
+    #[error("scale = {scale} is not finite; pass a finite scale or leave it unset for 1/sqrt(head_dim)")]
+    InvalidScale {
+        /// The rejected scale.
+        scale: f64,
+    },
+
+    /// The additive mask does not broadcast to `[batch, heads, seq_q, seq_kv]`.
+    #[error(
+        "mask shape [{mask_batch}, {mask_heads}, seq_q, seq_kv] does not broadcast to \
+         [batch = {batch}, heads = {heads}, seq_q, seq_kv]; the mask's batch must be 1 or {batch} \
+         and its heads 1 or {heads}"
+    )]
+    MaskShape {
+        /// Mask batch dimension.
+        mask_batch: usize,
+        /// Mask head dimension.
+        mask_heads: usize,
+        /// Problem batch.
+        batch: usize,
+        /// Problem query heads.
+        heads: usize,
+    },
+
+    /// A host slice or GPU buffer holds the wrong number of elements for the shape.
+    #[error(
+        "tensor `{tensor}` has {actual} elements, but shape {shape} needs {expected}; \
+         check the layout [batch, heads, seq, head_dim]"
+    )]
+    LengthMismatch {
+        /// Which tensor (`q`, `k`, `v`, `mask`, `out`, `lse`).
+        tensor: &'static str,
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements given.
+        actual: usize,
+        /// The expected shape, written out.
+        shape: String,
+    },
+
+    /// A mask tensor was given without a mask shape in the problem, or the reverse.
+    #[error("{0}")]
+    MaskMismatch(&'static str),
+
+    /// A caller's buffer lacks a usage flag the kernels need.
+    #[error("buffer `{tensor}` lacks usage {missing:?}; create it with that usage flag")]
+    BufferUsage {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The missing usage flags.
+        missing: wgpu::BufferUsages,
+    },
+
+    /// The problem exceeds a device limit and cannot be split to fit.
+    #[error("{what} needs {value} but the device limit `{limit_name}` is {limit}; {fix}")]
+    ExceedsLimit {
+        /// What needs the resource.
+        what: String,
+        /// The amount needed.
+        value: u64,
+        /// The name of the limit in [`wgpu::Limits`].
+        limit_name: &'static str,
+        /// The limit's value on this device.
+        limit: u64,
+        /// What to do about it.
+        fix: &'static str,
+    },
+
+    /// No adapter was found at all.
+    #[error("no GPU adapter found; {INSTALL_HINT}")]
+    NoAdapter,
+
+    /// No adapter matches the requested name or backend.
+    #[error("no adapter matches `{request}` (available: {available}); {ADAPTER_HINT}")]
+    AdapterNotFound {
+        /// The requested name part or backend.
+        request: String,
+        /// The adapters that were found, comma-separated.
+        available: String,
+    },
+
+    /// The device could not be created.
+    #[error("requesting a device from adapter `{adapter}` failed: {source}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's error.
+        source: wgpu::RequestDeviceError,
+    },
+
+    /// The caller asked for a kernel that does not support this problem.
+    #[error("kernel {kernel} does not support {what}; {fix}")]
+    Unsupported {
+        /// The kernel's name.
+        kernel: &'static str,
+        /// The unsupported part of the problem.
+        what: String,
+        /// What to do about it.
+        fix: &'static str,
+    },
+
+    /// wgpu reported a validation or out-of-memory error while recording or running the kernels.
+    #[error("wgpu reported an error during {during}: {source}")]
+    Device {
+        /// The step that failed.
+        during: &'static str,
+        /// wgpu's error.
+        source: wgpu::Error,
+    },
+
+    /// Mapping a buffer for read-back, or waiting for the device, failed.
+    #[error("reading results back from the device failed: {0}")]
+    ReadBack(String),
+
+    /// A fixture file is malformed or holds options this crate does not support.
+    #[error("{path}: {message}")]
+    Fixture {
+        /// The file.
+        path: String,
+        /// What is wrong, and how to fix it where that is known.
+        message: String,
+    },
+
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,152 @@
+//! The WGSL programs and the host code that records their dispatches.
+
+pub(crate) mod three_stage;
+pub(crate) mod tiling;
+
+use wgpu::util::DeviceExt;
+
+use crate::context::{Pipeline, PipelineKey};
+use crate::error::{Error, Result};
+
+/// One dispatch of a grid that may have been split to fit the per-axis workgroup limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GridPart {
+    /// Added to `@builtin(workgroup_id)` by the shader.
+    pub offset: [u32; 3],
+    /// Workgroups dispatched.
+    pub count: [u32; 3],
+}
+
+/// Splits a grid of `groups` workgroups into dispatches of at most `max_per_axis` per axis.
+pub(crate) fn split_grid(groups: [u32; 3], max_per_axis: u32) -> Vec<GridPart> {
+    let ranges = groups.map(|total| {
+        (0..total.div_ceil(max_per_axis))
+            .map(|i| {
+                let start = i * max_per_axis;
+                (start, (total - start).min(max_per_axis))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut parts = Vec::new();
+    for &(z0, nz) in &ranges[2] {
+        for &(y0, ny) in &ranges[1] {
+            for &(x0, nx) in &ranges[0] {
+                parts.push(GridPart { offset: [x0, y0, z0], count: [nx, ny, nz] });
+            }
+        }
+    }
+    parts
+}
+
+/// Compiles `source` (the shared parameter block followed by one program) with its override
+/// constants, reporting shader and pipeline errors as [`Error::Device`].
+pub(crate) fn compile(device: &wgpu::Device, source: &str, key: &PipelineKey) -> Result<Pipeline> {
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(key.shader),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let constants: Vec<(&str, f64)> =
+        key.constants.iter().map(|&(name, value)| (name, f64::from(value))).collect();
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(key.shader),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            // Every workgroup array is written before it is read.
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    if let Some(source) = pollster::block_on(scope.pop()) {
+        return Err(Error::Device { during: "shader compilation", source });
+    }
+    let layout = pipeline.get_bind_group_layout(0);
+    Ok(Pipeline { pipeline, layout })
+}
+
+/// Creates a bind group whose binding `i` is the whole of `buffers[i]`.
+pub(crate) fn bind_buffers(
+    device: &wgpu::Device,
+    pipeline: &Pipeline,
+    label: &str,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+        .iter()
+        .enumerate()
+        .map(|(binding, buffer)| wgpu::BindGroupEntry {
+            binding: binding as u32,
+            resource: buffer.as_entire_binding(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.layout,
+        entries: &entries,
+    })
+}
+
+/// Creates a uniform buffer holding `value`.
+pub(crate) fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, value: &T) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytemuck::bytes_of(value),
+        usage: wgpu::BufferUsages::UNIFORM,
+    })
+}
+
+/// The largest storage binding the device allows, in bytes.
+pub(crate) fn max_binding_bytes(limits: &wgpu::Limits) -> u64 {
+    limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)
+}
+
+/// Checks that a tensor of `elements` f32 values fits in one storage binding.
+pub(crate) fn check_binding(limits: &wgpu::Limits, tensor: &str, elements: usize) -> Result<()> {
+    let bytes = 4 * elements as u64;
+    let limit = max_binding_bytes(limits);
+    if bytes > limit {
+        let limit_name = if limits.max_storage_buffer_binding_size <= limits.max_buffer_size {
+            "max_storage_buffer_binding_size"
+        } else {
+            "max_buffer_size"
+        };
+        return Err(Error::ExceedsLimit {
+            what: format!("tensor `{tensor}` ({elements} f32 values)"),
+            value: bytes,
+            limit_name,
+            limit,
+            fix: "split the batch or the heads into several calls",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_grid_within_limit_is_one_part() {
+        let parts = split_grid([3, 4, 5], 65_535);
+        assert_eq!(parts, vec![GridPart { offset: [0, 0, 0], count: [3, 4, 5] }]);
+    }
+
+    #[test]
+    fn split_grid_covers_every_group_once() {
+        let parts = split_grid([10, 1, 7], 4);
+        assert_eq!(parts.len(), 3 * 2);
+        let mut seen = vec![0u32; 10 * 7];
+        for part in &parts {
+            assert!(part.count.iter().all(|&c| c <= 4));
+            for z in part.offset[2]..part.offset[2] + part.count[2] {
+                for x in part.offset[0]..part.offset[0] + part.count[0] {
+                    seen[(z * 10 + x) as usize] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+    }
+}

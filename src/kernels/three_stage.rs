@@ -1,0 +1,189 @@
+//! The three-stage path: scores, softmax, then probabilities times values, each its own dispatch.
+//!
+//! The score matrix is materialized in a scratch buffer. To bound its size, the flattened
+//! (batch, head) pairs are processed in chunks whose score matrices fit one storage binding and
+//! [`SCORES_BUDGET_BYTES`]; one (batch, head) whose matrix alone exceeds the binding limit is
+//! rejected with [`Error::ExceedsLimit`].
+
+use std::sync::Arc;
+
+use crate::context::{Context, Pipeline, PipelineKey};
+use crate::error::{Error, Result};
+use crate::kernels::tiling::ThreeStageTiles;
+use crate::kernels::{bind_buffers, compile, max_binding_bytes, split_grid, uniform};
+use crate::problem::AttentionProblem;
+
+const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
+const SCORES_WGSL: &str = include_str!("../../shaders/scores.wgsl");
+const SOFTMAX_WGSL: &str = include_str!("../../shaders/softmax.wgsl");
+const PROBS_V_WGSL: &str = include_str!("../../shaders/probs_v.wgsl");
+
+/// Largest score scratch buffer one call allocates, unless a single (batch, head) needs more.
+/// Larger chunks only save dispatches; 256 MiB already holds 8 heads of 4096 × 2048 scores.
+pub const SCORES_BUDGET_BYTES: u64 = 256 << 20;
+
+/// The uniform block `Params` of `shaders/params.wgsl`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct ThreeStageParams {
+    batch: u32,
+    heads: u32,
+    kv_heads: u32,
+    seq_q: u32,
+    seq_kv: u32,
+    head_dim: u32,
+    causal: u32,
+    has_mask: u32,
+    mask_batch_stride: u32,
+    mask_head_stride: u32,
+    bh_offset: u32,
+    scale: f32,
+    group_offset: [u32; 3],
+    padding: u32,
+}
+
+/// Buffers one three-stage call reads and writes.
+pub(crate) struct Bindings<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    /// The mask, or a one-element placeholder when the problem has none.
+    pub mask: &'a wgpu::Buffer,
+    pub out: &'a wgpu::Buffer,
+    pub lse: &'a wgpu::Buffer,
+}
+
+/// (batch, head) pairs whose score matrices are processed together, given the device limits.
+///
+/// # Errors
+///
+/// [`Error::ExceedsLimit`] when one (batch, head)'s score matrix exceeds a storage binding.
+pub(crate) fn heads_per_chunk(problem: &AttentionProblem, limits: &wgpu::Limits) -> Result<usize> {
+    let s = &problem.shape;
+    let head_bytes = 4 * s.scores_per_head() as u64;
+    let limit = max_binding_bytes(limits);
+    if head_bytes > limit {
+        return Err(Error::ExceedsLimit {
+            what: format!(
+                "the three-stage kernel's score matrix of one head ({} × {} f32 values)",
+                s.seq_q, s.seq_kv
+            ),
+            value: head_bytes,
+            limit_name: "max_storage_buffer_binding_size",
+            limit,
+            fix: "use a shorter seq_q or seq_kv, or split the queries into several calls",
+        });
+    }
+    let budget = limit.min(SCORES_BUDGET_BYTES).max(head_bytes);
+    let by_memory = (budget / head_bytes) as usize;
+    let by_grid = limits.max_compute_workgroups_per_dimension as usize;
+    Ok(by_memory.min(by_grid).min(s.batch * s.heads).max(1))
+}
+
+/// Records the three stages into `encoder`.
+pub(crate) fn record(
+    context: &Context,
+    problem: &AttentionProblem,
+    encoder: &mut wgpu::CommandEncoder,
+    bindings: &Bindings<'_>,
+) -> Result<()> {
+    let device = context.device();
+    let limits = context.limits();
+    let tiles = ThreeStageTiles::choose(problem, limits);
+    let chunk = heads_per_chunk(problem, limits)?;
+    let (scores_pipeline, softmax_pipeline, probs_v_pipeline) = pipelines(context, &tiles)?;
+
+    let s = &problem.shape;
+    let total_heads = s.batch * s.heads;
+    let scores = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-attention scores"),
+        size: 4 * (chunk * s.scores_per_head()) as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
+    let base = ThreeStageParams {
+        batch: s.batch as u32,
+        heads: s.heads as u32,
+        kv_heads: s.kv_heads as u32,
+        seq_q: s.seq_q as u32,
+        seq_kv: s.seq_kv as u32,
+        head_dim: s.head_dim as u32,
+        causal: problem.causal.code(),
+        has_mask: u32::from(problem.mask.is_some()),
+        mask_batch_stride: mask_batch_stride as u32,
+        mask_head_stride: mask_head_stride as u32,
+        bh_offset: 0,
+        scale: problem.scale() as f32,
+        group_offset: [0; 3],
+        padding: 0,
+    };
+    let max_groups = limits.max_compute_workgroups_per_dimension;
+    let output_tile = tiles.output_tile();
+
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("wgpu-attention three-stage"),
+        timestamp_writes: None,
+    });
+    for first in (0..total_heads).step_by(chunk) {
+        let heads = chunk.min(total_heads - first) as u32;
+        let params = ThreeStageParams { bh_offset: first as u32, ..base };
+        let grids = [
+            [(s.seq_kv as u32).div_ceil(output_tile), (s.seq_q as u32).div_ceil(output_tile), heads],
+            [s.seq_q as u32, 1, heads],
+            [(s.head_dim as u32).div_ceil(output_tile), (s.seq_q as u32).div_ceil(output_tile), heads],
+        ];
+        let stages: [(&Pipeline, Vec<&wgpu::Buffer>); 3] = [
+            (&scores_pipeline, vec![bindings.q, bindings.k, bindings.mask, &scores]),
+            (&softmax_pipeline, vec![&scores, bindings.lse]),
+            (&probs_v_pipeline, vec![&scores, bindings.v, bindings.out]),
+        ];
+        for ((pipeline, buffers), grid) in stages.into_iter().zip(grids) {
+            pass.set_pipeline(&pipeline.pipeline);
+            for part in split_grid(grid, max_groups) {
+                let params = ThreeStageParams { group_offset: part.offset, ..params };
+                let params_buffer = uniform(device, "wgpu-attention params", &params);
+                let mut all = vec![&params_buffer];
+                all.extend(buffers.iter().copied());
+                let bind_group = bind_buffers(device, pipeline, "wgpu-attention three-stage", &all);
+                pass.set_bind_group(0, &bind_group, &[]);
+                log::trace!("dispatch {:?} from head {first}", part);
+                pass.dispatch_workgroups(part.count[0], part.count[1], part.count[2]);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pipelines(
+    context: &Context,
+    tiles: &ThreeStageTiles,
+) -> Result<(Arc<Pipeline>, Arc<Pipeline>, Arc<Pipeline>)> {
+    let side = tiles.workgroup_side;
+    let scores = cached(
+        context,
+        "scores.wgsl",
+        SCORES_WGSL,
+        vec![("WG_Q", side), ("WG_KV", side), ("TILE_D", tiles.reduction_tile)],
+    )?;
+    let softmax =
+        cached(context, "softmax.wgsl", SOFTMAX_WGSL, vec![("WG", tiles.softmax_workgroup)])?;
+    let probs_v = cached(
+        context,
+        "probs_v.wgsl",
+        PROBS_V_WGSL,
+        vec![("WG_Q", side), ("WG_D", side), ("TILE_KV", tiles.reduction_tile)],
+    )?;
+    Ok((scores, softmax, probs_v))
+}
+
+fn cached(
+    context: &Context,
+    shader: &'static str,
+    program: &'static str,
+    constants: Vec<(&'static str, u32)>,
+) -> Result<Arc<Pipeline>> {
+    context.pipeline(PipelineKey { shader, constants }, |device, key| {
+        compile(device, &format!("{PARAMS_WGSL}\n{program}"), key)
+    })
+}

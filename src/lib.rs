@@ -1,0 +1,41 @@
+//! Multi-head scaled dot-product attention as WGSL compute shaders on any adapter wgpu reaches,
+//! checked against an f64 CPU reference.
+//!
+//! ```no_run
+//! use wgpu_attention::{AttentionInputs, AttentionProblem, AttentionShape, Causal, Context};
+//!
+//! # fn main() -> Result<(), wgpu_attention::Error> {
+//! let context = Context::new()?;
+//! // batch 1, 8 query heads sharing 2 key/value heads, 100 queries, 100 keys, head dim 64
+//! let shape = AttentionShape::new(1, 8, 100, 100, 64).with_kv_heads(2);
+//! let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
+//! let q = vec![0.5f32; shape.q_len()];
+//! let k = vec![0.25f32; shape.kv_len()];
+//! let v = vec![1.0f32; shape.kv_len()];
+//! let out = context.attention(&problem, &AttentionInputs { q: &q, k: &k, v: &v, mask: None })?;
+//! assert_eq!(out.len(), shape.q_len());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The layout is `[batch, heads, seq, head_dim]`, contiguous f32. [`reference`] defines the
+//! semantics, and [`validate`] holds the error metrics and tolerances for checking any result
+//! against it.
+
+#![warn(missing_docs)]
+
+mod attention;
+mod context;
+mod error;
+pub mod fixture;
+mod kernels;
+mod problem;
+pub mod reference;
+pub mod validate;
+
+pub use attention::{AttentionOutput, GpuTensors, Kernel};
+pub use context::{ADAPTER_ENV, Context, backend_name, enumerate_adapters, select_adapter};
+pub use error::{Error, INSTALL_HINT, Result};
+pub use problem::{
+    AttentionInputs, AttentionProblem, AttentionShape, Causal, MAX_HEAD_DIM, MaskShape,
+};
