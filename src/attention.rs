@@ -89,7 +89,11 @@ impl Context {
     ///
     /// An invalid problem, slice lengths that do not match it, a tensor larger than the device's
     /// storage binding limit, or an error reported by wgpu.
-    pub fn attention(&self, problem: &AttentionProblem, inputs: &AttentionInputs<'_>) -> Result<Vec<f32>> {
+    pub fn attention(
+        &self,
+        problem: &AttentionProblem,
+        inputs: &AttentionInputs<'_>,
+    ) -> Result<Vec<f32>> {
         Ok(self.attention_with(Kernel::Auto, problem, inputs)?.out)
     }
 
@@ -137,7 +141,14 @@ impl Context {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("wgpu-attention"),
         });
-        let tensors = GpuTensors { q: &q, k: &k, v: &v, mask: mask.as_ref(), out: &out, lse: Some(&lse) };
+        let tensors = GpuTensors {
+            q: &q,
+            k: &k,
+            v: &v,
+            mask: mask.as_ref(),
+            out: &out,
+            lse: Some(&lse),
+        };
         self.record(kernel, problem, &mut encoder, &tensors)?;
         let out_staging = copy_to_staging(device, &mut encoder, &out);
         let lse_staging = copy_to_staging(device, &mut encoder, &lse);
@@ -146,12 +157,21 @@ impl Context {
         let out_host = read_back(device, &out_staging);
         let lse_host = read_back(device, &lse_staging);
         if let Some(source) = pollster::block_on(oom_scope.pop()) {
-            return Err(Error::Device { during: "attention", source });
+            return Err(Error::Device {
+                during: "attention",
+                source,
+            });
         }
         if let Some(source) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device { during: "attention", source });
+            return Err(Error::Device {
+                during: "attention",
+                source,
+            });
         }
-        Ok(AttentionOutput { out: out_host?, lse: lse_host? })
+        Ok(AttentionOutput {
+            out: out_host?,
+            lse: lse_host?,
+        })
     }
 
     /// Records attention into the caller's `encoder`, reading and writing the caller's buffers,
@@ -224,7 +244,9 @@ impl Context {
             lse,
         };
         match kernel.resolve(problem) {
-            Kernel::ThreeStage | Kernel::Auto => three_stage::record(self, problem, encoder, &bindings),
+            Kernel::ThreeStage | Kernel::Auto => {
+                three_stage::record(self, problem, encoder, &bindings)
+            }
         }
     }
 
@@ -241,12 +263,20 @@ impl Context {
 
 fn check_buffer(tensor: &'static str, buffer: &wgpu::Buffer, dims: &[usize]) -> Result<()> {
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(Error::BufferUsage { tensor, missing: wgpu::BufferUsages::STORAGE });
+        return Err(Error::BufferUsage {
+            tensor,
+            missing: wgpu::BufferUsages::STORAGE,
+        });
     }
     let expected: usize = dims.iter().product();
     let actual = (buffer.size() / 4) as usize;
     if actual < expected {
-        return Err(Error::LengthMismatch { tensor, expected, actual, shape: format!("{dims:?}") });
+        return Err(Error::LengthMismatch {
+            tensor,
+            expected,
+            actual,
+            shape: format!("{dims:?}"),
+        });
     }
     Ok(())
 }
@@ -275,13 +305,18 @@ pub(crate) fn read_back(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result
         let _ = sender.send(result);
     });
     device
-        .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        })
         .map_err(|error| Error::ReadBack(error.to_string()))?;
     receiver
         .recv()
         .map_err(|error| Error::ReadBack(error.to_string()))?
         .map_err(|error| Error::ReadBack(error.to_string()))?;
-    let view = slice.get_mapped_range().map_err(|error| Error::ReadBack(error.to_string()))?;
+    let view = slice
+        .get_mapped_range()
+        .map_err(|error| Error::ReadBack(error.to_string()))?;
     let data = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
     drop(view);
     staging.unmap();

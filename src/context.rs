@@ -45,7 +45,9 @@ impl Context {
     /// adapter, [`Error::AdapterNotFound`] when none matches the variable, and
     /// [`Error::RequestDevice`] when the device cannot be created.
     pub fn new() -> Result<Self> {
-        let request = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
+        let request = std::env::var(ADAPTER_ENV)
+            .ok()
+            .filter(|s| !s.trim().is_empty());
         Self::with_adapter(request.as_deref())
     }
 
@@ -73,9 +75,8 @@ impl Context {
     /// [`Error::RequestDevice`] when the device cannot be created.
     pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
-        let wanted = wgpu::Features::SHADER_F16
-            | wgpu::Features::SUBGROUP
-            | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("wgpu-attention"),
             required_features: adapter.features() & wanted,
@@ -85,8 +86,16 @@ impl Context {
         let (device, queue) = adapter
             .request_device(&descriptor)
             .await
-            .map_err(|source| Error::RequestDevice { adapter: info.name.clone(), source })?;
-        log::info!("using adapter {} ({:?}, {})", info.name, info.backend, info.driver_info);
+            .map_err(|source| Error::RequestDevice {
+                adapter: info.name.clone(),
+                source,
+            })?;
+        log::info!(
+            "using adapter {} ({:?}, {})",
+            info.name,
+            info.backend,
+            info.driver_info
+        );
         let mut context = Self::from_device(device, queue);
         context.info = Some(info);
         Ok(context)
@@ -98,7 +107,14 @@ impl Context {
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let limits = device.limits();
         let features = device.features();
-        Self { device, queue, info: None, limits, features, pipelines: Mutex::new(HashMap::new()) }
+        Self {
+            device,
+            queue,
+            info: None,
+            limits,
+            features,
+            pipelines: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The device.
@@ -134,12 +150,19 @@ impl Context {
     ) -> Result<Arc<Pipeline>> {
         // A poisoned lock only means another thread panicked while compiling; the map is still
         // consistent because entries are inserted whole.
-        let mut cache = self.pipelines.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut cache = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if let Some(pipeline) = cache.get(&key) {
             return Ok(pipeline.clone());
         }
         let pipeline = Arc::new(build(&self.device, &key)?);
-        log::debug!("compiled pipeline {} with constants {:?}", key.shader, key.constants);
+        log::debug!(
+            "compiled pipeline {} with constants {:?}",
+            key.shader,
+            key.constants
+        );
         cache.insert(key, pipeline.clone());
         Ok(pipeline)
     }
@@ -156,7 +179,8 @@ impl std::fmt::Debug for Context {
 
 /// Lists every adapter wgpu finds on every backend.
 pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
 }
 

@@ -44,7 +44,9 @@ pub enum Error {
     },
 
     /// The softmax scale is NaN or infinite.
-    #[error("scale = {scale} is not finite; pass a finite scale or leave it unset for 1/sqrt(head_dim)")]
+    #[error(
+        "scale = {scale} is not finite; pass a finite scale or leave it unset for 1/sqrt(head_dim)"
+    )]
     InvalidScale {
         /// The rejected scale.
         scale: f64,

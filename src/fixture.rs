@@ -1,1 +1,312 @@
+//! Attention test cases stored as safetensors files, and GPU outputs written in the same format.
+//!
+//! A fixture holds `q`, `k`, `v` (`[B, H, Sq, D]` and `[B, H_kv, Skv, D]`), the expected `out`,
+//! optionally an additive `mask` (`[B, 1 or H, Sq, Skv]`), the expected `probs` and `lse`, and a
+//! string metadata map with at least `scale`, `causal` (`none`, `top_left` or `bottom_right`)
+//! and `layout` (`BHSD`). Tensors are F32, or F16 when the metadata's `input_dtype` is `f16`;
+//! F16 inputs are widened to f32 exactly. Options the kernels do not implement yet (soft-capping,
+//! sliding windows, ALiBi, attention sinks, per-sequence key lengths, a value head dim different
+//! from the key head dim) are rejected with an error that names them.
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::problem::{AttentionInputs, AttentionProblem, AttentionShape, Causal};
+
+/// Metadata keys that select options the kernels do not implement yet.
+const UNSUPPORTED_KEYS: [&str; 3] = ["softcap", "window_left", "window_right"];
+/// Tensors that select options the kernels do not implement yet.
+const UNSUPPORTED_TENSORS: [&str; 3] = ["sinks", "alibi_slopes", "kv_seq_lens"];
+
+/// One attention case read from a safetensors file.
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    /// The problem the file describes.
+    pub problem: AttentionProblem,
+    /// Queries, `[batch, heads, seq_q, head_dim]`.
+    pub q: Vec<f32>,
+    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`.
+    pub k: Vec<f32>,
+    /// Values, `[batch, kv_heads, seq_kv, head_dim]`.
+    pub v: Vec<f32>,
+    /// Additive mask, when the file has one.
+    pub mask: Option<Vec<f32>>,
+    /// Expected output.
+    pub out: Vec<f32>,
+    /// Expected softmax probabilities, `[batch, heads, seq_q, seq_kv]`, when the file has them.
+    pub probs: Option<Vec<f32>>,
+    /// Expected log-sum-exp, `[batch, heads, seq_q]`, when the file has it.
+    pub lse: Option<Vec<f32>>,
+    /// Whether the inputs were stored as f16.
+    pub f16_inputs: bool,
+    /// The file's metadata map.
+    pub metadata: HashMap<String, String>,
+}
+
+impl Fixture {
+    /// Reads and checks a fixture file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the file cannot be read, and [`Error::Fixture`] when it is not
+    /// safetensors, lacks a tensor or key, has inconsistent shapes, or selects an option that
+    /// the kernels do not support.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&bytes).map_err(|message| Error::Fixture {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses fixture bytes; the error is a message without the path.
+    fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|error| format!("not a safetensors file: {error}"))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let tensors = SafeTensors::deserialize(bytes)
+            .map_err(|error| format!("not a safetensors file: {error}"))?;
+        let names = tensors.names();
+
+        for key in UNSUPPORTED_KEYS {
+            if let Some(value) = metadata.get(key) {
+                return Err(format!(
+                    "unsupported option `{key}` = {value}: the kernels do not implement it yet"
+                ));
+            }
+        }
+        for name in UNSUPPORTED_TENSORS {
+            if names.contains(&name) {
+                return Err(format!(
+                    "unsupported tensor `{name}`: the kernels do not implement it yet"
+                ));
+            }
+        }
+        if let Some(layout) = metadata.get("layout")
+            && layout != "BHSD"
+        {
+            return Err(format!(
+                "unsupported layout `{layout}`; only BHSD is supported"
+            ));
+        }
+
+        let f16_inputs = metadata.get("input_dtype").is_some_and(|d| d == "f16");
+        let (q_dims, q) = read_tensor(&tensors, "q")?;
+        let (k_dims, k) = read_tensor(&tensors, "k")?;
+        let (v_dims, v) = read_tensor(&tensors, "v")?;
+        let (out_dims, out) = read_tensor(&tensors, "out")?;
+        let [batch, heads, seq_q, head_dim] = dims4("q", &q_dims)?;
+        let [k_batch, kv_heads, seq_kv, k_head_dim] = dims4("k", &k_dims)?;
+        if v_dims != k_dims.as_slice() {
+            if v_dims.len() == 4 && v_dims[..3] == k_dims[..3] {
+                return Err(format!(
+                    "unsupported value head dim {} different from the key head dim {}: the kernels \
+                     do not implement it yet",
+                    v_dims[3], k_dims[3]
+                ));
+            }
+            return Err(format!(
+                "tensor `v` has shape {v_dims:?} but `k` has {k_dims:?}"
+            ));
+        }
+        if k_batch != batch || k_head_dim != head_dim {
+            return Err(format!(
+                "tensor `k` has shape {k_dims:?}, which does not match `q` {q_dims:?}"
+            ));
+        }
+        if out_dims != q_dims {
+            return Err(format!(
+                "tensor `out` has shape {out_dims:?} but `q` has {q_dims:?}"
+            ));
+        }
+
+        let scale: f64 = required(&metadata, "scale")?
+            .parse()
+            .map_err(|error| format!("metadata `scale` is not a number: {error}"))?;
+        let causal_name = required(&metadata, "causal")?;
+        let causal = Causal::from_name(causal_name).ok_or_else(|| {
+            format!("metadata `causal` = {causal_name} is not one of none, top_left, bottom_right")
+        })?;
+        let shape = AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            seq_q,
+            seq_kv,
+            head_dim,
+        };
+        let mut problem = AttentionProblem::new(shape)
+            .with_scale(scale)
+            .with_causal(causal);
+
+        let mask = if names.contains(&"mask") {
+            let (mask_dims, mask) = read_tensor(&tensors, "mask")?;
+            let [mask_batch, mask_heads, mask_q, mask_kv] = dims4("mask", &mask_dims)?;
+            if mask_q != seq_q || mask_kv != seq_kv {
+                return Err(format!(
+                    "tensor `mask` has shape {mask_dims:?}; its last two dimensions must be \
+                     [seq_q = {seq_q}, seq_kv = {seq_kv}]"
+                ));
+            }
+            problem = problem.with_mask(mask_batch, mask_heads);
+            Some(mask)
+        } else {
+            None
+        };
+        problem.validate().map_err(|error| error.to_string())?;
+
+        let probs = optional_tensor(&tensors, &names, "probs", &[batch, heads, seq_q, seq_kv])?;
+        let lse = optional_tensor(&tensors, &names, "lse", &[batch, heads, seq_q])?;
+        Ok(Self {
+            problem,
+            q,
+            k,
+            v,
+            mask,
+            out,
+            probs,
+            lse,
+            f16_inputs,
+            metadata,
+        })
+    }
+
+    /// The inputs as slices for [`crate::Context::attention`] and [`crate::reference::attention`].
+    pub fn inputs(&self) -> AttentionInputs<'_> {
+        AttentionInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            mask: self.mask.as_deref(),
+        }
+    }
+}
+
+/// Writes a kernel's output as safetensors: tensor `out` with shape `[batch, heads, seq_q,
+/// head_dim]`, and `lse` with shape `[batch, heads, seq_q]` when given.
+///
+/// # Errors
+///
+/// [`Error::LengthMismatch`] when a slice does not match the shape, [`Error::Io`] when the file
+/// cannot be written.
+pub fn save_output(
+    path: impl AsRef<Path>,
+    problem: &AttentionProblem,
+    out: &[f32],
+    lse: Option<&[f32]>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let s = &problem.shape;
+    let out_dims = s.q_dims().to_vec();
+    let lse_dims = vec![s.batch, s.heads, s.seq_q];
+    crate::problem::check_len("out", out.len(), &out_dims)?;
+    let mut tensors = vec![("out", out_dims, bytemuck::cast_slice::<f32, u8>(out))];
+    if let Some(lse) = lse {
+        crate::problem::check_len("lse", lse.len(), &lse_dims)?;
+        tensors.push(("lse", lse_dims, bytemuck::cast_slice::<f32, u8>(lse)));
+    }
+    // safetensors stores little-endian data; bytemuck gives native order, so convert on
+    // big-endian machines.
+    let owned: Vec<(&str, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, dims, data)| (name, dims, to_le_bytes(data)))
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(name, dims, data)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, dims.clone(), data)
+                .map(|view| (*name, view))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|error| Error::Fixture {
+            path: path.display().to_string(),
+            message: error.to_string(),
+        })?;
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|error| Error::Fixture {
+        path: path.display().to_string(),
+        message: error.to_string(),
+    })?;
+    std::fs::write(path, bytes).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn to_le_bytes(native: &[u8]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        native.to_vec()
+    } else {
+        native
+            .chunks_exact(4)
+            .flat_map(|word| word.iter().rev().copied())
+            .collect()
+    }
+}
+
+fn required<'a>(
+    metadata: &'a HashMap<String, String>,
+    key: &str,
+) -> std::result::Result<&'a str, String> {
+    metadata
+        .get(key)
+        .map(String::as_str)
+        .ok_or_else(|| format!("metadata key `{key}` is missing"))
+}
+
+fn dims4(name: &str, dims: &[usize]) -> std::result::Result<[usize; 4], String> {
+    dims.try_into()
+        .map_err(|_| format!("tensor `{name}` has shape {dims:?}; it must have 4 dimensions"))
+}
+
+/// Reads a tensor as f32, widening F16.
+fn read_tensor(
+    tensors: &SafeTensors<'_>,
+    name: &str,
+) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
+    let view = tensors
+        .tensor(name)
+        .map_err(|_| format!("tensor `{name}` is missing"))?;
+    let data = view.data();
+    let values = match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|bytes| half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(format!(
+                "tensor `{name}` has dtype {other:?}; only F32 and F16 are supported"
+            ));
+        }
+    };
+    Ok((view.shape().to_vec(), values))
+}
+
+fn optional_tensor(
+    tensors: &SafeTensors<'_>,
+    names: &[&str],
+    name: &str,
+    expected: &[usize],
+) -> std::result::Result<Option<Vec<f32>>, String> {
+    if !names.contains(&name) {
+        return Ok(None);
+    }
+    let (dims, values) = read_tensor(tensors, name)?;
+    if dims != expected {
+        return Err(format!(
+            "tensor `{name}` has shape {dims:?}; expected {expected:?}"
+        ));
+    }
+    Ok(Some(values))
+}

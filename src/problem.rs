@@ -35,7 +35,14 @@ pub struct AttentionShape {
 impl AttentionShape {
     /// Creates the shape of multi-head attention with `kv_heads == heads`.
     pub fn new(batch: usize, heads: usize, seq_q: usize, seq_kv: usize, head_dim: usize) -> Self {
-        Self { batch, heads, kv_heads: heads, seq_q, seq_kv, head_dim }
+        Self {
+            batch,
+            heads,
+            kv_heads: heads,
+            seq_q,
+            seq_kv,
+            head_dim,
+        }
     }
 
     /// Sets the number of key/value heads for grouped-query or multi-query attention.
@@ -93,11 +100,17 @@ impl AttentionShape {
                 return Err(Error::ZeroDimension { name });
             }
         }
-        if self.heads % self.kv_heads != 0 {
-            return Err(Error::HeadsNotDivisible { heads: self.heads, kv_heads: self.kv_heads });
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::HeadsNotDivisible {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
         }
         if self.head_dim > MAX_HEAD_DIM {
-            return Err(Error::HeadDimTooLarge { head_dim: self.head_dim, max: MAX_HEAD_DIM });
+            return Err(Error::HeadDimTooLarge {
+                head_dim: self.head_dim,
+                max: MAX_HEAD_DIM,
+            });
         }
         Ok(())
     }
@@ -201,7 +214,12 @@ pub struct AttentionProblem {
 impl AttentionProblem {
     /// Creates a problem with the default scale, no causal mask and no additive mask.
     pub fn new(shape: AttentionShape) -> Self {
-        Self { shape, scale: None, causal: Causal::None, mask: None }
+        Self {
+            shape,
+            scale: None,
+            causal: Causal::None,
+            mask: None,
+        }
     }
 
     /// Sets the softmax scale.
@@ -219,13 +237,17 @@ impl AttentionProblem {
     /// Adds an additive mask of shape `[mask_batch, mask_heads, seq_q, seq_kv]`, where each of
     /// `mask_batch` and `mask_heads` is 1 (broadcast) or the problem's own size.
     pub fn with_mask(mut self, mask_batch: usize, mask_heads: usize) -> Self {
-        self.mask = Some(MaskShape { batch: mask_batch, heads: mask_heads });
+        self.mask = Some(MaskShape {
+            batch: mask_batch,
+            heads: mask_heads,
+        });
         self
     }
 
     /// The scale in effect: the given one, or `1 / sqrt(head_dim)`.
     pub fn scale(&self) -> f64 {
-        self.scale.unwrap_or_else(|| 1.0 / (self.shape.head_dim as f64).sqrt())
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.shape.head_dim as f64).sqrt())
     }
 
     /// Checks every dimension and option, returning the first problem found.
@@ -253,7 +275,8 @@ impl AttentionProblem {
 
     /// Shape of the mask tensor, if there is one.
     pub fn mask_dims(&self) -> Option<[usize; 4]> {
-        self.mask.map(|m| [m.batch, m.heads, self.shape.seq_q, self.shape.seq_kv])
+        self.mask
+            .map(|m| [m.batch, m.heads, self.shape.seq_q, self.shape.seq_kv])
     }
 
     /// Elements of the mask tensor (0 without a mask).
@@ -287,8 +310,13 @@ impl AttentionProblem {
     /// This is the convention FlashAttention's benchmarks use; it ignores the softmax.
     pub fn flops(&self) -> f64 {
         let s = &self.shape;
-        let full = 4.0 * (s.batch * s.heads) as f64 * s.seq_q as f64 * s.seq_kv as f64 * s.head_dim as f64;
-        if self.causal == Causal::None { full } else { full / 2.0 }
+        let full =
+            4.0 * (s.batch * s.heads) as f64 * s.seq_q as f64 * s.seq_kv as f64 * s.head_dim as f64;
+        if self.causal == Causal::None {
+            full
+        } else {
+            full / 2.0
+        }
     }
 
     /// Bytes of Q, K, V, the mask and the output at 4 bytes per element: the least memory
@@ -357,6 +385,11 @@ pub(crate) fn check_len(tensor: &'static str, actual: usize, dims: &[usize]) -> 
     if actual == expected {
         Ok(())
     } else {
-        Err(Error::LengthMismatch { tensor, expected, actual, shape: format!("{dims:?}") })
+        Err(Error::LengthMismatch {
+            tensor,
+            expected,
+            actual,
+            shape: format!("{dims:?}"),
+        })
     }
 }

@@ -50,7 +50,10 @@ pub struct ReferenceRow {
 /// # Errors
 ///
 /// Returns the same errors as the GPU path for an invalid problem or mismatched slice lengths.
-pub fn attention(problem: &AttentionProblem, inputs: &AttentionInputs<'_>) -> Result<ReferenceOutput> {
+pub fn attention(
+    problem: &AttentionProblem,
+    inputs: &AttentionInputs<'_>,
+) -> Result<ReferenceOutput> {
     problem.validate()?;
     inputs.validate(problem)?;
     let s = &problem.shape;
@@ -89,7 +92,10 @@ pub fn attention_row(
             tensor: "q",
             expected: s.q_len(),
             actual: ((b * s.heads + h) * s.seq_q + i) * s.head_dim,
-            shape: format!("{:?} (row index (b={b}, h={h}, i={i}) is out of range)", s.q_dims()),
+            shape: format!(
+                "{:?} (row index (b={b}, h={h}, i={i}) is out of range)",
+                s.q_dims()
+            ),
         });
     }
     Ok(row_unchecked(problem, inputs, b, h, i))
@@ -117,7 +123,11 @@ fn row_unchecked(
     let mut scores = vec![0.0f64; s.seq_kv];
     for (j, score) in scores.iter_mut().enumerate() {
         let k_row = &inputs.k[kv_base + j * d..][..d];
-        let dot: f64 = q_row.iter().zip(k_row).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let dot: f64 = q_row
+            .iter()
+            .zip(k_row)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum();
         *score = scale * dot;
         if let Some(mask_row) = mask_row {
             *score += mask_row[j] as f64;
@@ -128,7 +138,10 @@ fn row_unchecked(
     }
 
     // Step 2: softmax with the row maximum subtracted; a fully masked row gets zeros.
-    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64_max_propagating_nan);
+    let max = scores
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64_max_propagating_nan);
     let (lse, probs) = if max == f64::NEG_INFINITY {
         (f64::NEG_INFINITY, vec![0.0; s.seq_kv])
     } else {
@@ -155,5 +168,9 @@ fn row_unchecked(
 
 /// Returns the larger of `a` and `b`, or NaN when either is NaN (`f64::max` would drop the NaN).
 fn f64_max_propagating_nan(a: f64, b: f64) -> f64 {
-    if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) }
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }

@@ -34,14 +34,22 @@ impl ErrorStats {
     ///
     /// Panics if the slices differ in length, which is a bug in the caller.
     pub fn compare<A: Into<f64> + Copy, E: Into<f64> + Copy>(actual: &[A], expected: &[E]) -> Self {
-        assert_eq!(actual.len(), expected.len(), "compared slices differ in length");
+        assert_eq!(
+            actual.len(),
+            expected.len(),
+            "compared slices differ in length"
+        );
         let max_expected = expected
             .iter()
             .map(|&e| e.into().abs())
             .filter(|e| e.is_finite())
             .fold(0.0f64, f64::max);
         let rel_floor = REL_FLOOR * max_expected;
-        let mut stats = ErrorStats { max_expected, len: actual.len(), ..Default::default() };
+        let mut stats = ErrorStats {
+            max_expected,
+            len: actual.len(),
+            ..Default::default()
+        };
         let (mut err_sq, mut ref_sq) = (0.0f64, 0.0f64);
         for (index, (&a, &e)) in actual.iter().zip(expected).enumerate() {
             let (a, e): (f64, f64) = (a.into(), e.into());
@@ -114,7 +122,10 @@ impl Tolerance {
     /// 1.5e-7 and nmse 4e-13 on values in [-1, 1] at up to 1024 keys. The limits sit about 60
     /// times above that for longer rows, while a wrong index, scale or mask moves outputs by
     /// 1e-2 or more.
-    pub const F32: Tolerance = Tolerance { abs: 1e-5, nmse: 1e-10 };
+    pub const F32: Tolerance = Tolerance {
+        abs: 1e-5,
+        nmse: 1e-10,
+    };
 
     /// The absolute limit for outputs whose largest magnitude is `max_expected`.
     pub fn abs_limit(&self, max_expected: f64) -> f64 {

@@ -31,7 +31,10 @@ pub(crate) fn split_grid(groups: [u32; 3], max_per_axis: u32) -> Vec<GridPart> {
     for &(z0, nz) in &ranges[2] {
         for &(y0, ny) in &ranges[1] {
             for &(x0, nx) in &ranges[0] {
-                parts.push(GridPart { offset: [x0, y0, z0], count: [nx, ny, nz] });
+                parts.push(GridPart {
+                    offset: [x0, y0, z0],
+                    count: [nx, ny, nz],
+                });
             }
         }
     }
@@ -46,8 +49,11 @@ pub(crate) fn compile(device: &wgpu::Device, source: &str, key: &PipelineKey) ->
         label: Some(key.shader),
         source: wgpu::ShaderSource::Wgsl(source.into()),
     });
-    let constants: Vec<(&str, f64)> =
-        key.constants.iter().map(|&(name, value)| (name, f64::from(value))).collect();
+    let constants: Vec<(&str, f64)> = key
+        .constants
+        .iter()
+        .map(|&(name, value)| (name, f64::from(value)))
+        .collect();
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(key.shader),
         layout: None,
@@ -61,7 +67,10 @@ pub(crate) fn compile(device: &wgpu::Device, source: &str, key: &PipelineKey) ->
         cache: None,
     });
     if let Some(source) = pollster::block_on(scope.pop()) {
-        return Err(Error::Device { during: "shader compilation", source });
+        return Err(Error::Device {
+            during: "shader compilation",
+            source,
+        });
     }
     let layout = pipeline.get_bind_group_layout(0);
     Ok(Pipeline { pipeline, layout })
@@ -90,7 +99,11 @@ pub(crate) fn bind_buffers(
 }
 
 /// Creates a uniform buffer holding `value`.
-pub(crate) fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, value: &T) -> wgpu::Buffer {
+pub(crate) fn uniform<T: bytemuck::Pod>(
+    device: &wgpu::Device,
+    label: &str,
+    value: &T,
+) -> wgpu::Buffer {
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
         contents: bytemuck::bytes_of(value),
@@ -100,7 +113,9 @@ pub(crate) fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, valu
 
 /// The largest storage binding the device allows, in bytes.
 pub(crate) fn max_binding_bytes(limits: &wgpu::Limits) -> u64 {
-    limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)
+    limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size)
 }
 
 /// Checks that a tensor of `elements` f32 values fits in one storage binding.
@@ -131,7 +146,13 @@ mod tests {
     #[test]
     fn split_grid_within_limit_is_one_part() {
         let parts = split_grid([3, 4, 5], 65_535);
-        assert_eq!(parts, vec![GridPart { offset: [0, 0, 0], count: [3, 4, 5] }]);
+        assert_eq!(
+            parts,
+            vec![GridPart {
+                offset: [0, 0, 0],
+                count: [3, 4, 5]
+            }]
+        );
     }
 
     #[test]

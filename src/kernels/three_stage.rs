@@ -127,21 +127,38 @@ pub(crate) fn record(
     });
     for first in (0..total_heads).step_by(chunk) {
         let heads = chunk.min(total_heads - first) as u32;
-        let params = ThreeStageParams { bh_offset: first as u32, ..base };
+        let params = ThreeStageParams {
+            bh_offset: first as u32,
+            ..base
+        };
         let grids = [
-            [(s.seq_kv as u32).div_ceil(output_tile), (s.seq_q as u32).div_ceil(output_tile), heads],
+            [
+                (s.seq_kv as u32).div_ceil(output_tile),
+                (s.seq_q as u32).div_ceil(output_tile),
+                heads,
+            ],
             [s.seq_q as u32, 1, heads],
-            [(s.head_dim as u32).div_ceil(output_tile), (s.seq_q as u32).div_ceil(output_tile), heads],
+            [
+                (s.head_dim as u32).div_ceil(output_tile),
+                (s.seq_q as u32).div_ceil(output_tile),
+                heads,
+            ],
         ];
         let stages: [(&Pipeline, Vec<&wgpu::Buffer>); 3] = [
-            (&scores_pipeline, vec![bindings.q, bindings.k, bindings.mask, &scores]),
+            (
+                &scores_pipeline,
+                vec![bindings.q, bindings.k, bindings.mask, &scores],
+            ),
             (&softmax_pipeline, vec![&scores, bindings.lse]),
             (&probs_v_pipeline, vec![&scores, bindings.v, bindings.out]),
         ];
         for ((pipeline, buffers), grid) in stages.into_iter().zip(grids) {
             pass.set_pipeline(&pipeline.pipeline);
             for part in split_grid(grid, max_groups) {
-                let params = ThreeStageParams { group_offset: part.offset, ..params };
+                let params = ThreeStageParams {
+                    group_offset: part.offset,
+                    ..params
+                };
                 let params_buffer = uniform(device, "wgpu-attention params", &params);
                 let mut all = vec![&params_buffer];
                 all.extend(buffers.iter().copied());
@@ -164,15 +181,27 @@ fn pipelines(
         context,
         "scores.wgsl",
         SCORES_WGSL,
-        vec![("WG_Q", side), ("WG_KV", side), ("TILE_D", tiles.reduction_tile)],
+        vec![
+            ("WG_Q", side),
+            ("WG_KV", side),
+            ("TILE_D", tiles.reduction_tile),
+        ],
     )?;
-    let softmax =
-        cached(context, "softmax.wgsl", SOFTMAX_WGSL, vec![("WG", tiles.softmax_workgroup)])?;
+    let softmax = cached(
+        context,
+        "softmax.wgsl",
+        SOFTMAX_WGSL,
+        vec![("WG", tiles.softmax_workgroup)],
+    )?;
     let probs_v = cached(
         context,
         "probs_v.wgsl",
         PROBS_V_WGSL,
-        vec![("WG_Q", side), ("WG_D", side), ("TILE_KV", tiles.reduction_tile)],
+        vec![
+            ("WG_Q", side),
+            ("WG_D", side),
+            ("TILE_KV", tiles.reduction_tile),
+        ],
     )?;
     Ok((scores, softmax, probs_v))
 }

@@ -37,15 +37,33 @@ impl ThreeStageTiles {
     /// get 8 × 8. The softmax kernel uses one invocation per key up to 256, at least 32.
     pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Self {
         let max_invocations = limits.max_compute_invocations_per_workgroup;
-        let max_side = limits.max_compute_workgroup_size_x.min(limits.max_compute_workgroup_size_y);
-        let workgroup_side = if max_invocations >= 256 && max_side >= 16 { 16 } else { 8 };
+        let max_side = limits
+            .max_compute_workgroup_size_x
+            .min(limits.max_compute_workgroup_size_y);
+        let workgroup_side = if max_invocations >= 256 && max_side >= 16 {
+            16
+        } else {
+            8
+        };
         let staging_bytes = 2 * workgroup_side * OUTPUTS_PER_INVOCATION * 16 * 4;
-        let reduction_tile = if staging_bytes <= limits.max_compute_workgroup_storage_size { 16 } else { 8 };
+        let reduction_tile = if staging_bytes <= limits.max_compute_workgroup_storage_size {
+            16
+        } else {
+            8
+        };
 
-        let softmax_cap = max_invocations.min(limits.max_compute_workgroup_size_x).min(256);
+        let softmax_cap = max_invocations
+            .min(limits.max_compute_workgroup_size_x)
+            .min(256);
         let softmax_cap = 1 << (31 - softmax_cap.leading_zeros());
-        let wanted = (problem.shape.seq_kv.min(256) as u32).next_power_of_two().max(32);
+        let wanted = (problem.shape.seq_kv.min(256) as u32)
+            .next_power_of_two()
+            .max(32);
         let softmax_workgroup = wanted.min(softmax_cap);
-        Self { workgroup_side, reduction_tile, softmax_workgroup }
+        Self {
+            workgroup_side,
+            reduction_tile,
+            softmax_workgroup,
+        }
     }
 }

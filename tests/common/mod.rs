@@ -41,3 +41,72 @@ impl Rng {
         (0..len).map(|_| self.uniform() * amplitude).collect()
     }
 }
+
+use wgpu_attention::validate::{ErrorStats, Tolerance};
+use wgpu_attention::{AttentionInputs, AttentionProblem, Kernel, reference};
+
+/// Random inputs for `problem`, values in [-1, 1), and a mask when the problem has one.
+pub struct RandomInputs {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub mask: Option<Vec<f32>>,
+}
+
+impl RandomInputs {
+    /// Draws inputs; mask entries are -inf with probability `masked_fraction`, else in [-1, 1).
+    pub fn new(problem: &AttentionProblem, seed: u64, masked_fraction: f32) -> Self {
+        let mut rng = Rng::new(seed);
+        let s = &problem.shape;
+        let q = rng.vec(s.q_len(), 1.0);
+        let k = rng.vec(s.kv_len(), 1.0);
+        let v = rng.vec(s.kv_len(), 1.0);
+        let mask = problem.mask.map(|_| {
+            (0..problem.mask_len())
+                .map(|_| {
+                    let masked = (rng.uniform() + 1.0) / 2.0 < masked_fraction;
+                    if masked {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.uniform()
+                    }
+                })
+                .collect()
+        });
+        Self { q, k, v, mask }
+    }
+
+    pub fn inputs(&self) -> AttentionInputs<'_> {
+        AttentionInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            mask: self.mask.as_deref(),
+        }
+    }
+}
+
+/// Runs `kernel` on the shared context and asserts that output and log-sum-exp match the f64
+/// reference within the f32 tolerance.
+pub fn assert_matches_reference(
+    kernel: Kernel,
+    problem: &AttentionProblem,
+    inputs: &AttentionInputs<'_>,
+) {
+    let gpu = context()
+        .attention_with(kernel, problem, inputs)
+        .unwrap_or_else(|error| panic!("{}: {error}", problem.label()));
+    let expected = reference::attention(problem, inputs).unwrap();
+    let out = ErrorStats::compare(&gpu.out, &expected.out);
+    assert!(
+        out.passes(&Tolerance::F32),
+        "{} output: {out}",
+        problem.label()
+    );
+    let lse = ErrorStats::compare(&gpu.lse, &expected.lse);
+    assert!(
+        lse.passes(&Tolerance::F32),
+        "{} lse: {lse}",
+        problem.label()
+    );
+}

@@ -1,1 +1,70 @@
-fn main(){}
+//! `wgpu-attention`: lists adapters and checks the attention kernels on fixture files.
+
+mod check;
+mod info;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wgpu_attention::{Context, Kernel};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Multi-head attention on wgpu, checked against an f64 CPU reference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every adapter wgpu finds, with the features and limits the kernels depend on.
+    Info(info::InfoArgs),
+    /// Run the GPU kernels and the CPU reference on safetensors fixture files and compare them
+    /// with each file's expected output.
+    Check(check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(&args),
+        Command::Check(args) => check::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Opens the adapter named by `--adapter`, or by `WGPU_ATTENTION_ADAPTER` when it is absent.
+pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Context> {
+    match adapter {
+        Some(name) => Context::with_adapter(Some(name)),
+        None => Context::new(),
+    }
+}
+
+/// Parses `--kernel`.
+pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
+    Kernel::from_name(name)
+        .ok_or_else(|| format!("unknown kernel `{name}`; expected auto or three-stage"))
+}
+
+/// The adapter's name and backend for reports.
+pub(crate) fn adapter_label(context: &Context) -> String {
+    match context.adapter_info() {
+        Some(info) => format!(
+            "{} ({})",
+            info.name,
+            wgpu_attention::backend_name(info.backend)
+        ),
+        None => "caller's device".to_string(),
+    }
+}

@@ -1,0 +1,435 @@
+//! Bad input returns a typed error that names the value, never a panic or a wrong result.
+
+mod common;
+
+use std::collections::HashMap;
+
+use wgpu_attention::fixture::Fixture;
+use wgpu_attention::{
+    AttentionInputs, AttentionProblem, AttentionShape, Context, Error, Kernel, reference,
+};
+
+fn run(problem: &AttentionProblem, inputs: &AttentionInputs<'_>) -> Error {
+    let gpu = common::context()
+        .attention_with(Kernel::ThreeStage, problem, inputs)
+        .unwrap_err();
+    let cpu = reference::attention(problem, inputs).unwrap_err();
+    assert_eq!(
+        gpu.to_string(),
+        cpu.to_string(),
+        "GPU and reference disagree on the error"
+    );
+    gpu
+}
+
+fn zeros(n: usize) -> Vec<f32> {
+    vec![0.0; n]
+}
+
+#[test]
+fn slice_length_mismatch() {
+    let shape = AttentionShape::new(2, 4, 5, 7, 8).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
+    let short = zeros(shape.kv_len() - 1);
+    let cases: [(&str, AttentionInputs<'_>); 3] = [
+        (
+            "q",
+            AttentionInputs {
+                q: &short,
+                k: &kv,
+                v: &kv,
+                mask: None,
+            },
+        ),
+        (
+            "k",
+            AttentionInputs {
+                q: &q,
+                k: &short,
+                v: &kv,
+                mask: None,
+            },
+        ),
+        (
+            "v",
+            AttentionInputs {
+                q: &q,
+                k: &kv,
+                v: &short,
+                mask: None,
+            },
+        ),
+    ];
+    for (name, inputs) in cases {
+        let error = run(&problem, &inputs);
+        match &error {
+            Error::LengthMismatch { tensor, .. } => assert_eq!(*tensor, name),
+            other => panic!("{name}: expected LengthMismatch, got {other}"),
+        }
+        assert!(error.to_string().contains(&format!("`{name}`")), "{error}");
+    }
+}
+
+#[test]
+fn mask_length_mismatch() {
+    let shape = AttentionShape::new(2, 4, 5, 7, 8);
+    let problem = AttentionProblem::new(shape).with_mask(2, 1);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
+    let mask = zeros(5 * 7);
+    let error = run(
+        &problem,
+        &AttentionInputs {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            mask: Some(&mask),
+        },
+    );
+    assert!(
+        matches!(
+            error,
+            Error::LengthMismatch {
+                tensor: "mask",
+                expected: 70,
+                actual: 35,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("[2, 1, 5, 7]"), "{error}");
+}
+
+#[test]
+fn zero_dimensions() {
+    let names = ["batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim"];
+    for (index, name) in names.into_iter().enumerate() {
+        let mut dims = [1usize; 6];
+        dims[index] = 0;
+        let shape = AttentionShape {
+            batch: dims[0],
+            heads: dims[1],
+            kv_heads: dims[2],
+            seq_q: dims[3],
+            seq_kv: dims[4],
+            head_dim: dims[5],
+        };
+        let error = AttentionProblem::new(shape).validate().unwrap_err();
+        assert!(
+            matches!(error, Error::ZeroDimension { name: n } if n == name),
+            "{name}: {error}"
+        );
+        assert!(error.to_string().contains(name), "{error}");
+    }
+}
+
+#[test]
+fn heads_not_divisible_by_kv_heads() {
+    let shape = AttentionShape::new(1, 6, 4, 4, 8).with_kv_heads(4);
+    let problem = AttentionProblem::new(shape);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
+    let error = run(
+        &problem,
+        &AttentionInputs {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            mask: None,
+        },
+    );
+    assert!(
+        matches!(
+            error,
+            Error::HeadsNotDivisible {
+                heads: 6,
+                kv_heads: 4
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn head_dim_over_maximum() {
+    let shape = AttentionShape::new(1, 1, 2, 2, wgpu_attention::MAX_HEAD_DIM + 1);
+    let problem = AttentionProblem::new(shape);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
+    let error = run(
+        &problem,
+        &AttentionInputs {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            mask: None,
+        },
+    );
+    assert!(
+        matches!(
+            error,
+            Error::HeadDimTooLarge {
+                head_dim: 257,
+                max: 256
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn mask_shape_does_not_broadcast() {
+    for (mask_batch, mask_heads) in [(3, 1), (1, 2), (0, 1)] {
+        let shape = AttentionShape::new(2, 4, 3, 3, 4);
+        let error = AttentionProblem::new(shape)
+            .with_mask(mask_batch, mask_heads)
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(error, Error::MaskShape { .. }),
+            "{mask_batch}x{mask_heads}: {error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("[{mask_batch}, {mask_heads}, seq_q, seq_kv]")),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn mask_given_without_mask_shape_and_reverse() {
+    let shape = AttentionShape::new(1, 1, 3, 3, 4);
+    let (q, kv, mask) = (zeros(shape.q_len()), zeros(shape.kv_len()), zeros(9));
+    let without_shape = AttentionProblem::new(shape);
+    let error = run(
+        &without_shape,
+        &AttentionInputs {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            mask: Some(&mask),
+        },
+    );
+    assert!(matches!(error, Error::MaskMismatch(_)), "{error}");
+    let with_shape = AttentionProblem::new(shape).with_mask(1, 1);
+    let error = run(
+        &with_shape,
+        &AttentionInputs {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            mask: None,
+        },
+    );
+    assert!(matches!(error, Error::MaskMismatch(_)), "{error}");
+}
+
+#[test]
+fn scale_not_finite() {
+    let shape = AttentionShape::new(1, 1, 2, 2, 4);
+    for scale in [f64::NAN, f64::INFINITY] {
+        let error = AttentionProblem::new(shape)
+            .with_scale(scale)
+            .validate()
+            .unwrap_err();
+        assert!(matches!(error, Error::InvalidScale { .. }), "{error}");
+    }
+}
+
+#[test]
+fn unknown_adapter_lists_available() {
+    let error = Context::with_adapter(Some("no-such-adapter-xyz")).unwrap_err();
+    match &error {
+        Error::AdapterNotFound { request, available } => {
+            assert_eq!(request, "no-such-adapter-xyz");
+            assert!(!available.is_empty());
+        }
+        other => panic!("expected AdapterNotFound, got {other}"),
+    }
+    assert!(error.to_string().contains("wgpu-attention info"), "{error}");
+}
+
+#[test]
+fn no_adapter_message_tells_how_to_install() {
+    let message = Error::NoAdapter.to_string();
+    assert!(message.contains("mesa-vulkan-drivers"), "{message}");
+    assert!(message.contains("lavapipe"), "{message}");
+}
+
+fn write_fixture(
+    name: &str,
+    tensors: Vec<(&str, Vec<usize>, Vec<f32>)>,
+    metadata: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wgpu-attention-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let bytes: Vec<(&str, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, dims, data)| {
+            (
+                name,
+                dims,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<_> = bytes
+        .iter()
+        .map(|(name, dims, data)| {
+            (
+                *name,
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, dims.clone(), data)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::fs::write(
+        &path,
+        safetensors::serialize(views, Some(metadata)).unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+fn small_case() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
+    let dims = vec![1, 1, 2, 4];
+    vec![
+        ("q", dims.clone(), zeros(8)),
+        ("k", dims.clone(), zeros(8)),
+        ("v", dims.clone(), zeros(8)),
+        ("out", dims, zeros(8)),
+    ]
+}
+
+#[test]
+fn fixture_valid_small_case_loads() {
+    let path = write_fixture(
+        "valid.safetensors",
+        small_case(),
+        &[("scale", "0.5"), ("causal", "top_left"), ("layout", "BHSD")],
+    );
+    let fixture = Fixture::load(&path).unwrap();
+    assert_eq!(fixture.problem.scale(), 0.5);
+    assert_eq!(fixture.problem.causal, wgpu_attention::Causal::TopLeft);
+}
+
+#[test]
+fn fixture_not_safetensors() {
+    let dir = std::env::temp_dir().join(format!("wgpu-attention-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("garbage.safetensors");
+    std::fs::write(&path, b"this is not a tensor file").unwrap();
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(matches!(error, Error::Fixture { .. }), "{error}");
+    assert!(
+        error.to_string().contains("not a safetensors file"),
+        "{error}"
+    );
+}
+
+#[test]
+fn fixture_missing_file() {
+    let error = Fixture::load("/nonexistent/case.safetensors").unwrap_err();
+    assert!(matches!(error, Error::Io { .. }), "{error}");
+}
+
+#[test]
+fn fixture_unsupported_options_are_named() {
+    let base = [("scale", "0.5"), ("causal", "none")];
+    for key in ["softcap", "window_left", "window_right"] {
+        let mut metadata = base.to_vec();
+        metadata.push((key, "4"));
+        let path = write_fixture(&format!("{key}.safetensors"), small_case(), &metadata);
+        let error = Fixture::load(&path).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("unsupported option `{key}`")),
+            "{error}"
+        );
+    }
+    for tensor in ["sinks", "alibi_slopes"] {
+        let mut tensors = small_case();
+        tensors.push((tensor, vec![1], vec![0.0]));
+        let path = write_fixture(&format!("{tensor}.safetensors"), tensors, &base);
+        let error = Fixture::load(&path).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("unsupported tensor `{tensor}`")),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn fixture_missing_key_or_tensor() {
+    let path = write_fixture("no-scale.safetensors", small_case(), &[("causal", "none")]);
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("metadata key `scale` is missing"),
+        "{error}"
+    );
+
+    let mut tensors = small_case();
+    tensors.retain(|(name, _, _)| *name != "v");
+    let path = write_fixture(
+        "no-v.safetensors",
+        tensors,
+        &[("scale", "1"), ("causal", "none")],
+    );
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(
+        error.to_string().contains("tensor `v` is missing"),
+        "{error}"
+    );
+}
+
+#[test]
+fn fixture_bad_values() {
+    let path = write_fixture(
+        "bad-causal.safetensors",
+        small_case(),
+        &[("scale", "1"), ("causal", "sideways")],
+    );
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(error.to_string().contains("`causal` = sideways"), "{error}");
+
+    let mut tensors = small_case();
+    tensors[3].1 = vec![1, 1, 2, 3];
+    tensors[3].2 = zeros(6);
+    let path = write_fixture(
+        "bad-out.safetensors",
+        tensors,
+        &[("scale", "1"), ("causal", "none")],
+    );
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("tensor `out` has shape [1, 1, 2, 3]"),
+        "{error}"
+    );
+
+    let mut tensors = small_case();
+    tensors[2].1 = vec![1, 1, 2, 6];
+    tensors[2].2 = zeros(12);
+    let path = write_fixture(
+        "value-dim.safetensors",
+        tensors,
+        &[("scale", "1"), ("causal", "none")],
+    );
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(
+        error.to_string().contains("unsupported value head dim 6"),
+        "{error}"
+    );
+}

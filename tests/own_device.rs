@@ -1,0 +1,253 @@
+//! The caller's own device: recording into the caller's encoder on the caller's buffers, and
+//! devices whose limits force the kernels to split grids and chunk heads.
+
+mod common;
+
+use common::RandomInputs;
+use wgpu::util::DeviceExt;
+use wgpu_attention::validate::{ErrorStats, Tolerance};
+use wgpu_attention::{
+    AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, reference,
+};
+
+/// A device on the default adapter with `adjust` applied to the adapter's limits.
+fn device_with_limits(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
+    let adapter =
+        wgpu_attention::select_adapter(std::env::var(wgpu_attention::ADAPTER_ENV).ok().as_deref())
+            .unwrap_or_else(|error| panic!("no GPU adapter for the tests: {error}"));
+    let mut limits = adapter.limits();
+    adjust(&mut limits);
+    let descriptor = wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    };
+    pollster::block_on(adapter.request_device(&descriptor)).unwrap()
+}
+
+fn storage(device: &wgpu::Device, data: &[f32]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(data),
+        usage: wgpu::BufferUsages::STORAGE,
+    })
+}
+
+fn output(device: &wgpu::Device, elements: usize) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4 * elements as u64,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Vec<f32> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    queue.submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |result| result.unwrap());
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        })
+        .unwrap();
+    bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec()
+}
+
+#[test]
+fn context_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Context>();
+}
+
+#[test]
+fn record_into_callers_encoder() {
+    let (device, queue) = device_with_limits(|_| {});
+    let context = Context::from_device(device.clone(), queue.clone());
+    let shape = AttentionShape::new(2, 4, 33, 70, 24).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::TopLeft)
+        .with_mask(2, 1);
+    let data = RandomInputs::new(&problem, 1, 0.1);
+    let (q, k, v) = (
+        storage(&device, &data.q),
+        storage(&device, &data.k),
+        storage(&device, &data.v),
+    );
+    let mask = storage(&device, data.mask.as_ref().unwrap());
+    let out = output(&device, shape.q_len());
+    let lse = output(&device, shape.lse_len());
+    let tensors = GpuTensors {
+        q: &q,
+        k: &k,
+        v: &v,
+        mask: Some(&mask),
+        out: &out,
+        lse: Some(&lse),
+    };
+
+    let mut encoder = device.create_command_encoder(&Default::default());
+    context
+        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+        .unwrap();
+    queue.submit([encoder.finish()]);
+
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+    let out_stats = ErrorStats::compare(&read(&device, &queue, &out), &expected.out);
+    assert!(out_stats.passes(&Tolerance::F32), "output: {out_stats}");
+    let lse_stats = ErrorStats::compare(&read(&device, &queue, &lse), &expected.lse);
+    assert!(lse_stats.passes(&Tolerance::F32), "lse: {lse_stats}");
+}
+
+#[test]
+fn record_rejects_small_buffer() {
+    let context = common::context();
+    let device = context.device();
+    let shape = AttentionShape::new(1, 2, 8, 8, 16);
+    let problem = AttentionProblem::new(shape);
+    let full = storage(device, &vec![0.0; shape.q_len()]);
+    let short = output(device, shape.q_len() - 1);
+    let tensors = GpuTensors {
+        q: &full,
+        k: &full,
+        v: &full,
+        mask: None,
+        out: &short,
+        lse: None,
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let error = context
+        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::LengthMismatch { tensor: "out", .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn record_rejects_buffer_without_storage_usage() {
+    let context = common::context();
+    let device = context.device();
+    let shape = AttentionShape::new(1, 1, 4, 4, 4);
+    let problem = AttentionProblem::new(shape);
+    let full = storage(device, &vec![0.0; shape.q_len()]);
+    let uniform = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4 * shape.q_len() as u64,
+        usage: wgpu::BufferUsages::UNIFORM,
+        mapped_at_creation: false,
+    });
+    let tensors = GpuTensors {
+        q: &uniform,
+        k: &full,
+        v: &full,
+        mask: None,
+        out: &full,
+        lse: None,
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let error = context
+        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::BufferUsage { tensor: "q", .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn small_dispatch_limit_splits_grids() {
+    // Three workgroups per axis forces every stage's grid, including the per-row softmax grid
+    // over 203 rows and the 6 heads, to be split into many dispatches.
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_compute_workgroups_per_dimension = 3);
+    let context = Context::from_device(device, queue);
+    assert_eq!(context.limits().max_compute_workgroups_per_dimension, 3);
+    let shape = AttentionShape::new(2, 3, 203, 300, 40);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_mask(1, 3);
+    let data = RandomInputs::new(&problem, 2, 0.1);
+    let gpu = context
+        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
+        .unwrap();
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+    let stats = ErrorStats::compare(&gpu.out, &expected.out);
+    assert!(stats.passes(&Tolerance::F32), "{stats}");
+}
+
+#[test]
+fn small_binding_limit_chunks_heads() {
+    // 64 KiB of storage per binding holds the score matrices of 2 heads of 90 × 90, so the 8
+    // (batch, head) pairs run in 4 chunks.
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffer_binding_size = 64 << 10);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(2, 4, 90, 90, 16).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
+    let data = RandomInputs::new(&problem, 3, 0.0);
+    let gpu = context
+        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
+        .unwrap();
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+    let stats = ErrorStats::compare(&gpu.out, &expected.out);
+    assert!(stats.passes(&Tolerance::F32), "{stats}");
+}
+
+#[test]
+fn score_matrix_over_binding_limit_is_rejected() {
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffer_binding_size = 64 << 10);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(1, 1, 200, 200, 8);
+    let problem = AttentionProblem::new(shape);
+    let data = RandomInputs::new(&problem, 4, 0.0);
+    let error = context
+        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
+        .unwrap_err();
+    match &error {
+        Error::ExceedsLimit {
+            value,
+            limit,
+            limit_name,
+            ..
+        } => {
+            assert_eq!(*value, 200 * 200 * 4);
+            assert_eq!(*limit, 64 << 10);
+            assert_eq!(*limit_name, "max_storage_buffer_binding_size");
+        }
+        other => panic!("expected ExceedsLimit, got {other}"),
+    }
+    assert!(
+        error
+            .to_string()
+            .contains("max_storage_buffer_binding_size"),
+        "{error}"
+    );
+}
+
+#[test]
+fn tensor_over_binding_limit_is_rejected() {
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffer_binding_size = 64 << 10);
+    let context = Context::from_device(device, queue);
+    // q holds 4 · 64 · 256 f32 values = 256 KiB, four times the limit.
+    let shape = AttentionShape::new(1, 4, 64, 8, 256);
+    let problem = AttentionProblem::new(shape);
+    let data = RandomInputs::new(&problem, 5, 0.0);
+    let error = context
+        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
+        .unwrap_err();
+    assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
+    assert!(error.to_string().contains("tensor `q`"), "{error}");
+}
