@@ -5,6 +5,16 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
+/// Loop iterations after which llvmpipe stops executing the loops of a shader invocation.
+///
+/// Mesa's gallivm (Mesa 22.3, `LP_MAX_TGSI_LOOP_ITERATIONS`) guards against endless loops with
+/// one counter per invocation shared by every loop in the shader, so a kernel whose loops run
+/// longer in total ends them early and silently returns a wrong result. The kernels estimate
+/// their loop count and reject problems over this cap on llvmpipe.
+// NOTE: the cap was inferred from outputs that stopped after a fixed number of key tiles; newer
+// Mesa versions may differ.
+pub const LLVMPIPE_MAX_LOOP_ITERATIONS: u64 = 65_535;
+
 /// Environment variable that picks an adapter by a part of its name or by backend.
 pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 
@@ -127,7 +137,7 @@ impl Context {
         &self.queue
     }
 
-    /// The adapter's description, when the context created the device itself.
+    /// The description of the adapter the device was created from.
     pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
         self.info.as_ref()
     }
@@ -135,6 +145,15 @@ impl Context {
     /// The device's limits.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Whether the device is Mesa's llvmpipe (lavapipe on Vulkan), which ends every loop of a
+    /// shader invocation once the invocation has run [`LLVMPIPE_MAX_LOOP_ITERATIONS`] loop
+    /// iterations in all.
+    pub(crate) fn loop_iterations_capped(&self) -> bool {
+        self.info
+            .as_ref()
+            .is_some_and(|info| info.driver == "llvmpipe" || info.name.contains("llvmpipe"))
     }
 
     /// The device's features.

@@ -33,8 +33,11 @@ mod problem;
 pub mod reference;
 pub mod validate;
 
-pub use attention::{AttentionOutput, GpuTensors, Kernel};
-pub use context::{ADAPTER_ENV, Context, backend_name, enumerate_adapters, select_adapter};
+pub use attention::{AUTO_FLASH_MAX_SEQ_Q, AttentionOutput, GpuTensors, Kernel};
+pub use context::{
+    ADAPTER_ENV, Context, LLVMPIPE_MAX_LOOP_ITERATIONS, backend_name, enumerate_adapters,
+    select_adapter,
+};
 pub use error::{Error, INSTALL_HINT, Result};
 pub use problem::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, MAX_HEAD_DIM, MaskShape,

@@ -50,21 +50,23 @@ fn reference_matches_model_output() {
 #[test]
 fn gpu_matches_model_output() {
     let context = common::context();
-    for (path, fixture) in layers() {
-        let gpu = context
-            .attention_with(Kernel::ThreeStage, &fixture.problem, &fixture.inputs())
-            .unwrap();
-        let out = ErrorStats::compare(&gpu.out, &fixture.out);
-        assert!(out.passes(&Tolerance::F32), "{}: {out}", path.display());
-        let lse = ErrorStats::compare(&gpu.lse, fixture.lse.as_ref().unwrap());
-        assert!(lse.passes(&Tolerance::F32), "{} lse: {lse}", path.display());
-        let expected = reference::attention(&fixture.problem, &fixture.inputs()).unwrap();
-        let against_reference = ErrorStats::compare(&gpu.out, &expected.out);
-        assert!(
-            against_reference.passes(&Tolerance::F32),
-            "{} vs reference: {against_reference}",
-            path.display()
-        );
+    for kernel in [Kernel::ThreeStage, Kernel::Flash] {
+        for (path, fixture) in layers() {
+            let name = format!("{} ({})", path.display(), kernel.name());
+            let gpu = context
+                .attention_with(kernel, &fixture.problem, &fixture.inputs())
+                .unwrap();
+            let out = ErrorStats::compare(&gpu.out, &fixture.out);
+            assert!(out.passes(&Tolerance::F32), "{name}: {out}");
+            let lse = ErrorStats::compare(&gpu.lse, fixture.lse.as_ref().unwrap());
+            assert!(lse.passes(&Tolerance::F32), "{name} lse: {lse}");
+            let expected = reference::attention(&fixture.problem, &fixture.inputs()).unwrap();
+            let against_reference = ErrorStats::compare(&gpu.out, &expected.out);
+            assert!(
+                against_reference.passes(&Tolerance::F32),
+                "{name} vs reference: {against_reference}"
+            );
+        }
     }
 }
 

@@ -251,3 +251,26 @@ fn tensor_over_binding_limit_is_rejected() {
     assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
     assert!(error.to_string().contains("tensor `q`"), "{error}");
 }
+
+#[test]
+fn flash_runs_where_three_stage_exceeds_binding() {
+    // The fused kernel's memory grows with the inputs, not with seq_q × seq_kv: with 64 KiB
+    // bindings one 200 × 200 score matrix does not fit, and the fused kernel still runs.
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffer_binding_size = 64 << 10);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(1, 2, 200, 200, 8);
+    let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
+    let data = RandomInputs::new(&problem, 6, 0.0);
+    let error = context
+        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
+        .unwrap_err();
+    assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
+    assert_eq!(Kernel::Auto.resolve(&problem, &context), Kernel::Flash);
+    let gpu = context
+        .attention_with(Kernel::Auto, &problem, &data.inputs())
+        .unwrap();
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+    let stats = ErrorStats::compare(&gpu.out, &expected.out);
+    assert!(stats.passes(&Tolerance::F32), "{stats}");
+}

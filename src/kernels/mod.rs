@@ -1,5 +1,6 @@
 //! The WGSL programs and the host code that records their dispatches.
 
+pub(crate) mod flash;
 pub(crate) mod three_stage;
 pub(crate) mod tiling;
 

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::context::{Context, Pipeline, PipelineKey};
+use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::tiling::ThreeStageTiles;
 use crate::kernels::{bind_buffers, compile, max_binding_bytes, split_grid, uniform};
@@ -22,24 +22,49 @@ const PROBS_V_WGSL: &str = include_str!("../../shaders/probs_v.wgsl");
 /// Larger chunks only save dispatches; 256 MiB already holds 8 heads of 4096 × 2048 scores.
 pub const SCORES_BUDGET_BYTES: u64 = 256 << 20;
 
-/// The uniform block `Params` of `shaders/params.wgsl`, field for field.
+/// The uniform block `Params` of `shaders/params.wgsl`, field for field; the fused kernel uses
+/// it too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-struct ThreeStageParams {
-    batch: u32,
-    heads: u32,
-    kv_heads: u32,
-    seq_q: u32,
-    seq_kv: u32,
-    head_dim: u32,
-    causal: u32,
-    has_mask: u32,
-    mask_batch_stride: u32,
-    mask_head_stride: u32,
-    bh_offset: u32,
-    scale: f32,
-    group_offset: [u32; 3],
-    padding: u32,
+pub(crate) struct ThreeStageParams {
+    pub batch: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub seq_q: u32,
+    pub seq_kv: u32,
+    pub head_dim: u32,
+    pub causal: u32,
+    pub has_mask: u32,
+    pub mask_batch_stride: u32,
+    pub mask_head_stride: u32,
+    pub bh_offset: u32,
+    pub scale: f32,
+    pub group_offset: [u32; 3],
+    pub padding: u32,
+}
+
+impl ThreeStageParams {
+    /// The parameters of `problem` for a dispatch starting at head 0 with no grid offset.
+    pub fn new(problem: &AttentionProblem) -> Self {
+        let s = &problem.shape;
+        let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
+        Self {
+            batch: s.batch as u32,
+            heads: s.heads as u32,
+            kv_heads: s.kv_heads as u32,
+            seq_q: s.seq_q as u32,
+            seq_kv: s.seq_kv as u32,
+            head_dim: s.head_dim as u32,
+            causal: problem.causal.code(),
+            has_mask: u32::from(problem.mask.is_some()),
+            mask_batch_stride: mask_batch_stride as u32,
+            mask_head_stride: mask_head_stride as u32,
+            bh_offset: 0,
+            scale: problem.scale() as f32,
+            group_offset: [0; 3],
+            padding: 0,
+        }
+    }
 }
 
 /// Buffers one three-stage call reads and writes.
@@ -91,6 +116,7 @@ pub(crate) fn record(
     let limits = context.limits();
     let tiles = ThreeStageTiles::choose(problem, limits);
     let chunk = heads_per_chunk(problem, limits)?;
+    check_loop_iterations(context, problem, &tiles)?;
     let (scores_pipeline, softmax_pipeline, probs_v_pipeline) = pipelines(context, &tiles)?;
 
     let s = &problem.shape;
@@ -101,23 +127,7 @@ pub(crate) fn record(
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
-    let base = ThreeStageParams {
-        batch: s.batch as u32,
-        heads: s.heads as u32,
-        kv_heads: s.kv_heads as u32,
-        seq_q: s.seq_q as u32,
-        seq_kv: s.seq_kv as u32,
-        head_dim: s.head_dim as u32,
-        causal: problem.causal.code(),
-        has_mask: u32::from(problem.mask.is_some()),
-        mask_batch_stride: mask_batch_stride as u32,
-        mask_head_stride: mask_head_stride as u32,
-        bh_offset: 0,
-        scale: problem.scale() as f32,
-        group_offset: [0; 3],
-        padding: 0,
-    };
+    let base = ThreeStageParams::new(problem);
     let max_groups = limits.max_compute_workgroups_per_dimension;
     let output_tile = tiles.output_tile();
 
@@ -215,4 +225,35 @@ fn cached(
     context.pipeline(PipelineKey { shader, constants }, |device, key| {
         compile(device, &format!("{PARAMS_WGSL}\n{program}"), key)
     })
+}
+
+/// Rejects problems whose output stage would exceed llvmpipe's loop cap.
+///
+/// The output stage's key loop runs `seq_kv / TILE_KV` times per invocation, each with two
+/// staging loops and a loop over the tile's keys; its other loops have constant bounds and are
+/// unrolled, which the key limit measured on lavapipe confirms (16,384 keys run correctly).
+fn check_loop_iterations(
+    context: &Context,
+    problem: &AttentionProblem,
+    tiles: &ThreeStageTiles,
+) -> Result<()> {
+    let tile_keys = u64::from(tiles.reduction_tile);
+    let output_tile = u64::from(tiles.output_tile());
+    let invocations = u64::from(tiles.workgroup_side * tiles.workgroup_side);
+    let staging = 2 * (output_tile * tile_keys).div_ceil(invocations);
+    let iterations = (problem.shape.seq_kv as u64).div_ceil(tile_keys) * (1 + staging + tile_keys);
+    if context.loop_iterations_capped() && iterations > LLVMPIPE_MAX_LOOP_ITERATIONS {
+        return Err(Error::Unsupported {
+            kernel: "three-stage",
+            what: format!(
+                "seq_kv = {} on llvmpipe: an invocation would run about {iterations} loop \
+                 iterations, over llvmpipe's cap of {LLVMPIPE_MAX_LOOP_ITERATIONS}, after which \
+                 it silently stops",
+                problem.shape.seq_kv
+            ),
+            fix: "split the keys into several calls and merge the results by their log-sum-exp, \
+                  or use a GPU adapter",
+        });
+    }
+    Ok(())
 }

@@ -22,7 +22,7 @@ pub(crate) struct CheckArgs {
     /// WGPU_ATTENTION_ADAPTER, then to the best adapter found.
     #[arg(long)]
     adapter: Option<String>,
-    /// Kernel to check: auto or three-stage.
+    /// Kernel to check: auto, flash or three-stage.
     #[arg(long, default_value = "auto", value_parser = crate::parse_kernel)]
     kernel: Kernel,
     /// Write each file's GPU output to DIR/<file stem>.safetensors (tensors `out` and `lse`),
@@ -62,7 +62,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                 } else {
                     failed += 1;
                 }
-                let kernel = args.kernel.resolve(&fixture.problem);
+                let kernel = args.kernel.resolve(&fixture.problem, &context);
                 if args.json {
                     println!(
                         "{}",
@@ -116,7 +116,10 @@ fn check_file(
             ),
             (
                 "kernel".to_string(),
-                args.kernel.resolve(&fixture.problem).name().to_string(),
+                args.kernel
+                    .resolve(&fixture.problem, context)
+                    .name()
+                    .to_string(),
             ),
             ("adapter".to_string(), crate::adapter_label(context)),
             ("input".to_string(), path.display().to_string()),

@@ -54,7 +54,7 @@ pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Cont
 /// Parses `--kernel`.
 pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
     Kernel::from_name(name)
-        .ok_or_else(|| format!("unknown kernel `{name}`; expected auto or three-stage"))
+        .ok_or_else(|| format!("unknown kernel `{name}`; expected auto, flash or three-stage"))
 }
 
 /// The adapter's name and backend for reports.

@@ -1,0 +1,290 @@
+//! Every kernel against the f64 reference on random inputs.
+//!
+//! Contract, for each kernel: for every shape, head dim, head grouping, causal alignment and mask, the output and
+//! log-sum-exp are within `Tolerance::F32` of the reference, and a row with every key masked
+//! has output exactly 0 and log-sum-exp -inf.
+
+mod common;
+
+macro_rules! kernel_contract {
+    ($module:ident, $kernel:expr) => {
+        mod $module {
+            use crate::common::{RandomInputs, assert_matches_reference, context};
+            use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Kernel};
+
+            const KERNEL: Kernel = $kernel;
+
+            #[test]
+            fn odd_lengths_every_pair() {
+                let lengths = [1, 3, 17, 113, 203];
+                for (n, &seq_q) in lengths.iter().enumerate() {
+                    for (m, &seq_kv) in lengths.iter().enumerate() {
+                        let shape = AttentionShape::new(2, 3, seq_q, seq_kv, 40);
+                        let problem = AttentionProblem::new(shape);
+                        let data = RandomInputs::new(&problem, (n * 10 + m) as u64, 0.0);
+                        assert_matches_reference(KERNEL, &problem, &data.inputs());
+                    }
+                }
+            }
+
+            #[test]
+            fn every_head_dim() {
+                for (seed, head_dim) in [1, 3, 32, 40, 59, 64, 80, 111, 128, 256]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let shape = AttentionShape::new(1, 2, 17, 113, head_dim);
+                    let problem = AttentionProblem::new(shape);
+                    let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
+            }
+
+            #[test]
+            fn grouped_and_multi_query() {
+                for (heads, kv_heads) in [(8, 8), (8, 4), (8, 2), (8, 1), (12, 3)] {
+                    let shape = AttentionShape::new(2, heads, 17, 113, 64).with_kv_heads(kv_heads);
+                    let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
+                    let data = RandomInputs::new(&problem, (heads * 100 + kv_heads) as u64, 0.0);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
+            }
+
+            #[test]
+            fn causal_both_alignments() {
+                let cases = [
+                    (3, 5),
+                    (5, 3),
+                    (17, 17),
+                    (113, 203),
+                    (203, 113),
+                    (1, 203),
+                    (203, 1),
+                ];
+                for causal in [Causal::TopLeft, Causal::BottomRight] {
+                    for (seed, (seq_q, seq_kv)) in cases.into_iter().enumerate() {
+                        let shape = AttentionShape::new(1, 2, seq_q, seq_kv, 59);
+                        let problem = AttentionProblem::new(shape).with_causal(causal);
+                        let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                        assert_matches_reference(KERNEL, &problem, &data.inputs());
+                    }
+                }
+            }
+
+            #[test]
+            fn causal_pattern_seq_q3_seq_kv5() {
+                // With V = identity each output row is the row of attention probabilities, so the zero
+                // pattern is the mask drawn in the `Causal` documentation.
+                let shape = AttentionShape::new(1, 1, 3, 5, 5);
+                let q = vec![0.0f32; shape.q_len()];
+                let k = vec![0.0f32; shape.kv_len()];
+                let v: Vec<f32> = (0..25)
+                    .map(|i| if i % 6 == 0 { 1.0 } else { 0.0 })
+                    .collect();
+                let inputs = wgpu_attention::AttentionInputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    mask: None,
+                };
+                let expected_visible = [
+                    (Causal::TopLeft, [1, 2, 3]),
+                    (Causal::BottomRight, [3, 4, 5]),
+                ];
+                for (causal, visible) in expected_visible {
+                    let problem = AttentionProblem::new(shape).with_causal(causal);
+                    let out = context()
+                        .attention_with(KERNEL, &problem, &inputs)
+                        .unwrap()
+                        .out;
+                    for (row, &count) in visible.iter().enumerate() {
+                        for key in 0..5 {
+                            let expected = if key < count { 1.0 / count as f32 } else { 0.0 };
+                            let got = out[row * 5 + key];
+                            assert!(
+                                (got - expected).abs() < 1e-6,
+                                "{causal:?} row {row} key {key}: {got}"
+                            );
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn additive_masks_broadcast() {
+                for (mask_batch, mask_heads) in [(1, 1), (2, 1), (1, 4), (2, 4)] {
+                    let shape = AttentionShape::new(2, 4, 17, 113, 32).with_kv_heads(2);
+                    let problem = AttentionProblem::new(shape).with_mask(mask_batch, mask_heads);
+                    let data =
+                        RandomInputs::new(&problem, (mask_batch * 10 + mask_heads) as u64, 0.3);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
+            }
+
+            #[test]
+            fn mask_with_causal() {
+                let shape = AttentionShape::new(1, 2, 113, 203, 64);
+                let problem = AttentionProblem::new(shape)
+                    .with_causal(Causal::TopLeft)
+                    .with_mask(1, 2);
+                let data = RandomInputs::new(&problem, 7, 0.2);
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
+            fn fully_masked_rows_are_zero() {
+                let shape = AttentionShape::new(1, 2, 17, 113, 32);
+                let problem = AttentionProblem::new(shape).with_mask(1, 2);
+                let mut data = RandomInputs::new(&problem, 11, 0.0);
+                let mask = data.mask.as_mut().unwrap();
+                // Row 0 of head 0 and row 16 of head 1 see no key.
+                let masked_rows = [(0, 0), (1, 16)];
+                for (h, i) in masked_rows {
+                    let start = (h * 17 + i) * 113;
+                    mask[start..start + 113].fill(f32::NEG_INFINITY);
+                }
+                let gpu = context()
+                    .attention_with(KERNEL, &problem, &data.inputs())
+                    .unwrap();
+                for (h, i) in masked_rows {
+                    let row = &gpu.out[(h * 17 + i) * 32..][..32];
+                    assert!(row.iter().all(|&x| x == 0.0), "head {h} row {i}: {row:?}");
+                    assert_eq!(
+                        gpu.lse[h * 17 + i],
+                        f32::NEG_INFINITY,
+                        "lse of head {h} row {i}"
+                    );
+                }
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
+            fn bottom_right_rows_without_keys_are_zero() {
+                // With seq_q > seq_kv the first seq_q - seq_kv rows see no key under bottom-right alignment.
+                let shape = AttentionShape::new(1, 1, 20, 5, 8);
+                let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
+                let data = RandomInputs::new(&problem, 3, 0.0);
+                let gpu = context()
+                    .attention_with(KERNEL, &problem, &data.inputs())
+                    .unwrap();
+                for i in 0..15 {
+                    assert!(gpu.out[i * 8..][..8].iter().all(|&x| x == 0.0), "row {i}");
+                    assert_eq!(gpu.lse[i], f32::NEG_INFINITY, "lse of row {i}");
+                }
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
+            fn model_mask_minimum_float_is_finite() {
+                // Models add f32::MIN (not -inf) for padding keys; the sum stays finite and exp underflows.
+                let shape = AttentionShape::new(1, 1, 9, 9, 16);
+                let problem = AttentionProblem::new(shape).with_mask(1, 1);
+                let mut data = RandomInputs::new(&problem, 5, 0.0);
+                let mask = data.mask.as_mut().unwrap();
+                for row in mask.chunks_mut(9) {
+                    row.fill(0.0);
+                    row[6..].fill(f32::MIN);
+                }
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
+            fn explicit_scale() {
+                let shape = AttentionShape::new(1, 2, 17, 33, 16);
+                for (seed, scale) in [0.01, 1.0, 3.5].into_iter().enumerate() {
+                    let problem = AttentionProblem::new(shape).with_scale(scale);
+                    let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
+            }
+
+            #[test]
+            fn long_rows_and_large_batch() {
+                let shape = AttentionShape::new(3, 5, 40, 2000, 64).with_kv_heads(1);
+                let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
+                let data = RandomInputs::new(&problem, 99, 0.0);
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
+            fn auto_matches_reference() {
+                let shape = AttentionShape::new(2, 4, 33, 65, 48).with_kv_heads(2);
+                let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
+                let data = RandomInputs::new(&problem, 21, 0.0);
+                assert_matches_reference(Kernel::Auto, &problem, &data.inputs());
+                let out = context().attention(&problem, &data.inputs()).unwrap();
+                let expected = context()
+                    .attention_with(Kernel::Auto, &problem, &data.inputs())
+                    .unwrap()
+                    .out;
+                assert_eq!(out, expected);
+            }
+        }
+    };
+}
+
+kernel_contract!(three_stage, Kernel::ThreeStage);
+kernel_contract!(flash, Kernel::Flash);
+
+mod choice_and_memory {
+    use crate::common::{RandomInputs, context};
+    use wgpu_attention::validate::{ErrorStats, Tolerance};
+    use wgpu_attention::{AttentionProblem, AttentionShape, Error, Kernel, reference};
+
+    #[test]
+    fn auto_picks_flash_for_decoding() {
+        let decode =
+            AttentionProblem::new(AttentionShape::new(1, 32, 1, 1024, 128).with_kv_heads(8));
+        assert_eq!(Kernel::Auto.resolve(&decode, context()), Kernel::Flash);
+        let prefill = AttentionProblem::new(AttentionShape::new(1, 8, 512, 512, 64));
+        assert_eq!(
+            Kernel::Auto.resolve(&prefill, context()),
+            Kernel::ThreeStage
+        );
+        assert_eq!(Kernel::Flash.resolve(&prefill, context()), Kernel::Flash);
+    }
+
+    #[test]
+    fn llvmpipe_rejects_loops_over_its_cap() {
+        // llvmpipe stops every loop of an invocation after 65,535 iterations in all; past that
+        // the kernels must return an error, never a truncated sum.
+        let is_llvmpipe = context()
+            .adapter_info()
+            .is_some_and(|info| info.name.contains("llvmpipe"));
+        let shape = AttentionShape::new(1, 1, 64, 16384, 64);
+        let problem = AttentionProblem::new(shape);
+        let data = RandomInputs::new(&problem, 16384, 0.0);
+        let result = context().attention_with(Kernel::Flash, &problem, &data.inputs());
+        if is_llvmpipe {
+            let error = result.unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    Error::Unsupported {
+                        kernel: "flash",
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+            assert_eq!(
+                Kernel::Auto.resolve(&problem, context()),
+                Kernel::ThreeStage
+            );
+        } else {
+            let gpu = result.unwrap();
+            let row = reference::attention_row(&problem, &data.inputs(), 0, 0, 5).unwrap();
+            let stats = ErrorStats::compare(&gpu.out[5 * 64..][..64], &row.out);
+            assert!(stats.passes(&Tolerance::F32), "{stats}");
+        }
+        // The three-stage kernel stays within the cap at 16,384 keys.
+        let gpu = context()
+            .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
+            .unwrap();
+        for i in [0, 31, 63] {
+            let row = reference::attention_row(&problem, &data.inputs(), 0, 0, i).unwrap();
+            let stats = ErrorStats::compare(&gpu.out[i * 64..][..64], &row.out);
+            assert!(stats.passes(&Tolerance::F32), "row {i}: {stats}");
+        }
+    }
+}
