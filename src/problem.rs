@@ -326,7 +326,8 @@ impl AttentionProblem {
         4 * (2 * s.q_len() + 2 * s.kv_len() + self.mask_len()) as u64
     }
 
-    /// A short name for benchmarks and reports, such as `b1_h8_kv8_q1024_kv1024_d64_causal-tl`.
+    /// Returns a short name for benchmarks and reports, such as
+    /// `b1_h8_hkv8_q1024_kv1024_d64_causal-tl`.
     pub fn label(&self) -> String {
         let s = &self.shape;
         let mut label = format!(

@@ -9,7 +9,7 @@ pub struct ErrorStats {
     pub max_abs: f64,
     /// Largest `|actual - expected| / |expected|` over elements with
     /// `|expected| >= REL_FLOOR · max|expected|`; near-zero expected values are left out because
-    /// their relative error says nothing about the kernel.
+    /// their relative error tells nothing about the kernel.
     pub max_rel: f64,
     /// Normalized mean squared error `Σ (a - e)² / Σ e²` (0 when both are all zero).
     pub nmse: f64,

@@ -10,7 +10,8 @@ use crate::problem::AttentionProblem;
 const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
 const FLASH_WGSL: &str = include_str!("../../shaders/flash.wgsl");
 
-/// The fused kernel's tile sizes for `problem`, or the error that says why it cannot run.
+/// Chooses the fused kernel's tile sizes for `problem`, or returns the error that explains why
+/// it cannot run.
 pub(crate) fn tiles(context: &Context, problem: &AttentionProblem) -> Result<FlashTiles> {
     let limits = context.limits();
     let tiles = FlashTiles::choose(problem, limits).ok_or_else(|| {
