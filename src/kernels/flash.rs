@@ -1,10 +1,10 @@
 //! The fused kernel: one dispatch per call, memory proportional to the inputs.
 
-use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
+use crate::context::{Context, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::{Bindings, ThreeStageParams};
 use crate::kernels::tiling::{FLASH_ROWS, FlashTiles};
-use crate::kernels::{bind_buffers, compile, split_grid, uniform};
+use crate::kernels::{bind_buffers, check_loop_cap, compile, split_grid, uniform};
 use crate::problem::AttentionProblem;
 
 const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
@@ -28,19 +28,13 @@ pub(crate) fn tiles(context: &Context, problem: &AttentionProblem) -> Result<Fla
             fix: "use Kernel::ThreeStage on this device",
         }
     })?;
-    let iterations = loop_iterations(problem, &tiles);
-    if context.loop_iterations_capped() && iterations > LLVMPIPE_MAX_LOOP_ITERATIONS {
-        return Err(Error::Unsupported {
-            kernel: "flash",
-            what: format!(
-                "seq_kv = {} at head_dim {} on llvmpipe: an invocation would run about {iterations} \
-                 loop iterations, over llvmpipe's cap of {LLVMPIPE_MAX_LOOP_ITERATIONS}, after \
-                 which it silently stops",
-                problem.shape.seq_kv, problem.shape.head_dim
-            ),
-            fix: "use Kernel::ThreeStage or Kernel::Auto, or a GPU adapter",
-        });
-    }
+    check_loop_cap(
+        context,
+        "flash",
+        problem,
+        loop_iterations(problem, &tiles),
+        "use Kernel::ThreeStage or Kernel::Auto, or a GPU adapter",
+    )?;
     Ok(tiles)
 }
 

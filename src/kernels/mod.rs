@@ -6,8 +6,9 @@ pub(crate) mod tiling;
 
 use wgpu::util::DeviceExt;
 
-use crate::context::{Pipeline, PipelineKey};
+use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
+use crate::problem::AttentionProblem;
 
 /// One dispatch of a grid that may have been split to fit the per-axis workgroup limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +113,31 @@ pub(crate) fn uniform<T: bytemuck::Pod>(
     })
 }
 
-/// The largest storage binding the device allows, in bytes.
+/// Rejects a kernel whose invocations would run more than [`LLVMPIPE_MAX_LOOP_ITERATIONS`] loop
+/// iterations on llvmpipe, which would end the loops early and return a wrong result.
+pub(crate) fn check_loop_cap(
+    context: &Context,
+    kernel: &'static str,
+    problem: &AttentionProblem,
+    iterations: u64,
+    fix: &'static str,
+) -> Result<()> {
+    if !context.loop_iterations_capped() || iterations <= LLVMPIPE_MAX_LOOP_ITERATIONS {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        kernel,
+        what: format!(
+            "seq_kv = {} at head_dim {} on llvmpipe: an invocation would run about {iterations} \
+             loop iterations, over llvmpipe's cap of {LLVMPIPE_MAX_LOOP_ITERATIONS}, after which \
+             it silently stops",
+            problem.shape.seq_kv, problem.shape.head_dim
+        ),
+        fix,
+    })
+}
+
+/// Returns the largest storage binding the device allows, in bytes.
 pub(crate) fn max_binding_bytes(limits: &wgpu::Limits) -> u64 {
     limits
         .max_storage_buffer_binding_size

@@ -7,10 +7,12 @@
 
 use std::sync::Arc;
 
-use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, Pipeline, PipelineKey};
+use crate::context::{Context, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::tiling::ThreeStageTiles;
-use crate::kernels::{bind_buffers, compile, max_binding_bytes, split_grid, uniform};
+use crate::kernels::{
+    bind_buffers, check_loop_cap, compile, max_binding_bytes, split_grid, uniform,
+};
 use crate::problem::AttentionProblem;
 
 const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
@@ -242,18 +244,12 @@ fn check_loop_iterations(
     let invocations = u64::from(tiles.workgroup_side * tiles.workgroup_side);
     let staging = 2 * (output_tile * tile_keys).div_ceil(invocations);
     let iterations = (problem.shape.seq_kv as u64).div_ceil(tile_keys) * (1 + staging + tile_keys);
-    if context.loop_iterations_capped() && iterations > LLVMPIPE_MAX_LOOP_ITERATIONS {
-        return Err(Error::Unsupported {
-            kernel: "three-stage",
-            what: format!(
-                "seq_kv = {} on llvmpipe: an invocation would run about {iterations} loop \
-                 iterations, over llvmpipe's cap of {LLVMPIPE_MAX_LOOP_ITERATIONS}, after which \
-                 it silently stops",
-                problem.shape.seq_kv
-            ),
-            fix: "split the keys into several calls and merge the results by their log-sum-exp, \
-                  or use a GPU adapter",
-        });
-    }
-    Ok(())
+    check_loop_cap(
+        context,
+        "three-stage",
+        problem,
+        iterations,
+        "split the keys into several calls and merge the results by their log-sum-exp, or use a \
+         GPU adapter",
+    )
 }
