@@ -77,8 +77,8 @@ impl Context {
     }
 
     /// Creates a context with a new device from `adapter`, requesting every limit it offers and
-    /// the optional features the kernels use (`SHADER_F16`, `SUBGROUP`, `TIMESTAMP_QUERY`) where
-    /// it has them.
+    /// the optional features the kernels and benchmarks use (`SHADER_F16`, `SUBGROUP`,
+    /// `TIMESTAMP_QUERY`, `TIMESTAMP_QUERY_INSIDE_ENCODERS`) where it has them.
     ///
     /// # Errors
     ///
