@@ -1,26 +1,38 @@
 // Fused attention: scores, online softmax and P V in one pass, never storing the score matrix.
 //
-// Each workgroup owns BLOCK_Q = WG_Q · ROWS query rows of one (batch, head) and keeps them in
-// workgroup memory. Keys and values stream through in tiles of WG_KV keys. For each tile:
-//   1. every invocation (x = key lane, y = row lane) computes the scores of its key for its ROWS
-//      rows from the resident Q block and the staged K tile;
+// A workgroup owns one (batch, key/value head), one block of BLOCK_Q = WG_Q · ROWS query rows
+// and one split of the key range. The rows are packed over the query heads that share the
+// key/value head (packed row r is query head kv_head · group + r / seq_q, position r % seq_q),
+// so with grouped-query attention each K/V tile is read once for the whole group. The Q block
+// stays in workgroup memory while keys and values stream through in tiles of
+// TILE_KV = WG_KV · KEYS keys. For each tile:
+//   1. every invocation (x = key lane, y = row lane) computes a ROWS × KEYS block of scores in
+//      registers, from the Q block and the K tile (stored transposed, so neighbouring lanes read
+//      neighbouring words), and publishes each row's maximum over its keys;
 //   2. the row maximum over the tile updates the running maximum m; the running sum l and the
-//      output accumulator are rescaled by exp(m_old - m_new), and each lane writes
-//      p = exp(s - m_new) for its key;
-//   3. each invocation adds P times the staged V tile to its ROWS × D_COLS outputs (columns
+//      output accumulator are rescaled by exp(m_old - m_new), and each invocation writes
+//      p = exp(s - m_new) for its scores;
+//   3. each invocation adds P times the V tile to its ROWS × D_COLS outputs (columns
 //      x, x + WG_KV, ...).
 // m, l and the accumulator are f32. Tiles that the causal mask hides from every row of the block
 // are skipped. A row that sees no key keeps m = -inf and l = 0, and its output is 0.
+//
+// With one split the kernel writes the output and log-sum-exp. With several, each split writes
+// its normalized partial output and its (m, l) pair, and `combine.wgsl` merges them.
 
 const ROWS: u32 = 4u;
-// Upper bound of D_COLS, the output columns per invocation: MAX_HEAD_DIM / WG_KV = 256 / 16.
+// Upper bounds of KEYS and D_COLS, which size the per-invocation register arrays.
+const MAX_KEYS: u32 = 4u;
+// MAX_HEAD_DIM / WG_KV = 256 / 16.
 const MAX_D_COLS: u32 = 16u;
-// Key lanes per workgroup, which is also the keys per tile and the output column stride.
+// Key lanes, which are also the stride of each invocation's keys and output columns.
 override WG_KV: u32 = 16u;
-// Row lanes per workgroup; BLOCK_Q = WG_Q · ROWS.
+// Row lanes; BLOCK_Q = WG_Q · ROWS.
 override WG_Q: u32 = 16u;
-// Head-dim columns each invocation accumulates: ceil(head_dim / WG_KV). An override, so loops
-// over it have a constant bound and the accumulator can stay in registers.
+// Keys per lane per tile, at most MAX_KEYS.
+override KEYS: u32 = 4u;
+// Output columns per invocation, ceil(head_dim / WG_KV), at most MAX_D_COLS. Overrides make the
+// loops over KEYS and D_COLS constant-bounded, so the register arrays need no dynamic indexing.
 override D_COLS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -32,18 +44,31 @@ override D_COLS: u32 = 4u;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
-// [batch, heads, seq_q, head_dim]
+// [batch, heads, seq_q, head_dim]; written when kv_splits is 1.
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
-// [batch, heads, seq_q]
+// [batch, heads, seq_q]; written when kv_splits is 1.
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+// [kv_splits, batch, heads, seq_q, head_dim]: each split's output, normalized by its own sum.
+@group(0) @binding(7) var<storage, read_write> partial_out: array<f32>;
+// [kv_splits, batch, heads, seq_q, 2]: each split's running maximum and sum.
+@group(0) @binding(8) var<storage, read_write> partial_stats: array<f32>;
 
 // The Q block, [BLOCK_Q][WG_KV · D_COLS], zero-padded: WG_Q · ROWS · WG_KV · D_COLS · 4 bytes.
 var<workgroup> q_block: array<f32, WG_Q * ROWS * WG_KV * D_COLS>;
-// One K tile, then the V tile of the same keys, [WG_KV][WG_KV · D_COLS]: WG_KV² · D_COLS · 4 bytes.
-var<workgroup> kv_tile: array<f32, WG_KV * WG_KV * D_COLS>;
-// Scores and probabilities of the tile, [BLOCK_Q][WG_KV] each.
-var<workgroup> s_tile: array<f32, WG_Q * ROWS * WG_KV>;
-var<workgroup> p_tile: array<f32, WG_Q * ROWS * WG_KV>;
+// The K tile as [WG_KV · D_COLS][TILE_KV], then the V tile as [TILE_KV][WG_KV · D_COLS]:
+// WG_KV · KEYS · WG_KV · D_COLS · 4 bytes.
+var<workgroup> kv_tile: array<f32, WG_KV * KEYS * WG_KV * D_COLS>;
+// Probabilities of the tile, [BLOCK_Q][TILE_KV]: WG_Q · ROWS · WG_KV · KEYS · 4 bytes.
+var<workgroup> p_tile: array<f32, WG_Q * ROWS * WG_KV * KEYS>;
+// Each lane's maximum score per row, [BLOCK_Q][WG_KV]: WG_Q · ROWS · WG_KV · 4 bytes.
+var<workgroup> lane_max: array<f32, WG_Q * ROWS * WG_KV>;
+
+// Flat index of query row (b, h, i) in [batch, heads, seq_q].
+fn query_row(b: u32, packed: u32, kv_head: u32) -> u32 {
+    let group = params.heads / params.kv_heads;
+    let h = kv_head * group + packed / params.seq_q;
+    return (b * params.heads + h) * params.seq_q + packed % params.seq_q;
+}
 
 @compute @workgroup_size(WG_KV, WG_Q, 1)
 fn main(
@@ -52,30 +77,56 @@ fn main(
     @builtin(local_invocation_index) local_index: u32,
 ) {
     let block_q = WG_Q * ROWS;
+    let tile_kv = WG_KV * KEYS;
     let d_pad = WG_KV * D_COLS;
     let invocations = WG_Q * WG_KV;
     let group = workgroup_id + params.group_offset;
-    let bh = group.z;
-    let b = bh / params.heads;
-    let h = bh % params.heads;
-    let kv_head = h / (params.heads / params.kv_heads);
+    let bkv = group.z;
+    let b = bkv / params.kv_heads;
+    let kv_head = bkv % params.kv_heads;
+    let packed_rows = (params.heads / params.kv_heads) * params.seq_q;
+    let packed0 = group.x * block_q;
+    let split = group.y;
     let d = params.head_dim;
-    let q_base = bh * params.seq_q * d;
-    let kv_base = (b * params.kv_heads + kv_head) * params.seq_kv * d;
-    let mask_base = b * params.mask_batch_stride + h * params.mask_head_stride;
-    let row0 = group.x * block_q;
+    let kv_base = bkv * params.seq_kv * d;
     let lane = local_id.x;
 
-    // Load the Q block once, zero past seq_q and head_dim.
+    // Load the Q block once, zero past the packed rows and head_dim.
     for (var t = local_index; t < block_q * d_pad; t += invocations) {
-        let row = row0 + t / d_pad;
+        let packed = packed0 + t / d_pad;
         let col = t % d_pad;
         var value = 0.0;
-        if row < params.seq_q && col < d {
-            value = q[q_base + row * d + col];
+        if packed < packed_rows && col < d {
+            value = q[query_row(b, packed, kv_head) * d + col];
         }
         q_block[t] = value;
     }
+
+    // This invocation's rows: flat query row, position and mask row, or valid = false past the end.
+    var row_index: array<u32, ROWS>;
+    var row_position: array<u32, ROWS>;
+    var row_valid: array<bool, ROWS>;
+    var mask_row: array<u32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        let packed = packed0 + local_id.y + r * WG_Q;
+        row_valid[r] = packed < packed_rows;
+        let index = query_row(b, min(packed, packed_rows - 1u), kv_head);
+        row_index[r] = index;
+        row_position[r] = index % params.seq_q;
+        let h = (index / params.seq_q) % params.heads;
+        mask_row[r] = b * params.mask_batch_stride + h * params.mask_head_stride
+            + row_position[r] * params.seq_kv;
+    }
+
+    // Keys of this split that some row of the block may attend to. The block's largest position
+    // is seq_q - 1 when it spans two query heads.
+    let last_packed = min(packed0 + block_q, packed_rows) - 1u;
+    var last_position = last_packed % params.seq_q;
+    if last_packed / params.seq_q != packed0 / params.seq_q {
+        last_position = params.seq_q - 1u;
+    }
+    let key_begin = split * params.keys_per_split;
+    let key_end = min(causal_key_end(params, last_position + 1u), key_begin + params.keys_per_split);
 
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
@@ -84,46 +135,57 @@ fn main(
         m[r] = neg_inf();
     }
 
-    let key_end = causal_key_end(params, min(row0 + block_q, params.seq_q));
-    for (var j0 = 0u; j0 < key_end; j0 += WG_KV) {
-        // Stage the K tile, zero past seq_kv and head_dim.
-        for (var t = local_index; t < WG_KV * d_pad; t += invocations) {
-            let key = j0 + t / d_pad;
-            let col = t % d_pad;
+    for (var j0 = key_begin; j0 < key_end; j0 += tile_kv) {
+        // Stage K transposed, kv_tile[c][key], zero past key_end and head_dim.
+        for (var t = local_index; t < tile_kv * d_pad; t += invocations) {
+            let key = t / d_pad;
+            let c = t % d_pad;
             var value = 0.0;
-            if key < params.seq_kv && col < d {
-                value = k[kv_base + key * d + col];
+            if j0 + key < key_end && c < d {
+                value = k[kv_base + (j0 + key) * d + c];
             }
-            kv_tile[t] = value;
+            kv_tile[c * tile_kv + key] = value;
         }
         workgroupBarrier();
 
-        // 1. Scores of this lane's key for this invocation's rows.
-        let key = j0 + lane;
+        // 1. Scores for ROWS rows × KEYS keys.
+        var s: array<f32, ROWS * MAX_KEYS>;
+        for (var c = 0u; c < d_pad; c++) {
+            var q_values: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                q_values[r] = q_block[(local_id.y + r * WG_Q) * d_pad + c];
+            }
+            for (var kk = 0u; kk < KEYS; kk++) {
+                let k_value = kv_tile[c * tile_kv + lane + kk * WG_KV];
+                for (var r = 0u; r < ROWS; r++) {
+                    s[r * MAX_KEYS + kk] = fma(q_values[r], k_value, s[r * MAX_KEYS + kk]);
+                }
+            }
+        }
         for (var r = 0u; r < ROWS; r++) {
-            let local_row = local_id.y + r * WG_Q;
-            let row = row0 + local_row;
-            var dot = 0.0;
-            for (var c = 0u; c < d_pad; c++) {
-                dot = fma(q_block[local_row * d_pad + c], kv_tile[lane * d_pad + c], dot);
+            var row_max = neg_inf();
+            for (var kk = 0u; kk < KEYS; kk++) {
+                let key = j0 + lane + kk * WG_KV;
+                var score = params.scale * s[r * MAX_KEYS + kk];
+                if !row_valid[r] || key >= key_end || !causal_allows(params, row_position[r], key) {
+                    score = neg_inf();
+                } else if params.has_mask != 0u {
+                    score += mask[mask_row[r] + key];
+                }
+                s[r * MAX_KEYS + kk] = score;
+                row_max = max(row_max, score);
             }
-            var s = params.scale * dot;
-            if key >= params.seq_kv || row >= params.seq_q || !causal_allows(params, row, key) {
-                s = neg_inf();
-            } else if params.has_mask != 0u {
-                s += mask[mask_base + row * params.seq_kv + key];
-            }
-            s_tile[local_row * WG_KV + lane] = s;
+            lane_max[(local_id.y + r * WG_Q) * WG_KV + lane] = row_max;
         }
         workgroupBarrier();
 
-        // Stage the V tile into the same memory; every read of K finished at the barrier above.
-        for (var t = local_index; t < WG_KV * d_pad; t += invocations) {
+        // Stage V into the same memory, kv_tile[key][c]; every read of K ended at the barrier.
+        for (var t = local_index; t < tile_kv * d_pad; t += invocations) {
             let key = j0 + t / d_pad;
-            let col = t % d_pad;
+            let c = t % d_pad;
             var value = 0.0;
-            if key < params.seq_kv && col < d {
-                value = v[kv_base + key * d + col];
+            if key < key_end && c < d {
+                value = v[kv_base + key * d + c];
             }
             kv_tile[t] = value;
         }
@@ -133,58 +195,79 @@ fn main(
         for (var r = 0u; r < ROWS; r++) {
             let local_row = local_id.y + r * WG_Q;
             var tile_max = neg_inf();
-            for (var j = 0u; j < WG_KV; j++) {
-                tile_max = max(tile_max, s_tile[local_row * WG_KV + j]);
+            for (var x = 0u; x < WG_KV; x++) {
+                tile_max = max(tile_max, lane_max[local_row * WG_KV + x]);
             }
             let new_max = max(m[r], tile_max);
-            if new_max == neg_inf() {
-                // Nothing seen yet: no rescaling, and exp(-inf - -inf) would be NaN.
-                alpha[r] = 1.0;
-                p_tile[local_row * WG_KV + lane] = 0.0;
-            } else {
-                alpha[r] = exp(m[r] - new_max);
-                p_tile[local_row * WG_KV + lane] = exp(s_tile[local_row * WG_KV + lane] - new_max);
+            // Until a row has seen a key, new_max is -inf and exp(-inf - -inf) would be NaN.
+            let seen = new_max != neg_inf();
+            alpha[r] = select(1.0, exp(m[r] - new_max), seen);
+            for (var kk = 0u; kk < KEYS; kk++) {
+                let p = select(0.0, exp(s[r * MAX_KEYS + kk] - new_max), seen);
+                p_tile[local_row * tile_kv + lane + kk * WG_KV] = p;
             }
             m[r] = new_max;
         }
         workgroupBarrier();
 
-        // 3. Rescale, then add P V for this invocation's rows and columns.
+        // 3. Rescale, then add P V for this invocation's rows and columns. The key loop is
+        // outermost so each staged V value serves all ROWS rows.
+        var tile_sum: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
-            let local_row = local_id.y + r * WG_Q;
-            var tile_sum = 0.0;
             for (var c = 0u; c < D_COLS; c++) {
                 acc[r * MAX_D_COLS + c] *= alpha[r];
             }
-            for (var j = 0u; j < WG_KV; j++) {
-                let p = p_tile[local_row * WG_KV + j];
-                tile_sum += p;
-                for (var c = 0u; c < D_COLS; c++) {
-                    let value = kv_tile[j * d_pad + lane + c * WG_KV];
-                    acc[r * MAX_D_COLS + c] = fma(p, value, acc[r * MAX_D_COLS + c]);
+        }
+        for (var j = 0u; j < tile_kv; j++) {
+            var p: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                p[r] = p_tile[(local_id.y + r * WG_Q) * tile_kv + j];
+                tile_sum[r] += p[r];
+            }
+            for (var c = 0u; c < D_COLS; c++) {
+                let value = kv_tile[j * d_pad + lane + c * WG_KV];
+                for (var r = 0u; r < ROWS; r++) {
+                    acc[r * MAX_D_COLS + c] = fma(p[r], value, acc[r * MAX_D_COLS + c]);
                 }
             }
-            l[r] = l[r] * alpha[r] + tile_sum;
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            l[r] = l[r] * alpha[r] + tile_sum[r];
         }
         workgroupBarrier();
     }
 
     // Normalize and write; a row that saw no key writes 0 and log-sum-exp -inf.
+    let all_rows = params.batch * params.heads * params.seq_q;
     for (var r = 0u; r < ROWS; r++) {
-        let row = row0 + local_id.y + r * WG_Q;
-        if row >= params.seq_q {
+        if !row_valid[r] {
             continue;
         }
         let fully_masked = m[r] == neg_inf();
         let inv_sum = select(1.0 / l[r], 0.0, fully_masked);
-        for (var c = 0u; c < D_COLS; c++) {
-            let col = lane + c * WG_KV;
-            if col < d {
-                out[(bh * params.seq_q + row) * d + col] = acc[r * MAX_D_COLS + c] * inv_sum;
+        let row = row_index[r];
+        if params.kv_splits == 1u {
+            for (var c = 0u; c < D_COLS; c++) {
+                let col = lane + c * WG_KV;
+                if col < d {
+                    out[row * d + col] = acc[r * MAX_D_COLS + c] * inv_sum;
+                }
             }
-        }
-        if lane == 0u {
-            lse[bh * params.seq_q + row] = select(m[r] + log(l[r]), neg_inf(), fully_masked);
+            if lane == 0u {
+                lse[row] = select(m[r] + log(l[r]), neg_inf(), fully_masked);
+            }
+        } else {
+            let partial_row = split * all_rows + row;
+            for (var c = 0u; c < D_COLS; c++) {
+                let col = lane + c * WG_KV;
+                if col < d {
+                    partial_out[partial_row * d + col] = acc[r * MAX_D_COLS + c] * inv_sum;
+                }
+            }
+            if lane == 0u {
+                partial_stats[2u * partial_row] = m[r];
+                partial_stats[2u * partial_row + 1u] = l[r];
+            }
         }
     }
 }

@@ -19,7 +19,13 @@ struct Params {
     scale: f32,
     // Added to @builtin(workgroup_id) when a grid larger than the per-dispatch limit is split.
     group_offset: vec3<u32>,
-    _padding: u32,
+    // Fused kernel only: keys per split of the key range, and the number of splits. With more
+    // than one split, each writes a partial result that `combine.wgsl` merges.
+    keys_per_split: u32,
+    kv_splits: u32,
+    _padding0: u32,
+    _padding1: u32,
+    _padding2: u32,
 }
 
 // Negative infinity, built at run time because WGSL constant expressions may not be infinite.

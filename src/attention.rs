@@ -59,11 +59,10 @@ impl Kernel {
         if self != Kernel::Auto {
             return self;
         }
-        let limits = context.limits();
-        let flash_fits = flash::tiles(context, problem).is_ok();
+        let flash_fits = flash::plan(context, problem).is_ok();
         let short_queries = problem.shape.seq_q <= AUTO_FLASH_MAX_SEQ_Q;
-        let scores_fit = three_stage::heads_per_chunk(problem, limits).is_ok();
-        if flash_fits && (short_queries || !scores_fit) {
+        let three_stage_fits = three_stage::check(context, problem).is_ok();
+        if flash_fits && (short_queries || !three_stage_fits) {
             Kernel::Flash
         } else {
             Kernel::ThreeStage

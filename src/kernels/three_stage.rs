@@ -42,7 +42,9 @@ pub(crate) struct ThreeStageParams {
     pub bh_offset: u32,
     pub scale: f32,
     pub group_offset: [u32; 3],
-    pub padding: u32,
+    pub keys_per_split: u32,
+    pub kv_splits: u32,
+    pub padding: [u32; 3],
 }
 
 impl ThreeStageParams {
@@ -64,7 +66,9 @@ impl ThreeStageParams {
             bh_offset: 0,
             scale: problem.scale() as f32,
             group_offset: [0; 3],
-            padding: 0,
+            keys_per_split: s.seq_kv as u32,
+            kv_splits: 1,
+            padding: [0; 3],
         }
     }
 }
@@ -107,6 +111,13 @@ pub(crate) fn heads_per_chunk(problem: &AttentionProblem, limits: &wgpu::Limits)
     Ok(by_memory.min(by_grid).min(s.batch * s.heads).max(1))
 }
 
+/// Checks that the three-stage kernel can run `problem` on `context`'s device.
+pub(crate) fn check(context: &Context, problem: &AttentionProblem) -> Result<()> {
+    let tiles = ThreeStageTiles::choose(problem, context.limits());
+    heads_per_chunk(problem, context.limits())?;
+    check_loop_iterations(context, problem, &tiles)
+}
+
 /// Records the three stages into `encoder`.
 pub(crate) fn record(
     context: &Context,
@@ -119,6 +130,7 @@ pub(crate) fn record(
     let tiles = ThreeStageTiles::choose(problem, limits);
     let chunk = heads_per_chunk(problem, limits)?;
     check_loop_iterations(context, problem, &tiles)?;
+
     let (scores_pipeline, softmax_pipeline, probs_v_pipeline) = pipelines(context, &tiles)?;
 
     let s = &problem.shape;

@@ -71,10 +71,12 @@ impl ThreeStageTiles {
 /// Sizes for the fused kernel in `flash.wgsl`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FlashTiles {
-    /// Key lanes (`WG_KV`): keys per tile, and the stride of each invocation's output columns.
+    /// Key lanes (`WG_KV`): the stride of each invocation's keys and output columns.
     pub key_lanes: u32,
     /// Row lanes (`WG_Q`); each owns [`FLASH_ROWS`] query rows.
     pub row_lanes: u32,
+    /// Keys per lane per tile (`KEYS`), at most `MAX_KEYS` = 4 of `flash.wgsl`.
+    pub keys_per_lane: u32,
     /// Output columns per invocation (`D_COLS`), `ceil(head_dim / key_lanes)`.
     pub d_cols: u32,
 }
@@ -82,46 +84,85 @@ pub(crate) struct FlashTiles {
 /// Query rows per invocation of the fused kernel (`ROWS` in `flash.wgsl`).
 pub(crate) const FLASH_ROWS: u32 = 4;
 
+/// (row lanes, keys per lane) in order of preference: more rows per block reuse each K/V tile
+/// more, and more keys per tile spread the four barriers of a tile over more work. On lavapipe
+/// at head dim 64, (4, 4) ran 1.6 to 2 times faster than (8, 2), (16, 1), (2, 4), (4, 2) and
+/// (8, 1) at 1024 × 1024 and 512 × 512, so keys per lane come first where memory allows.
+const FLASH_CANDIDATES: [(u32, u32); 15] = [
+    (16, 4),
+    (8, 4),
+    (16, 2),
+    (4, 4),
+    (8, 2),
+    (16, 1),
+    (2, 4),
+    (4, 2),
+    (8, 1),
+    (1, 4),
+    (2, 2),
+    (4, 1),
+    (1, 2),
+    (2, 1),
+    (1, 1),
+];
+
 impl FlashTiles {
     /// Query rows per workgroup.
     pub fn block_q(&self) -> u32 {
         self.row_lanes * FLASH_ROWS
     }
 
-    /// Workgroup memory the kernel declares, in bytes: the Q block, one K/V tile, and the
-    /// score and probability tiles.
+    /// Keys per tile.
+    pub fn tile_kv(&self) -> u32 {
+        self.key_lanes * self.keys_per_lane
+    }
+
+    /// Head dim padded to a multiple of the key lanes.
+    pub fn d_pad(&self) -> u32 {
+        self.key_lanes * self.d_cols
+    }
+
+    /// Returns the workgroup memory the kernel declares, in bytes: the Q block, one K/V tile,
+    /// the probability tile and the per-lane row maxima.
     pub fn workgroup_bytes(&self) -> u32 {
-        let d_pad = self.key_lanes * self.d_cols;
         let block_q = self.block_q();
-        4 * (block_q * d_pad + self.key_lanes * d_pad + 2 * block_q * self.key_lanes)
+        let tile_kv = self.tile_kv();
+        4 * (block_q * self.d_pad()
+            + tile_kv * self.d_pad()
+            + block_q * tile_kv
+            + block_q * self.key_lanes)
     }
 
     /// Chooses the sizes, or returns `None` when even the smallest block does not fit the
     /// device's workgroup memory.
     ///
-    /// Keys go 16 to a tile, one per key lane, so a tile's scores take one pass over the head
-    /// dim per invocation and row. The row lanes are the largest of 16, 8, 4, 2 and 1 whose
-    /// workgroup memory fits the limit and whose block does not exceed the query rows by more
-    /// than one step: more rows per block reuse each K/V tile more, but a block far taller than
-    /// `seq_q` (decoding) only adds idle rows. At head dim 64 and 32 KiB that is 16 row lanes
-    /// (64 rows, 24.5 KiB); at head dim 256 it is 2 (8 rows, 25 KiB).
+    /// The first of [`FLASH_CANDIDATES`] is taken whose workgroup memory and invocations fit the
+    /// limits, and whose block is not more than one halving taller than the packed query rows
+    /// (query heads per key/value head times `seq_q`): for decoding a tall block only adds idle
+    /// rows. At head dim 64 and 32 KiB of workgroup memory that is 4 row lanes and 4 keys per
+    /// lane (16 rows, 64-key tiles, 25 KiB).
     pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
         let key_lanes = 16;
         let d_cols = (problem.shape.head_dim as u32).div_ceil(key_lanes);
-        let wanted_rows = problem.shape.seq_q as u32;
-        [16, 8, 4, 2, 1].into_iter().find_map(|row_lanes| {
-            let tiles = Self {
-                key_lanes,
-                row_lanes,
-                d_cols,
-            };
-            let fits_memory = tiles.workgroup_bytes() <= limits.max_compute_workgroup_storage_size;
-            let fits_invocations = key_lanes * row_lanes
-                <= limits.max_compute_invocations_per_workgroup
-                && row_lanes <= limits.max_compute_workgroup_size_y
-                && key_lanes <= limits.max_compute_workgroup_size_x;
-            let not_too_tall = row_lanes == 1 || (row_lanes / 2) * FLASH_ROWS < wanted_rows;
-            (fits_memory && fits_invocations && not_too_tall).then_some(tiles)
-        })
+        let packed_rows = (problem.shape.group_size() * problem.shape.seq_q) as u64;
+        FLASH_CANDIDATES
+            .into_iter()
+            .find_map(|(row_lanes, keys_per_lane)| {
+                let tiles = Self {
+                    key_lanes,
+                    row_lanes,
+                    keys_per_lane,
+                    d_cols,
+                };
+                let fits_memory =
+                    tiles.workgroup_bytes() <= limits.max_compute_workgroup_storage_size;
+                let fits_invocations = key_lanes * row_lanes
+                    <= limits.max_compute_invocations_per_workgroup
+                    && row_lanes <= limits.max_compute_workgroup_size_y
+                    && key_lanes <= limits.max_compute_workgroup_size_x;
+                let not_too_tall =
+                    row_lanes == 1 || u64::from((row_lanes / 2) * FLASH_ROWS) < packed_rows;
+                (fits_memory && fits_invocations && not_too_tall).then_some(tiles)
+            })
     }
 }
