@@ -15,7 +15,7 @@ override WG: u32 = 64u;
 // [kv_splits, batch, heads, seq_q, 2]: (m, l) per split and row.
 @group(0) @binding(2) var<storage, read> partial_stats: array<f32>;
 // [batch, heads, seq_q, head_dim]
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<Storage>;
 // [batch, heads, seq_q]
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>;
 
@@ -35,7 +35,7 @@ fn main(
     }
     if max_all == neg_inf() {
         for (var col = local_index; col < d; col += WG) {
-            out[row * d + col] = 0.0;
+            out[row * d + col] = Storage(0.0);
         }
         if local_index == 0u {
             lse[row] = neg_inf();
@@ -55,7 +55,7 @@ fn main(
             let weight = partial_stats[stats + 1u] * exp(partial_stats[stats] - max_all);
             sum += weight * partial_out[(s * all_rows + row) * d + col];
         }
-        out[row * d + col] = sum / total;
+        out[row * d + col] = Storage(sum / total);
     }
     if local_index == 0u {
         lse[row] = max_all + log(total);

@@ -37,15 +37,15 @@ override D_COLS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // [batch, heads, seq_q, head_dim]
-@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<Storage>;
 // [batch, kv_heads, seq_kv, head_dim]
-@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<Storage>;
 // [batch, kv_heads, seq_kv, head_dim]
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<Storage>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
 // [batch, heads, seq_q, head_dim]; written when kv_splits is 1.
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
 // [batch, heads, seq_q]; written when kv_splits is 1.
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
 // [kv_splits, batch, heads, seq_q, head_dim]: each split's output, normalized by its own sum.
@@ -97,7 +97,7 @@ fn main(
         let col = t % d_pad;
         var value = 0.0;
         if packed < packed_rows && col < d {
-            value = q[query_row(b, packed, kv_head) * d + col];
+            value = f32(q[query_row(b, packed, kv_head) * d + col]);
         }
         q_block[t] = value;
     }
@@ -142,7 +142,7 @@ fn main(
             let c = t % d_pad;
             var value = 0.0;
             if j0 + key < key_end && c < d {
-                value = k[kv_base + (j0 + key) * d + c];
+                value = f32(k[kv_base + (j0 + key) * d + c]);
             }
             kv_tile[c * tile_kv + key] = value;
         }
@@ -185,7 +185,7 @@ fn main(
             let c = t % d_pad;
             var value = 0.0;
             if key < key_end && c < d {
-                value = v[kv_base + key * d + c];
+                value = f32(v[kv_base + key * d + c]);
             }
             kv_tile[t] = value;
         }
@@ -250,7 +250,7 @@ fn main(
             for (var c = 0u; c < D_COLS; c++) {
                 let col = lane + c * WG_KV;
                 if col < d {
-                    out[row * d + col] = acc[r * MAX_D_COLS + c] * inv_sum;
+                    out[row * d + col] = Storage(acc[r * MAX_D_COLS + c] * inv_sum);
                 }
             }
             if lane == 0u {

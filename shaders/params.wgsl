@@ -1,5 +1,5 @@
-// Parameters shared by the three-stage kernels. The host struct `ThreeStageParams` in
-// src/kernels/three_stage.rs has the same fields in the same order.
+// Parameters shared by every program. The host struct `KernelParams` in
+// src/kernels/mod.rs has the same fields in the same order.
 struct Params {
     batch: u32,
     heads: u32,

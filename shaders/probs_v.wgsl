@@ -18,9 +18,9 @@ override TILE_KV: u32 = 16u;
 // [heads of this chunk, seq_q, seq_kv]: probabilities from stage 2.
 @group(0) @binding(1) var<storage, read> probs: array<f32>;
 // [batch, kv_heads, seq_kv, head_dim]
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<Storage>;
 // [batch, heads, seq_q, head_dim]
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<Storage>;
 
 // Probabilities of the tile, [TILE_Q][TILE_KV]: WG_Q · ROWS · TILE_KV · 4 bytes (4 KiB at the
 // defaults).
@@ -69,7 +69,7 @@ fn main(
             let col = col0 + t % tile_d;
             var value = 0.0;
             if key < key_end && col < d {
-                value = v[v_base + key * d + col];
+                value = f32(v[v_base + key * d + col]);
             }
             v_tile[t] = value;
         }
@@ -98,7 +98,7 @@ fn main(
         for (var cc = 0u; cc < COLS; cc++) {
             let col = col0 + local_id.x + cc * WG_D;
             if col < d {
-                out[(bh * params.seq_q + row) * d + col] = acc[r * COLS + cc];
+                out[(bh * params.seq_q + row) * d + col] = Storage(acc[r * COLS + cc]);
             }
         }
     }

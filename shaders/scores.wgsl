@@ -15,9 +15,9 @@ override TILE_D: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // [batch, heads, seq_q, head_dim]
-@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<Storage>;
 // [batch, kv_heads, seq_kv, head_dim]
-@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<Storage>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(3) var<storage, read> mask: array<f32>;
 // [heads of this chunk, seq_q, seq_kv], starting at head bh_offset.
@@ -64,7 +64,7 @@ fn main(
                 let col = d0 + t % TILE_D;
                 var value = 0.0;
                 if row < params.seq_q && col < d {
-                    value = q[q_base + row * d + col];
+                    value = f32(q[q_base + row * d + col]);
                 }
                 q_tile[t] = value;
             }
@@ -74,7 +74,7 @@ fn main(
                 let c = t % TILE_D;
                 var value = 0.0;
                 if col0 + key < params.seq_kv && d0 + c < d {
-                    value = k[k_base + (col0 + key) * d + d0 + c];
+                    value = f32(k[k_base + (col0 + key) * d + d0 + c]);
                 }
                 k_tile[c * tile_kv + key] = value;
             }

@@ -6,7 +6,8 @@ use wgpu::util::DeviceExt;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::{check_binding, flash, three_stage};
-use crate::problem::{AttentionInputs, AttentionProblem};
+use crate::problem::{AttentionInputs, AttentionProblem, Dtype, check_len, check_mask};
+use half::f16;
 
 /// Largest `seq_q` for which [`Kernel::Auto`] picks the fused kernel when the score matrix fits.
 ///
@@ -70,6 +71,40 @@ impl Kernel {
     }
 }
 
+/// Host-side f16 inputs for [`Context::attention_f16`], laid out as [`AttentionInputs`]; the
+/// mask stays f32 because `-inf` and large biases need its range.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionInputsF16<'a> {
+    /// Queries, `[batch, heads, seq_q, head_dim]`.
+    pub q: &'a [f16],
+    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`.
+    pub k: &'a [f16],
+    /// Values, `[batch, kv_heads, seq_kv, head_dim]`.
+    pub v: &'a [f16],
+    /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]`, when the problem has one.
+    pub mask: Option<&'a [f32]>,
+}
+
+impl AttentionInputsF16<'_> {
+    /// Checks every slice length against the problem.
+    pub fn validate(&self, problem: &AttentionProblem) -> Result<()> {
+        let s = &problem.shape;
+        check_len("q", self.q.len(), &s.q_dims())?;
+        check_len("k", self.k.len(), &s.kv_dims())?;
+        check_len("v", self.v.len(), &s.kv_dims())?;
+        check_mask(problem, self.mask.map(<[f32]>::len))
+    }
+}
+
+/// Output of [`Context::attention_f16`].
+#[derive(Clone, Debug)]
+pub struct AttentionOutputF16 {
+    /// Attention output, `[batch, heads, seq_q, head_dim]`, rounded to f16.
+    pub out: Vec<f16>,
+    /// Natural-log log-sum-exp of each row, `[batch, heads, seq_q]`, in f32.
+    pub lse: Vec<f32>,
+}
+
 /// Output of a host-slice call.
 #[derive(Clone, Debug)]
 pub struct AttentionOutput {
@@ -124,42 +159,132 @@ impl Context {
     ///
     /// # Errors
     ///
-    /// As [`Context::attention`].
+    /// As [`Context::attention`], and [`Error::DtypeMismatch`] when the problem's dtype is not
+    /// f32: f16 data goes through [`Context::attention_f16`].
     pub fn attention_with(
         &self,
         kernel: Kernel,
         problem: &AttentionProblem,
         inputs: &AttentionInputs<'_>,
     ) -> Result<AttentionOutput> {
+        if problem.dtype != Dtype::F32 {
+            return Err(Error::DtypeMismatch {
+                dtype: problem.dtype.name(),
+                given: "f32",
+                fix: "set the problem's dtype to Dtype::F32, or pass f16 slices to attention_f16",
+            });
+        }
         problem.validate()?;
         inputs.validate(problem)?;
+        let (out, lse) = self.run_host(
+            kernel,
+            problem,
+            [
+                bytemuck::cast_slice(inputs.q),
+                bytemuck::cast_slice(inputs.k),
+                bytemuck::cast_slice(inputs.v),
+            ],
+            inputs.mask,
+        )?;
+        Ok(AttentionOutput {
+            out: bytemuck::pod_collect_to_vec(&out),
+            lse,
+        })
+    }
+
+    /// Computes attention on f16 inputs and returns an f16 output and the f32 log-sum-exp.
+    ///
+    /// With `SHADER_F16` the tensors stay f16 in GPU memory and every product, sum and the
+    /// softmax run in f32. Without it the inputs are widened to f32 on the host (exactly), the
+    /// f32 kernels run, and the output is rounded to f16; a warning is logged.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::attention`].
+    pub fn attention_f16(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        inputs: &AttentionInputsF16<'_>,
+    ) -> Result<AttentionOutputF16> {
+        let problem = problem.with_dtype(Dtype::F16);
+        problem.validate()?;
+        inputs.validate(&problem)?;
+        if !self.features().contains(wgpu::Features::SHADER_F16) {
+            log::warn!(
+                "the device lacks SHADER_F16; converting f16 inputs to f32 on the host and the \
+                 output back to f16"
+            );
+            let widen = |data: &[f16]| data.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            let (q, k, v) = (widen(inputs.q), widen(inputs.k), widen(inputs.v));
+            let f32_inputs = AttentionInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                mask: inputs.mask,
+            };
+            let output =
+                self.attention_with(kernel, &problem.with_dtype(Dtype::F32), &f32_inputs)?;
+            let out = output.out.iter().map(|&x| f16::from_f32(x)).collect();
+            return Ok(AttentionOutputF16 {
+                out,
+                lse: output.lse,
+            });
+        }
+        let (out, lse) = self.run_host(
+            kernel,
+            &problem,
+            [
+                bytemuck::cast_slice(inputs.q),
+                bytemuck::cast_slice(inputs.k),
+                bytemuck::cast_slice(inputs.v),
+            ],
+            inputs.mask,
+        )?;
+        Ok(AttentionOutputF16 {
+            out: bytemuck::pod_collect_to_vec(&out),
+            lse,
+        })
+    }
+
+    /// Uploads Q, K and V (raw bytes of the problem's dtype) and the mask, runs `kernel` and
+    /// returns the output's raw bytes and the log-sum-exp.
+    fn run_host(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        [q, k, v]: [&[u8]; 3],
+        mask: Option<&[f32]>,
+    ) -> Result<(Vec<u8>, Vec<f32>)> {
         self.check_bindings(problem)?;
         let device = self.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
 
-        let storage = |label: &str, data: &[f32]| {
+        let storage = |label: &str, data: &[u8]| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents: bytemuck::cast_slice(data),
+                contents: data,
                 usage: wgpu::BufferUsages::STORAGE,
             })
         };
-        let output = |label: &str, elements: usize| {
+        let output = |label: &str, bytes: usize| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: 4 * elements as u64,
+                // Storage bindings are sized in multiples of 4 bytes.
+                size: bytes.next_multiple_of(4) as u64,
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             })
         };
         let s = &problem.shape;
-        let q = storage("wgpu-attention q", inputs.q);
-        let k = storage("wgpu-attention k", inputs.k);
-        let v = storage("wgpu-attention v", inputs.v);
-        let mask = inputs.mask.map(|mask| storage("wgpu-attention mask", mask));
-        let out = output("wgpu-attention out", s.q_len());
-        let lse = output("wgpu-attention lse", s.lse_len());
+        let element = problem.dtype.bytes();
+        let q = storage("wgpu-attention q", &padded(q));
+        let k = storage("wgpu-attention k", &padded(k));
+        let v = storage("wgpu-attention v", &padded(v));
+        let mask = mask.map(|mask| storage("wgpu-attention mask", bytemuck::cast_slice(mask)));
+        let out = output("wgpu-attention out", s.q_len() * element);
+        let lse = output("wgpu-attention lse", 4 * s.lse_len());
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("wgpu-attention"),
@@ -191,10 +316,9 @@ impl Context {
                 source,
             });
         }
-        Ok(AttentionOutput {
-            out: out_host?,
-            lse: lse_host?,
-        })
+        let mut out_bytes = out_host?;
+        out_bytes.truncate(s.q_len() * element);
+        Ok((out_bytes, bytemuck::pod_collect_to_vec(&lse_host?)))
     }
 
     /// Records attention into the caller's `encoder`, reading and writing the caller's buffers,
@@ -217,15 +341,23 @@ impl Context {
         problem.validate()?;
         self.check_bindings(problem)?;
         let s = &problem.shape;
-        check_buffer("q", tensors.q, &s.q_dims())?;
-        check_buffer("k", tensors.k, &s.kv_dims())?;
-        check_buffer("v", tensors.v, &s.kv_dims())?;
-        check_buffer("out", tensors.out, &s.q_dims())?;
+        if problem.dtype == Dtype::F16 && !self.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::MissingFeature {
+                feature: "SHADER_F16",
+                what: "f16 tensors in GPU buffers",
+                fix: "convert the tensors to f32, or call attention_f16, which converts on the host",
+            });
+        }
+        let element = problem.dtype.bytes();
+        check_buffer("q", tensors.q, &s.q_dims(), element)?;
+        check_buffer("k", tensors.k, &s.kv_dims(), element)?;
+        check_buffer("v", tensors.v, &s.kv_dims(), element)?;
+        check_buffer("out", tensors.out, &s.q_dims(), element)?;
         if let Some(lse) = tensors.lse {
-            check_buffer("lse", lse, &[s.batch, s.heads, s.seq_q])?;
+            check_buffer("lse", lse, &[s.batch, s.heads, s.seq_q], 4)?;
         }
         match (problem.mask_dims(), tensors.mask) {
-            (Some(dims), Some(mask)) => check_buffer("mask", mask, &dims)?,
+            (Some(dims), Some(mask)) => check_buffer("mask", mask, &dims, 4)?,
             (None, None) => {}
             (Some(_), None) => {
                 return Err(Error::MaskMismatch(
@@ -277,15 +409,21 @@ impl Context {
     fn check_bindings(&self, problem: &AttentionProblem) -> Result<()> {
         let s = &problem.shape;
         let limits = self.limits();
-        check_binding(limits, "q", s.q_len())?;
-        check_binding(limits, "k", s.kv_len())?;
-        check_binding(limits, "v", s.kv_len())?;
-        check_binding(limits, "mask", problem.mask_len())?;
+        let element = problem.dtype.bytes();
+        check_binding(limits, "q", s.q_len(), element)?;
+        check_binding(limits, "k", s.kv_len(), element)?;
+        check_binding(limits, "v", s.kv_len(), element)?;
+        check_binding(limits, "mask", problem.mask_len(), 4)?;
         Ok(())
     }
 }
 
-fn check_buffer(tensor: &'static str, buffer: &wgpu::Buffer, dims: &[usize]) -> Result<()> {
+fn check_buffer(
+    tensor: &'static str,
+    buffer: &wgpu::Buffer,
+    dims: &[usize],
+    element_bytes: usize,
+) -> Result<()> {
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
         return Err(Error::BufferUsage {
             tensor,
@@ -293,7 +431,7 @@ fn check_buffer(tensor: &'static str, buffer: &wgpu::Buffer, dims: &[usize]) -> 
         });
     }
     let expected: usize = dims.iter().product();
-    let actual = (buffer.size() / 4) as usize;
+    let actual = buffer.size() as usize / element_bytes;
     if actual < expected {
         return Err(Error::LengthMismatch {
             tensor,
@@ -303,6 +441,17 @@ fn check_buffer(tensor: &'static str, buffer: &wgpu::Buffer, dims: &[usize]) -> 
         });
     }
     Ok(())
+}
+
+/// Pads `bytes` with zeros to a multiple of 4, the granularity of storage bindings.
+fn padded(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.len().is_multiple_of(4) {
+        std::borrow::Cow::Borrowed(bytes)
+    } else {
+        let mut owned = bytes.to_vec();
+        owned.resize(bytes.len().next_multiple_of(4), 0);
+        std::borrow::Cow::Owned(owned)
+    }
 }
 
 fn copy_to_staging(
@@ -321,7 +470,8 @@ fn copy_to_staging(
 }
 
 /// Maps `staging`, waits for the device and copies its contents out as f32.
-pub(crate) fn read_back(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result<Vec<f32>> {
+/// Maps `staging`, waits for the device and copies its bytes out.
+pub(crate) fn read_back(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
     let slice = staging.slice(..);
     let (sender, receiver) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |result| {
@@ -341,7 +491,7 @@ pub(crate) fn read_back(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result
     let view = slice
         .get_mapped_range()
         .map_err(|error| Error::ReadBack(error.to_string()))?;
-    let data = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+    let data = view.to_vec();
     drop(view);
     staging.unmap();
     Ok(data)

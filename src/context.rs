@@ -35,6 +35,8 @@ pub struct Context {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PipelineKey {
     pub shader: &'static str,
+    /// Element type of the tensors in memory, which selects the storage prelude.
+    pub dtype: crate::problem::Dtype,
     /// Override constants, as (name, value) pairs in a fixed order.
     pub constants: Vec<(&'static str, u32)>,
 }

@@ -89,6 +89,28 @@ pub enum Error {
     #[error("{0}")]
     MaskMismatch(&'static str),
 
+    /// The problem's dtype does not match the element type of the data given.
+    #[error("the problem's dtype is {dtype} but {given} data was given; {fix}")]
+    DtypeMismatch {
+        /// The problem's dtype.
+        dtype: &'static str,
+        /// The element type of the data.
+        given: &'static str,
+        /// What to change.
+        fix: &'static str,
+    },
+
+    /// The device lacks a feature the request needs.
+    #[error("{what} needs the device feature {feature}, which this device lacks; {fix}")]
+    MissingFeature {
+        /// The wgpu feature's name.
+        feature: &'static str,
+        /// What needs it.
+        what: &'static str,
+        /// What to do instead.
+        fix: &'static str,
+    },
+
     /// A caller's buffer lacks a usage flag the kernels need.
     #[error("buffer `{tensor}` lacks usage {missing:?}; create it with that usage flag")]
     BufferUsage {

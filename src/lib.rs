@@ -33,12 +33,17 @@ mod problem;
 pub mod reference;
 pub mod validate;
 
-pub use attention::{AUTO_FLASH_MAX_SEQ_Q, AttentionOutput, GpuTensors, Kernel};
+pub use attention::{
+    AUTO_FLASH_MAX_SEQ_Q, AttentionInputsF16, AttentionOutput, AttentionOutputF16, GpuTensors,
+    Kernel,
+};
 pub use context::{
     ADAPTER_ENV, Context, LLVMPIPE_MAX_LOOP_ITERATIONS, backend_name, enumerate_adapters,
     select_adapter,
 };
 pub use error::{Error, INSTALL_HINT, Result};
+/// The f16 type of the `half` crate, used by [`Context::attention_f16`].
+pub use half::f16;
 pub use problem::{
-    AttentionInputs, AttentionProblem, AttentionShape, Causal, MAX_HEAD_DIM, MaskShape,
+    AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, MAX_HEAD_DIM, MaskShape,
 };

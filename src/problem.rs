@@ -197,6 +197,34 @@ pub struct MaskShape {
     pub heads: usize,
 }
 
+/// Element type of Q, K, V and the output in GPU memory. Arithmetic is f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 16-bit floats; needs a device with `wgpu::Features::SHADER_F16` for GPU buffers.
+    F16,
+}
+
+impl Dtype {
+    /// Returns the bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 => 2,
+        }
+    }
+
+    /// Returns the name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
 /// The shape and options of one attention call:
 /// `out = softmax(scale · Q Kᵀ + mask, causal) · V`, per batch element and query head.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -209,6 +237,8 @@ pub struct AttentionProblem {
     pub causal: Causal,
     /// Shape of the additive mask, if one is given.
     pub mask: Option<MaskShape>,
+    /// Element type of Q, K, V and the output in GPU memory; the mask and log-sum-exp are f32.
+    pub dtype: Dtype,
 }
 
 impl AttentionProblem {
@@ -219,12 +249,19 @@ impl AttentionProblem {
             scale: None,
             causal: Causal::None,
             mask: None,
+            dtype: Dtype::F32,
         }
     }
 
     /// Sets the softmax scale.
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Sets the element type of Q, K, V and the output in GPU memory.
+    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
+        self.dtype = dtype;
         self
     }
 
@@ -319,11 +356,12 @@ impl AttentionProblem {
         }
     }
 
-    /// Bytes of Q, K, V, the mask and the output at 4 bytes per element: the least memory
-    /// traffic of one call.
+    /// Bytes of Q, K, V, the mask and the output in memory: the least memory traffic of one
+    /// call.
     pub fn io_bytes(&self) -> u64 {
         let s = &self.shape;
-        4 * (2 * s.q_len() + 2 * s.kv_len() + self.mask_len()) as u64
+        let tensors = (2 * s.q_len() + 2 * s.kv_len()) * self.dtype.bytes();
+        (tensors + 4 * self.mask_len()) as u64
     }
 
     /// Returns a short name for benchmarks and reports, such as
@@ -341,6 +379,9 @@ impl AttentionProblem {
         }
         if let Some(m) = self.mask {
             label.push_str(&format!("_mask{}x{}", m.batch, m.heads));
+        }
+        if self.dtype == Dtype::F16 {
+            label.push_str("_f16");
         }
         label
     }
@@ -366,18 +407,7 @@ impl AttentionInputs<'_> {
         check_len("q", self.q.len(), &s.q_dims())?;
         check_len("k", self.k.len(), &s.kv_dims())?;
         check_len("v", self.v.len(), &s.kv_dims())?;
-        match (problem.mask_dims(), self.mask) {
-            (None, None) => Ok(()),
-            (Some(dims), Some(mask)) => check_len("mask", mask.len(), &dims),
-            (Some(_), None) => Err(Error::MaskMismatch(
-                "the problem has a mask shape but no mask tensor was given; pass the mask or \
-                 remove the mask shape",
-            )),
-            (None, Some(_)) => Err(Error::MaskMismatch(
-                "a mask tensor was given but the problem has no mask shape; call \
-                 AttentionProblem::with_mask with its leading dimensions",
-            )),
-        }
+        check_mask(problem, self.mask.map(<[f32]>::len))
     }
 }
 
@@ -392,5 +422,21 @@ pub(crate) fn check_len(tensor: &'static str, actual: usize, dims: &[usize]) -> 
             actual,
             shape: format!("{dims:?}"),
         })
+    }
+}
+
+/// Checks a mask's presence and length (`None` when no mask is given) against the problem.
+pub(crate) fn check_mask(problem: &AttentionProblem, mask_len: Option<usize>) -> Result<()> {
+    match (problem.mask_dims(), mask_len) {
+        (None, None) => Ok(()),
+        (Some(dims), Some(len)) => check_len("mask", len, &dims),
+        (Some(_), None) => Err(Error::MaskMismatch(
+            "the problem has a mask shape but no mask tensor was given; pass the mask or \
+             remove the mask shape",
+        )),
+        (None, Some(_)) => Err(Error::MaskMismatch(
+            "a mask tensor was given but the problem has no mask shape; call \
+             AttentionProblem::with_mask with its leading dimensions",
+        )),
     }
 }

@@ -2,6 +2,11 @@
 
 use std::fmt;
 
+use half::f16;
+
+use crate::error::Result;
+use crate::problem::{AttentionInputs, AttentionProblem};
+
 /// How far an output is from the expected one.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ErrorStats {
@@ -127,8 +132,81 @@ impl Tolerance {
         nmse: 1e-10,
     };
 
-    /// The absolute limit for outputs whose largest magnitude is `max_expected`.
+    /// Tolerance for f16 storage with f32 arithmetic.
+    ///
+    /// The inputs are exact f16 values, so the error comes from rounding the output to f16
+    /// (at most 2⁻¹¹ ≈ 4.9e-4 relative) on top of the f32 error. `abs = 2e-3` is 4 times that
+    /// rounding at the largest output; `nmse = 5e-4` is FlashAttention's and llama.cpp's limit
+    /// for half-precision attention. Tests also require the error to be at most twice that of
+    /// [`naive_f16_attention`].
+    pub const F16: Tolerance = Tolerance {
+        abs: 2e-3,
+        nmse: 5e-4,
+    };
+
+    /// Returns the absolute limit for outputs whose largest magnitude is `max_expected`.
     pub fn abs_limit(&self, max_expected: f64) -> f64 {
         self.abs * max_expected.max(1.0)
     }
+}
+
+/// Computes attention with every product, sum, exponential and division rounded to f16, as a
+/// kernel with f16 accumulators would: the baseline that half-precision kernels are judged
+/// against (their error should be at most twice this one's).
+///
+/// # Errors
+///
+/// The errors of [`crate::reference::attention`] for an invalid problem or slice lengths.
+pub fn naive_f16_attention(
+    problem: &AttentionProblem,
+    inputs: &AttentionInputs<'_>,
+) -> Result<Vec<f32>> {
+    problem.validate()?;
+    inputs.validate(problem)?;
+    let s = &problem.shape;
+    let d = s.head_dim;
+    let h16 = |x: f32| f16::from_f32(x).to_f32();
+    let scale = h16(problem.scale() as f32);
+    let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
+    let mut out = Vec::with_capacity(s.q_len());
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let kv_base = (b * s.kv_heads + h / s.group_size()) * s.seq_kv * d;
+            for i in 0..s.seq_q {
+                let q_row = &inputs.q[((b * s.heads + h) * s.seq_q + i) * d..][..d];
+                let mut scores = vec![f32::NEG_INFINITY; s.seq_kv];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    if !problem.causal_allows(i, j) {
+                        continue;
+                    }
+                    let k_row = &inputs.k[kv_base + j * d..][..d];
+                    let dot = q_row
+                        .iter()
+                        .zip(k_row)
+                        .fold(0.0, |acc, (&a, &b)| h16(acc + h16(h16(a) * h16(b))));
+                    *score = h16(dot * scale);
+                    if let Some(mask) = inputs.mask {
+                        *score = h16(*score
+                            + mask
+                                [b * mask_batch_stride + h * mask_head_stride + i * s.seq_kv + j]);
+                    }
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut row = vec![0.0f32; d];
+                if max != f32::NEG_INFINITY {
+                    let weights: Vec<f32> = scores.iter().map(|&x| h16((x - max).exp())).collect();
+                    let sum = weights.iter().fold(0.0, |acc, &w| h16(acc + w));
+                    for (j, &w) in weights.iter().enumerate() {
+                        let p = h16(w / sum);
+                        let v_row = &inputs.v[kv_base + j * d..][..d];
+                        for (o, &v) in row.iter_mut().zip(v_row) {
+                            *o = h16(*o + h16(p * h16(v)));
+                        }
+                    }
+                }
+                out.extend_from_slice(&row);
+            }
+        }
+    }
+    Ok(out)
 }

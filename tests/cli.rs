@@ -128,3 +128,76 @@ fn info_lists_an_adapter() {
         "{first}"
     );
 }
+
+#[test]
+fn check_runs_f16_fixture() {
+    use wgpu_attention::{AttentionInputs, AttentionProblem, AttentionShape, f16, reference};
+    // Inputs stored as F16 with `input_dtype` = f16; the expected output is the f64 reference
+    // on the same f16 values.
+    let shape = AttentionShape::new(1, 2, 5, 7, 8);
+    let problem = AttentionProblem::new(shape).with_scale(0.3);
+    let values = |len: usize, offset: usize| -> Vec<f16> {
+        (0..len)
+            .map(|i| f16::from_f32((((i + offset) * 37) % 17) as f32 / 8.0 - 1.0))
+            .collect()
+    };
+    let (q, k, v) = (
+        values(shape.q_len(), 0),
+        values(shape.kv_len(), 5),
+        values(shape.kv_len(), 11),
+    );
+    let widen = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let (q32, k32, v32) = (widen(&q), widen(&k), widen(&v));
+    let inputs = AttentionInputs {
+        q: &q32,
+        k: &k32,
+        v: &v32,
+        mask: None,
+    };
+    let expected = reference::attention(&problem, &inputs).unwrap().out_f32();
+
+    let half_bytes = |x: &[f16]| x.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let out_bytes: Vec<u8> = expected.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let (qb, kb, vb) = (half_bytes(&q), half_bytes(&k), half_bytes(&v));
+    fn view(
+        dtype: safetensors::Dtype,
+        dims: Vec<usize>,
+        data: &[u8],
+    ) -> safetensors::tensor::TensorView<'_> {
+        safetensors::tensor::TensorView::new(dtype, dims, data).unwrap()
+    }
+    let tensors = vec![
+        ("q", view(safetensors::Dtype::F16, vec![1, 2, 5, 8], &qb)),
+        ("k", view(safetensors::Dtype::F16, vec![1, 2, 7, 8], &kb)),
+        ("v", view(safetensors::Dtype::F16, vec![1, 2, 7, 8], &vb)),
+        (
+            "out",
+            view(safetensors::Dtype::F32, vec![1, 2, 5, 8], &out_bytes),
+        ),
+    ];
+    let metadata = std::collections::HashMap::from([
+        ("scale".to_string(), "0.3".to_string()),
+        ("causal".to_string(), "none".to_string()),
+        ("layout".to_string(), "BHSD".to_string()),
+        ("input_dtype".to_string(), "f16".to_string()),
+    ]);
+    let path = scratch_dir("f16").join("half.safetensors");
+    std::fs::write(
+        &path,
+        safetensors::serialize(tensors, Some(metadata)).unwrap(),
+    )
+    .unwrap();
+
+    for kernel in ["flash", "three-stage"] {
+        let output = binary()
+            .args(["check", "--json", "--kernel", kernel])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{kernel}: {stdout}");
+        let object: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(object["status"], "pass", "{object}");
+        assert_eq!(object["tolerance"]["nmse"], 5e-4, "{object}");
+    }
+}

@@ -3,26 +3,12 @@
 
 mod common;
 
-use common::RandomInputs;
+use common::{RandomInputs, device_with_limits};
 use wgpu::util::DeviceExt;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{
     AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, reference,
 };
-
-/// A device on the default adapter with `adjust` applied to the adapter's limits.
-fn device_with_limits(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
-    let adapter =
-        wgpu_attention::select_adapter(std::env::var(wgpu_attention::ADAPTER_ENV).ok().as_deref())
-            .unwrap_or_else(|error| panic!("no GPU adapter for the tests: {error}"));
-    let mut limits = adapter.limits();
-    adjust(&mut limits);
-    let descriptor = wgpu::DeviceDescriptor {
-        required_limits: limits,
-        ..Default::default()
-    };
-    pollster::block_on(adapter.request_device(&descriptor)).unwrap()
-}
 
 fn storage(device: &wgpu::Device, data: &[f32]) -> wgpu::Buffer {
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {

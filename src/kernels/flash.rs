@@ -6,12 +6,11 @@
 
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
 use crate::error::{Error, Result};
-use crate::kernels::three_stage::{Bindings, ThreeStageParams};
+use crate::kernels::three_stage::Bindings;
 use crate::kernels::tiling::{FLASH_ROWS, FlashTiles};
-use crate::kernels::{bind_buffers, check_binding, compile, split_grid, uniform};
+use crate::kernels::{KernelParams, bind_buffers, check_binding, compile, split_grid, uniform};
 use crate::problem::AttentionProblem;
 
-const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
 const FLASH_WGSL: &str = include_str!("../../shaders/flash.wgsl");
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
 
@@ -75,6 +74,7 @@ pub(crate) fn plan(context: &Context, problem: &AttentionProblem) -> Result<Flas
             limits,
             "partial outputs of the key splits",
             kv_splits as usize * s.q_len(),
+            4,
         )?;
     }
     Ok(FlashPlan {
@@ -115,6 +115,7 @@ pub(crate) fn record(
     let flash = context.pipeline(
         PipelineKey {
             shader: "flash.wgsl",
+            dtype: problem.dtype,
             constants: vec![
                 ("WG_KV", tiles.key_lanes),
                 ("WG_Q", tiles.row_lanes),
@@ -122,7 +123,7 @@ pub(crate) fn record(
                 ("D_COLS", tiles.d_cols),
             ],
         },
-        |device, key| compile(device, &format!("{PARAMS_WGSL}\n{FLASH_WGSL}"), key),
+        |device, key| compile(device, FLASH_WGSL, key),
     )?;
 
     let s = &problem.shape;
@@ -148,10 +149,10 @@ pub(crate) fn record(
             1
         },
     );
-    let base = ThreeStageParams {
+    let base = KernelParams {
         keys_per_split: plan.keys_per_split,
         kv_splits: plan.kv_splits,
-        ..ThreeStageParams::new(problem)
+        ..KernelParams::new(problem)
     };
 
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -166,7 +167,7 @@ pub(crate) fn record(
     ];
     pass.set_pipeline(&flash.pipeline);
     for part in split_grid(grid, limits.max_compute_workgroups_per_dimension) {
-        let params = ThreeStageParams {
+        let params = KernelParams {
             group_offset: part.offset,
             ..base
         };
@@ -194,14 +195,15 @@ pub(crate) fn record(
     let combine = context.pipeline(
         PipelineKey {
             shader: "combine.wgsl",
+            dtype: problem.dtype,
             constants: vec![("WG", 64)],
         },
-        |device, key| compile(device, &format!("{PARAMS_WGSL}\n{COMBINE_WGSL}"), key),
+        |device, key| compile(device, COMBINE_WGSL, key),
     )?;
     pass.set_pipeline(&combine.pipeline);
     let grid = [s.seq_q as u32, 1, (s.batch * s.heads) as u32];
     for part in split_grid(grid, limits.max_compute_workgroups_per_dimension) {
-        let params = ThreeStageParams {
+        let params = KernelParams {
             group_offset: part.offset,
             ..base
         };

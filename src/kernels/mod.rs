@@ -8,7 +8,55 @@ use wgpu::util::DeviceExt;
 
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
-use crate::problem::AttentionProblem;
+use crate::problem::{AttentionProblem, Dtype};
+
+/// The uniform block `Params` of `shaders/params.wgsl`, field for field, shared by every program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct KernelParams {
+    pub batch: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub seq_q: u32,
+    pub seq_kv: u32,
+    pub head_dim: u32,
+    pub causal: u32,
+    pub has_mask: u32,
+    pub mask_batch_stride: u32,
+    pub mask_head_stride: u32,
+    pub bh_offset: u32,
+    pub scale: f32,
+    pub group_offset: [u32; 3],
+    pub keys_per_split: u32,
+    pub kv_splits: u32,
+    pub padding: [u32; 3],
+}
+
+impl KernelParams {
+    /// The parameters of `problem` for a dispatch starting at head 0 with no grid offset.
+    pub fn new(problem: &AttentionProblem) -> Self {
+        let s = &problem.shape;
+        let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
+        Self {
+            batch: s.batch as u32,
+            heads: s.heads as u32,
+            kv_heads: s.kv_heads as u32,
+            seq_q: s.seq_q as u32,
+            seq_kv: s.seq_kv as u32,
+            head_dim: s.head_dim as u32,
+            causal: problem.causal.code(),
+            has_mask: u32::from(problem.mask.is_some()),
+            mask_batch_stride: mask_batch_stride as u32,
+            mask_head_stride: mask_head_stride as u32,
+            bh_offset: 0,
+            scale: problem.scale() as f32,
+            group_offset: [0; 3],
+            keys_per_split: s.seq_kv as u32,
+            kv_splits: 1,
+            padding: [0; 3],
+        }
+    }
+}
 
 /// One dispatch of a grid that may have been split to fit the per-axis workgroup limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,13 +91,23 @@ pub(crate) fn split_grid(groups: [u32; 3], max_per_axis: u32) -> Vec<GridPart> {
     parts
 }
 
-/// Compiles `source` (the shared parameter block followed by one program) with its override
-/// constants, reporting shader and pipeline errors as [`Error::Device`].
-pub(crate) fn compile(device: &wgpu::Device, source: &str, key: &PipelineKey) -> Result<Pipeline> {
+const STORAGE_F32_WGSL: &str = include_str!("../../shaders/storage_f32.wgsl");
+const STORAGE_F16_WGSL: &str = include_str!("../../shaders/storage_f16.wgsl");
+const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
+
+/// Compiles `program` after the storage prelude of the key's dtype and the shared parameter
+/// block, with the key's override constants, reporting shader and pipeline errors as
+/// [`Error::Device`].
+pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -> Result<Pipeline> {
+    let prelude = match key.dtype {
+        Dtype::F32 => STORAGE_F32_WGSL,
+        Dtype::F16 => STORAGE_F16_WGSL,
+    };
+    let source = format!("{prelude}\n{PARAMS_WGSL}\n{program}");
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(key.shader),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
+        source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
     });
     let constants: Vec<(&str, f64)> = key
         .constants
@@ -144,9 +202,14 @@ pub(crate) fn max_binding_bytes(limits: &wgpu::Limits) -> u64 {
         .min(limits.max_buffer_size)
 }
 
-/// Checks that a tensor of `elements` f32 values fits in one storage binding.
-pub(crate) fn check_binding(limits: &wgpu::Limits, tensor: &str, elements: usize) -> Result<()> {
-    let bytes = 4 * elements as u64;
+/// Checks that a tensor of `elements` values of `element_bytes` each fits in one storage binding.
+pub(crate) fn check_binding(
+    limits: &wgpu::Limits,
+    tensor: &str,
+    elements: usize,
+    element_bytes: usize,
+) -> Result<()> {
+    let bytes = (element_bytes * elements) as u64;
     let limit = max_binding_bytes(limits);
     if bytes > limit {
         let limit_name = if limits.max_storage_buffer_binding_size <= limits.max_buffer_size {
@@ -155,7 +218,7 @@ pub(crate) fn check_binding(limits: &wgpu::Limits, tensor: &str, elements: usize
             "max_buffer_size"
         };
         return Err(Error::ExceedsLimit {
-            what: format!("tensor `{tensor}` ({elements} f32 values)"),
+            what: format!("tensor `{tensor}` ({elements} values of {element_bytes} bytes)"),
             value: bytes,
             limit_name,
             limit,

@@ -11,11 +11,10 @@ use crate::context::{Context, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::tiling::ThreeStageTiles;
 use crate::kernels::{
-    bind_buffers, check_loop_cap, compile, max_binding_bytes, split_grid, uniform,
+    KernelParams, bind_buffers, check_loop_cap, compile, max_binding_bytes, split_grid, uniform,
 };
-use crate::problem::AttentionProblem;
+use crate::problem::{AttentionProblem, Dtype};
 
-const PARAMS_WGSL: &str = include_str!("../../shaders/params.wgsl");
 const SCORES_WGSL: &str = include_str!("../../shaders/scores.wgsl");
 const SOFTMAX_WGSL: &str = include_str!("../../shaders/softmax.wgsl");
 const PROBS_V_WGSL: &str = include_str!("../../shaders/probs_v.wgsl");
@@ -23,55 +22,6 @@ const PROBS_V_WGSL: &str = include_str!("../../shaders/probs_v.wgsl");
 /// Largest score scratch buffer one call allocates, unless a single (batch, head) needs more.
 /// Larger chunks only save dispatches; 256 MiB already holds 8 heads of 4096 × 2048 scores.
 pub const SCORES_BUDGET_BYTES: u64 = 256 << 20;
-
-/// The uniform block `Params` of `shaders/params.wgsl`, field for field; the fused kernel uses
-/// it too.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct ThreeStageParams {
-    pub batch: u32,
-    pub heads: u32,
-    pub kv_heads: u32,
-    pub seq_q: u32,
-    pub seq_kv: u32,
-    pub head_dim: u32,
-    pub causal: u32,
-    pub has_mask: u32,
-    pub mask_batch_stride: u32,
-    pub mask_head_stride: u32,
-    pub bh_offset: u32,
-    pub scale: f32,
-    pub group_offset: [u32; 3],
-    pub keys_per_split: u32,
-    pub kv_splits: u32,
-    pub padding: [u32; 3],
-}
-
-impl ThreeStageParams {
-    /// The parameters of `problem` for a dispatch starting at head 0 with no grid offset.
-    pub fn new(problem: &AttentionProblem) -> Self {
-        let s = &problem.shape;
-        let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
-        Self {
-            batch: s.batch as u32,
-            heads: s.heads as u32,
-            kv_heads: s.kv_heads as u32,
-            seq_q: s.seq_q as u32,
-            seq_kv: s.seq_kv as u32,
-            head_dim: s.head_dim as u32,
-            causal: problem.causal.code(),
-            has_mask: u32::from(problem.mask.is_some()),
-            mask_batch_stride: mask_batch_stride as u32,
-            mask_head_stride: mask_head_stride as u32,
-            bh_offset: 0,
-            scale: problem.scale() as f32,
-            group_offset: [0; 3],
-            keys_per_split: s.seq_kv as u32,
-            kv_splits: 1,
-            padding: [0; 3],
-        }
-    }
-}
 
 /// Buffers one three-stage call reads and writes.
 pub(crate) struct Bindings<'a> {
@@ -131,7 +81,8 @@ pub(crate) fn record(
     let chunk = heads_per_chunk(problem, limits)?;
     check_loop_iterations(context, problem, &tiles)?;
 
-    let (scores_pipeline, softmax_pipeline, probs_v_pipeline) = pipelines(context, &tiles)?;
+    let (scores_pipeline, softmax_pipeline, probs_v_pipeline) =
+        pipelines(context, problem.dtype, &tiles)?;
 
     let s = &problem.shape;
     let total_heads = s.batch * s.heads;
@@ -141,7 +92,7 @@ pub(crate) fn record(
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let base = ThreeStageParams::new(problem);
+    let base = KernelParams::new(problem);
     let max_groups = limits.max_compute_workgroups_per_dimension;
     let output_tile = tiles.output_tile();
 
@@ -151,7 +102,7 @@ pub(crate) fn record(
     });
     for first in (0..total_heads).step_by(chunk) {
         let heads = chunk.min(total_heads - first) as u32;
-        let params = ThreeStageParams {
+        let params = KernelParams {
             bh_offset: first as u32,
             ..base
         };
@@ -179,7 +130,7 @@ pub(crate) fn record(
         for ((pipeline, buffers), grid) in stages.into_iter().zip(grids) {
             pass.set_pipeline(&pipeline.pipeline);
             for part in split_grid(grid, max_groups) {
-                let params = ThreeStageParams {
+                let params = KernelParams {
                     group_offset: part.offset,
                     ..params
                 };
@@ -198,11 +149,13 @@ pub(crate) fn record(
 
 fn pipelines(
     context: &Context,
+    dtype: Dtype,
     tiles: &ThreeStageTiles,
 ) -> Result<(Arc<Pipeline>, Arc<Pipeline>, Arc<Pipeline>)> {
     let side = tiles.workgroup_side;
     let scores = cached(
         context,
+        dtype,
         "scores.wgsl",
         SCORES_WGSL,
         vec![
@@ -213,12 +166,14 @@ fn pipelines(
     )?;
     let softmax = cached(
         context,
+        dtype,
         "softmax.wgsl",
         SOFTMAX_WGSL,
         vec![("WG", tiles.softmax_workgroup)],
     )?;
     let probs_v = cached(
         context,
+        dtype,
         "probs_v.wgsl",
         PROBS_V_WGSL,
         vec![
@@ -232,13 +187,19 @@ fn pipelines(
 
 fn cached(
     context: &Context,
+    dtype: Dtype,
     shader: &'static str,
     program: &'static str,
     constants: Vec<(&'static str, u32)>,
 ) -> Result<Arc<Pipeline>> {
-    context.pipeline(PipelineKey { shader, constants }, |device, key| {
-        compile(device, &format!("{PARAMS_WGSL}\n{program}"), key)
-    })
+    context.pipeline(
+        PipelineKey {
+            shader,
+            dtype,
+            constants,
+        },
+        |device, key| compile(device, program, key),
+    )
 }
 
 /// Rejects problems whose output stage would exceed llvmpipe's loop cap.

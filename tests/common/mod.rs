@@ -110,3 +110,18 @@ pub fn assert_matches_reference(
         problem.label()
     );
 }
+
+/// Creates a device on the default adapter, with no optional features and with `adjust` applied
+/// to the adapter's limits.
+pub fn device_with_limits(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
+    let adapter =
+        wgpu_attention::select_adapter(std::env::var(wgpu_attention::ADAPTER_ENV).ok().as_deref())
+            .unwrap_or_else(|error| panic!("no GPU adapter for the tests: {error}"));
+    let mut limits = adapter.limits();
+    adjust(&mut limits);
+    let descriptor = wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    };
+    pollster::block_on(adapter.request_device(&descriptor)).unwrap()
+}

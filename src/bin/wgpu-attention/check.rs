@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use serde_json::json;
 use wgpu_attention::fixture::{self, Fixture};
 use wgpu_attention::validate::{ErrorStats, Tolerance};
-use wgpu_attention::{Context, Kernel, reference};
+use wgpu_attention::{AttentionInputsF16, AttentionOutput, Context, Kernel, f16, reference};
 
 #[derive(clap::Args)]
 pub(crate) struct CheckArgs {
@@ -37,6 +37,8 @@ struct Report {
     gpu_vs_reference: ErrorStats,
     reference_vs_expected: ErrorStats,
     lse_vs_expected: Option<ErrorStats>,
+    /// The limits the file was judged by: f16 for files with f16 inputs, else f32.
+    tolerance: Tolerance,
     passed: bool,
 }
 
@@ -52,10 +54,9 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
     if !args.json {
         println!("adapter: {adapter}, kernel: {}", args.kernel.name());
     }
-    let tolerance = Tolerance::F32;
     let (mut passed, mut failed) = (0, 0);
     for path in &args.files {
-        match check_file(&context, args, path, &tolerance) {
+        match check_file(&context, args, path) {
             Ok((fixture, report)) => {
                 if report.passed {
                     passed += 1;
@@ -64,10 +65,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                 }
                 let kernel = args.kernel.resolve(&fixture.problem, &context);
                 if args.json {
-                    println!(
-                        "{}",
-                        report_json(path, &adapter, kernel, &fixture, &report, &tolerance)
-                    );
+                    println!("{}", report_json(path, &adapter, kernel, &fixture, &report));
                 } else {
                     print_report(path, kernel, &fixture, &report);
                 }
@@ -102,11 +100,35 @@ fn check_file(
     context: &Context,
     args: &CheckArgs,
     path: &Path,
-    tolerance: &Tolerance,
 ) -> wgpu_attention::Result<(Fixture, Report)> {
     let fixture = Fixture::load(path)?;
     let inputs = fixture.inputs();
-    let gpu = context.attention_with(args.kernel, &fixture.problem, &inputs)?;
+    // Files with f16 inputs run with f16 storage and are judged by the f16 tolerance.
+    let (gpu, tolerance) = if fixture.f16_inputs {
+        let half = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let (q, k, v) = (half(&fixture.q), half(&fixture.k), half(&fixture.v));
+        let half_inputs = AttentionInputsF16 {
+            q: &q,
+            k: &k,
+            v: &v,
+            mask: inputs.mask,
+        };
+        let output = context.attention_f16(args.kernel, &fixture.problem, &half_inputs)?;
+        let out = output.out.iter().map(|x| x.to_f32()).collect();
+        (
+            AttentionOutput {
+                out,
+                lse: output.lse,
+            },
+            Tolerance::F16,
+        )
+    } else {
+        (
+            context.attention_with(args.kernel, &fixture.problem, &inputs)?,
+            Tolerance::F32,
+        )
+    };
+    let tolerance = &tolerance;
     if let Some(dir) = &args.save {
         let stem = path.file_stem().unwrap_or_default().to_string_lossy();
         let metadata = HashMap::from([
@@ -150,6 +172,7 @@ fn check_file(
         gpu_vs_reference,
         reference_vs_expected,
         lse_vs_expected,
+        tolerance: *tolerance,
         passed,
     };
     Ok((fixture, report))
@@ -190,8 +213,8 @@ fn report_json(
     kernel: Kernel,
     fixture: &Fixture,
     report: &Report,
-    tolerance: &Tolerance,
 ) -> serde_json::Value {
+    let tolerance = &report.tolerance;
     json!({
         "file": path.display().to_string(),
         "adapter": adapter,
