@@ -1,5 +1,6 @@
 //! `wgpu-attention`: lists adapters and checks the attention kernels on fixture files.
 
+mod bench;
 mod check;
 mod info;
 
@@ -25,6 +26,9 @@ enum Command {
     /// Run the GPU kernels and the CPU reference on safetensors fixture files and compare them
     /// with each file's expected output.
     Check(check::CheckArgs),
+    /// Time the GPU kernels and the f64 CPU reference on a grid of shapes, or on one --shape,
+    /// and report the median time, GFLOP/s and GB/s of each.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,

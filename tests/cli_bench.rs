@@ -1,0 +1,155 @@
+//! `wgpu-attention bench`, run as a user would, on small shapes so that it takes seconds.
+
+#![cfg(feature = "cli")]
+
+use std::process::{Command, Output};
+
+/// Every field that `bench --json` writes on each line.
+const JSON_FIELDS: [&str; 21] = [
+    "case",
+    "batch",
+    "heads",
+    "kv_heads",
+    "seq_q",
+    "seq_kv",
+    "head_dim",
+    "causal",
+    "kernel",
+    "status",
+    "median_ms",
+    "gflops",
+    "gbps",
+    "first_call_ms",
+    "runs",
+    "timing",
+    "adapter",
+    "backend",
+    "driver",
+    "driver_info",
+    "crate_version",
+];
+
+/// Runs `wgpu-attention bench` with `args`, measuring each kernel once after its warm-up.
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgpu-attention"))
+        .arg("bench")
+        .args(["--min-time", "0", "--min-runs", "1"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Parses every line of stdout as a JSON object.
+fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .collect()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn bench_json_reports_every_kernel() {
+    let output = bench(&["--shape", "1,2,2,64,64,32", "--kernel", "all", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = json_lines(&output);
+    let kernels: Vec<&str> = rows
+        .iter()
+        .map(|row| row["kernel"].as_str().unwrap())
+        .collect();
+    assert_eq!(kernels, ["flash", "three-stage", "reference"]);
+    for row in &rows {
+        for field in JSON_FIELDS {
+            assert!(row.get(field).is_some(), "missing `{field}` in {row}");
+        }
+        assert_eq!(row["case"], "b1_h2_hkv2_q64_kv64_d32", "{row}");
+        assert_eq!(row["seq_kv"], 64, "{row}");
+        assert_eq!(row["causal"], "none", "{row}");
+        assert_eq!(row["status"], "ok", "{row}");
+        assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["gflops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["first_call_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
+        assert_eq!(row["crate_version"], env!("CARGO_PKG_VERSION"), "{row}");
+    }
+    for row in &rows[..2] {
+        let timing = row["timing"].as_str().unwrap();
+        assert!(
+            timing == "gpu-timestamps" || timing == "wall-clock",
+            "{row}"
+        );
+    }
+    assert_eq!(rows[2]["timing"], "wall-clock");
+}
+
+#[test]
+fn bench_rejects_short_shape() {
+    let output = bench(&["--shape", "1,2,3"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("`1,2,3` has 3 values"), "{message}");
+    assert!(message.contains("B,H,HKV,SQ,SKV,D"), "{message}");
+}
+
+#[test]
+fn bench_rejects_unknown_kernel() {
+    let output = bench(&["--shape", "1,1,1,8,8,8", "--kernel", "flash,fast"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("unknown kernel `fast`"), "{message}");
+}
+
+#[test]
+fn bench_filter_selects_cases() {
+    let output = bench(&["--filter", "q128", "--kernel", "flash", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = json_lines(&output);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["case"], "b4_h12_hkv12_q128_kv128_d32");
+    assert_eq!(rows[0]["status"], "ok");
+}
+
+#[test]
+fn bench_filter_without_match_fails() {
+    let output = bench(&["--filter", "no-such-case"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("no case label contains `no-such-case`"),
+        "{message}"
+    );
+    assert!(message.contains("b1_h8_hkv8_q512_kv512_d64"), "{message}");
+}
+
+#[test]
+fn bench_reports_unsupported_case() {
+    // One head's score matrix is 8192 × 8192 f32 values, 256 MiB: over llvmpipe's storage
+    // binding limit of 128 MiB, so the three-stage kernel rejects it there. Adapters with a
+    // larger limit run it.
+    let output = bench(&[
+        "--shape",
+        "1,1,1,8192,8192,8",
+        "--kernel",
+        "three-stage",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = json_lines(&output);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    if row["adapter"].as_str().unwrap().contains("llvmpipe") {
+        assert_eq!(row["status"], "unsupported", "{row}");
+    }
+    if row["status"] == "unsupported" {
+        let message = row["message"].as_str().unwrap();
+        assert!(message.contains("max_storage_buffer_binding_size"), "{row}");
+        assert!(row["median_ms"].is_null(), "{row}");
+        assert_eq!(row["runs"], 0, "{row}");
+    } else {
+        assert_eq!(row["status"], "ok", "{row}");
+    }
+}
