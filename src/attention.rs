@@ -11,10 +11,10 @@ use half::f16;
 
 /// Largest `seq_q` for which [`Kernel::Auto`] picks the fused kernel when the score matrix fits.
 ///
-/// On lavapipe (Mesa 22.3.6, 2 cores; `cargo bench --bench attention`) the fused kernel ran 5.0
-/// times faster than the three-stage one for one query over 1024 keys (32 heads, head dim 128),
-/// but 2.0 times slower at 512 × 512, so the fused kernel is chosen where the three-stage
-/// kernel's 64-row tiles are mostly padding.
+/// The tiled fused program ran 5.0 times faster than the three-stage kernel on lavapipe for one
+/// query over 1024 keys (32 heads, head dim 128) but 2.0 times slower at 512 × 512
+/// (`cargo bench --bench attention`, Mesa 22.3.6, 2 cores). So on GPUs, where that program runs,
+/// the fused kernel is chosen where the three-stage kernel's 64-row tiles are mostly padding.
 // NOTE: measured on lavapipe only; on GPUs the crossover is likely at a larger seq_q.
 pub const AUTO_FLASH_MAX_SEQ_Q: usize = 16;
 
@@ -22,14 +22,20 @@ pub const AUTO_FLASH_MAX_SEQ_Q: usize = 16;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Kernel {
-    /// The fused kernel for decoding-sized query counts (`seq_q <= AUTO_FLASH_MAX_SEQ_Q`) and
-    /// for score matrices that do not fit a storage binding, where the fused kernel can run; the
-    /// three-stage kernel otherwise.
+    /// The fused kernel on CPU adapters, where it was faster at every measured shape. On GPUs,
+    /// the fused kernel for decoding-sized query counts (`seq_q <= AUTO_FLASH_MAX_SEQ_Q`) and for
+    /// problems the three-stage kernel cannot run; the three-stage kernel otherwise.
     #[default]
     Auto,
-    /// One fused dispatch: scores, online softmax and output per block of query rows, with keys
-    /// and values streamed through workgroup memory. Memory grows with the inputs only.
+    /// One fused pass: scores, online softmax and output per block of query rows, with keys and
+    /// values streamed through workgroup memory, and a merge pass when the key range is split.
+    /// Memory grows with the inputs only. Runs [`Kernel::FlashRows`] on CPU adapters where it
+    /// supports the head dim, [`Kernel::FlashTiled`] otherwise.
     Flash,
+    /// The fused kernel's tiled program: blocks of key lanes × row lanes sharing a Q block.
+    FlashTiled,
+    /// The fused kernel's row program: one query row per invocation, head dims up to 128.
+    FlashRows,
     /// Scores, softmax and output as three dispatches, with the score matrix in memory. Memory
     /// grows with `seq_q × seq_kv`, bounded per dispatch by processing heads in chunks.
     ThreeStage,
@@ -41,6 +47,8 @@ impl Kernel {
         match self {
             Kernel::Auto => "auto",
             Kernel::Flash => "flash",
+            Kernel::FlashTiled => "flash-tiled",
+            Kernel::FlashRows => "flash-rows",
             Kernel::ThreeStage => "three-stage",
         }
     }
@@ -50,6 +58,8 @@ impl Kernel {
         match name {
             "auto" => Some(Kernel::Auto),
             "flash" => Some(Kernel::Flash),
+            "flash-tiled" => Some(Kernel::FlashTiled),
+            "flash-rows" => Some(Kernel::FlashRows),
             "three-stage" => Some(Kernel::ThreeStage),
             _ => None,
         }
@@ -60,10 +70,13 @@ impl Kernel {
         if self != Kernel::Auto {
             return self;
         }
-        let flash_fits = flash::plan(context, problem).is_ok();
+        let flash_fits = flash::plan(context, Kernel::Flash, problem).is_ok();
+        let on_cpu = context
+            .adapter_info()
+            .is_some_and(|info| info.device_type == wgpu::DeviceType::Cpu);
         let short_queries = problem.shape.seq_q <= AUTO_FLASH_MAX_SEQ_Q;
         let three_stage_fits = three_stage::check(context, problem).is_ok();
-        if flash_fits && (short_queries || !three_stage_fits) {
+        if flash_fits && (on_cpu || short_queries || !three_stage_fits) {
             Kernel::Flash
         } else {
             Kernel::ThreeStage
@@ -399,7 +412,9 @@ impl Context {
             lse,
         };
         match kernel.resolve(problem, self) {
-            Kernel::Flash => flash::record(self, problem, encoder, &bindings),
+            kernel @ (Kernel::Flash | Kernel::FlashTiled | Kernel::FlashRows) => {
+                flash::record(self, kernel, problem, encoder, &bindings)
+            }
             Kernel::ThreeStage | Kernel::Auto => {
                 three_stage::record(self, problem, encoder, &bindings)
             }

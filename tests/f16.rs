@@ -122,7 +122,7 @@ fn f16_matches_reference_both_kernels() {
     ];
     for (seed, problem) in cases.iter().enumerate() {
         let data = HalfInputs::new(problem, seed as u64, 1.0);
-        for kernel in [Kernel::ThreeStage, Kernel::Flash] {
+        for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
             assert_f16_matches(context(), kernel, problem, &data);
         }
     }
@@ -140,7 +140,7 @@ fn f16_large_scores_stay_finite() {
         "the case must reach scores over 1e4, got lse {}",
         expected.lse
     );
-    for kernel in [Kernel::ThreeStage, Kernel::Flash] {
+    for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
         assert_f16_matches(context(), kernel, &problem, &data);
     }
 }
@@ -150,8 +150,9 @@ fn f16_rows_of_16k_keys() {
     let problem = AttentionProblem::new(AttentionShape::new(1, 1, 4, 16384, 64))
         .with_causal(Causal::BottomRight);
     let data = HalfInputs::new(&problem, 9, 1.0);
-    assert_f16_matches(context(), Kernel::Flash, &problem, &data);
-    assert_f16_matches(context(), Kernel::ThreeStage, &problem, &data);
+    for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
+        assert_f16_matches(context(), kernel, &problem, &data);
+    }
 }
 
 #[test]

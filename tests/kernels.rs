@@ -7,12 +7,14 @@
 mod common;
 
 macro_rules! kernel_contract {
-    ($module:ident, $kernel:expr) => {
+    ($module:ident, $kernel:expr, $max_head_dim:expr) => {
         mod $module {
             use crate::common::{RandomInputs, assert_matches_reference, context};
             use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Kernel};
 
             const KERNEL: Kernel = $kernel;
+            /// Largest head dim the kernel supports; larger ones are tested to be rejected.
+            const MAX_HEAD_DIM: usize = $max_head_dim;
 
             #[test]
             fn odd_lengths_every_pair() {
@@ -36,7 +38,12 @@ macro_rules! kernel_contract {
                     let shape = AttentionShape::new(1, 2, 17, 113, head_dim);
                     let problem = AttentionProblem::new(shape);
                     let data = RandomInputs::new(&problem, seed as u64, 0.0);
-                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                    if head_dim <= MAX_HEAD_DIM {
+                        assert_matches_reference(KERNEL, &problem, &data.inputs());
+                    } else {
+                        let result = context().attention_with(KERNEL, &problem, &data.inputs());
+                        assert!(result.is_err(), "head dim {head_dim} must be rejected");
+                    }
                 }
             }
 
@@ -223,8 +230,9 @@ macro_rules! kernel_contract {
     };
 }
 
-kernel_contract!(three_stage, Kernel::ThreeStage);
-kernel_contract!(flash, Kernel::Flash);
+kernel_contract!(three_stage, Kernel::ThreeStage, 256);
+kernel_contract!(flash_tiled, Kernel::FlashTiled, 256);
+kernel_contract!(flash_rows, Kernel::FlashRows, 128);
 
 mod choice_and_memory {
     use crate::common::{RandomInputs, context};
@@ -236,12 +244,43 @@ mod choice_and_memory {
         let decode =
             AttentionProblem::new(AttentionShape::new(1, 32, 1, 1024, 128).with_kv_heads(8));
         assert_eq!(Kernel::Auto.resolve(&decode, context()), Kernel::Flash);
+        // For prefill the choice depends on the device: the fused kernel on CPU adapters, where
+        // it measured faster, and the three-stage kernel on GPUs.
         let prefill = AttentionProblem::new(AttentionShape::new(1, 8, 512, 512, 64));
-        assert_eq!(
-            Kernel::Auto.resolve(&prefill, context()),
+        let on_cpu = context()
+            .adapter_info()
+            .is_some_and(|info| info.device_type == wgpu::DeviceType::Cpu);
+        let expected = if on_cpu {
+            Kernel::Flash
+        } else {
             Kernel::ThreeStage
-        );
+        };
+        assert_eq!(Kernel::Auto.resolve(&prefill, context()), expected);
         assert_eq!(Kernel::Flash.resolve(&prefill, context()), Kernel::Flash);
+    }
+
+    #[test]
+    fn flash_rows_rejects_head_dim_over_128() {
+        let problem = AttentionProblem::new(AttentionShape::new(1, 1, 4, 4, 129));
+        let data = RandomInputs::new(&problem, 129, 0.0);
+        let error = context()
+            .attention_with(Kernel::FlashRows, &problem, &data.inputs())
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::Unsupported {
+                    kernel: "flash-rows",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let gpu = context().attention_with(Kernel::Flash, &problem, &data.inputs());
+        assert!(
+            gpu.is_ok(),
+            "Kernel::Flash must fall back to the tiled program"
+        );
     }
 
     #[test]
@@ -252,18 +291,23 @@ mod choice_and_memory {
         let shape = AttentionShape::new(1, 2, 64, 16384, 64);
         let problem = AttentionProblem::new(shape).with_mask(1, 1);
         let data = RandomInputs::new(&problem, 16384, 0.1);
-        let gpu = context()
-            .attention_with(Kernel::Flash, &problem, &data.inputs())
-            .unwrap();
-        for (h, i) in [(0, 0), (0, 31), (1, 63)] {
-            let row = reference::attention_row(&problem, &data.inputs(), 0, h, i).unwrap();
-            let stats = ErrorStats::compare(&gpu.out[(h * 64 + i) * 64..][..64], &row.out);
-            assert!(stats.passes(&Tolerance::F32), "head {h} row {i}: {stats}");
-            let lse = ErrorStats::compare(&gpu.lse[h * 64 + i..][..1], &[row.lse]);
-            assert!(
-                lse.passes(&Tolerance::F32),
-                "lse of head {h} row {i}: {lse}"
-            );
+        for kernel in [Kernel::FlashTiled, Kernel::FlashRows] {
+            let gpu = context()
+                .attention_with(kernel, &problem, &data.inputs())
+                .unwrap();
+            for (h, i) in [(0, 0), (0, 31), (1, 63)] {
+                let row = reference::attention_row(&problem, &data.inputs(), 0, h, i).unwrap();
+                let stats = ErrorStats::compare(&gpu.out[(h * 64 + i) * 64..][..64], &row.out);
+                assert!(
+                    stats.passes(&Tolerance::F32),
+                    "{kernel:?} head {h} row {i}: {stats}"
+                );
+                let lse = ErrorStats::compare(&gpu.lse[h * 64 + i..][..1], &[row.lse]);
+                assert!(
+                    lse.passes(&Tolerance::F32),
+                    "{kernel:?} lse of head {h} row {i}: {lse}"
+                );
+            }
         }
     }
 

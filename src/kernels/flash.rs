@@ -1,65 +1,173 @@
-//! The fused kernel: scores, online softmax and output in one pass per split of the key range,
+//! The fused kernels: scores, online softmax and output in one pass per split of the key range,
 //! plus a pass that merges the splits when there is more than one.
 //!
-//! Memory grows with the inputs and with `kv_splits × seq_q × head_dim` for the partial results,
-//! never with `seq_q × seq_kv`.
+//! Two programs compute the same thing. `flash.wgsl` tiles each block over key lanes and row
+//! lanes and shares staged values through workgroup memory, the usual layout for GPUs.
+//! `flash_rows.wgsl` gives each invocation one query row in private registers, so every
+//! invocation reads the same staged K and V element at once. CPU drivers that run invocations as
+//! SIMD lanes turn each such read into one load, and on lavapipe this program ran about twice as
+//! fast as the tiled one. Memory grows with the inputs and with `kv_splits × seq_q × head_dim`
+//! for the partial results, never with `seq_q × seq_kv`.
 
+use crate::attention::Kernel;
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
-use crate::kernels::tiling::{FLASH_ROWS, FlashTiles};
+use crate::kernels::tiling::{FLASH_ROWS, FlashRowTiles, FlashTiles};
 use crate::kernels::{KernelParams, bind_buffers, check_binding, compile, split_grid, uniform};
 use crate::problem::AttentionProblem;
 
 const FLASH_WGSL: &str = include_str!("../../shaders/flash.wgsl");
+const FLASH_ROWS_WGSL: &str = include_str!("../../shaders/flash_rows.wgsl");
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
 
 /// Workgroups below which the key range is split for parallelism, when each split keeps at
 /// least [`MIN_KEYS_PER_SPLIT`] keys. Decoding one query over 32 heads gives 8 to 32 workgroups,
 /// too few to fill a GPU.
 const TARGET_WORKGROUPS: u64 = 128;
-/// Fewest keys a split is given for parallelism, so the merge pass stays small.
+/// Minimum keys per split when splitting for parallelism, so the merge pass stays small.
 const MIN_KEYS_PER_SPLIT: u64 = 512;
 
-/// How one fused call is laid out: tile sizes and the split of the key range.
+/// The fused program that runs, with its sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FlashVariant {
+    /// `flash.wgsl`: key lanes × row lanes with a shared Q block.
+    Tiled(FlashTiles),
+    /// `flash_rows.wgsl`: one query row per invocation.
+    Rows(FlashRowTiles),
+}
+
+impl FlashVariant {
+    /// Packed query rows per workgroup.
+    fn block_q(&self) -> u32 {
+        match self {
+            FlashVariant::Tiled(tiles) => tiles.block_q(),
+            FlashVariant::Rows(tiles) => tiles.workgroup,
+        }
+    }
+
+    /// Keys per staged tile.
+    fn tile_kv(&self) -> u32 {
+        match self {
+            FlashVariant::Tiled(tiles) => tiles.tile_kv(),
+            FlashVariant::Rows(tiles) => tiles.tile_kv,
+        }
+    }
+
+    /// Returns an upper estimate of the loop iterations one invocation runs per key tile, for
+    /// llvmpipe's loop cap.
+    ///
+    /// Loops with override bounds of up to 32 iterations are unrolled and not counted; the
+    /// others are. Tiled: the tile loop, the K and V staging loops, the dot products over the
+    /// padded head dim, and per row the loops over the lanes' maxima and over the tile's keys
+    /// (measured on lavapipe at head dim 64: about 356 at 16 rows, where this gives 393). Rows:
+    /// the tile loop, the staging loop, and the score and P V loops over the tile's keys, plus 8
+    /// (measured: 148 at head dim 64, where this gives 153).
+    fn tile_iterations(&self) -> u64 {
+        match self {
+            FlashVariant::Tiled(tiles) => {
+                let invocations = u64::from(tiles.key_lanes * tiles.row_lanes);
+                let staging = 2 * u64::from(tiles.tile_kv() * tiles.d_pad()).div_ceil(invocations);
+                let rows = u64::from(FLASH_ROWS);
+                1 + staging
+                    + u64::from(tiles.d_pad())
+                    + rows * u64::from(tiles.key_lanes + tiles.tile_kv())
+            }
+            FlashVariant::Rows(tiles) => {
+                let staging =
+                    u64::from(tiles.tile_kv * tiles.d4).div_ceil(u64::from(tiles.workgroup));
+                1 + staging + 2 * u64::from(tiles.tile_kv) + 8
+            }
+        }
+    }
+
+    /// Loop iterations before the key loop: loading the Q block.
+    fn setup_iterations(&self) -> u64 {
+        match self {
+            FlashVariant::Tiled(tiles) => {
+                let invocations = u64::from(tiles.key_lanes * tiles.row_lanes);
+                u64::from(tiles.block_q() * tiles.d_pad()).div_ceil(invocations)
+            }
+            FlashVariant::Rows(_) => 0,
+        }
+    }
+
+    fn pipeline_key(&self, problem: &AttentionProblem) -> PipelineKey {
+        match self {
+            FlashVariant::Tiled(tiles) => PipelineKey {
+                shader: "flash.wgsl",
+                dtype: problem.dtype,
+                constants: vec![
+                    ("WG_KV", tiles.key_lanes),
+                    ("WG_Q", tiles.row_lanes),
+                    ("KEYS", tiles.keys_per_lane),
+                    ("D_COLS", tiles.d_cols),
+                ],
+            },
+            FlashVariant::Rows(tiles) => PipelineKey {
+                shader: "flash_rows.wgsl",
+                dtype: problem.dtype,
+                constants: vec![
+                    ("WG", tiles.workgroup),
+                    ("TILE_KV", tiles.tile_kv),
+                    ("D4", tiles.d4),
+                ],
+            },
+        }
+    }
+
+    fn program(&self) -> &'static str {
+        match self {
+            FlashVariant::Tiled(_) => FLASH_WGSL,
+            FlashVariant::Rows(_) => FLASH_ROWS_WGSL,
+        }
+    }
+}
+
+/// The layout of one fused call: the program and the split of the key range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FlashPlan {
-    pub tiles: FlashTiles,
+    pub variant: FlashVariant,
     /// Keys per split, a multiple of the tile's keys.
     pub keys_per_split: u32,
     /// Splits of the key range; 1 means no merge pass.
     pub kv_splits: u32,
 }
 
-/// Plans the fused kernel for `problem`, or returns the error that explains why it cannot run.
-pub(crate) fn plan(context: &Context, problem: &AttentionProblem) -> Result<FlashPlan> {
+/// Plans `kernel` (one of the fused kernels) for `problem`, or returns the error that explains
+/// why it cannot run.
+///
+/// [`Kernel::Flash`] takes the row program on CPU adapters at head dims it supports, and the
+/// tiled program elsewhere.
+pub(crate) fn plan(
+    context: &Context,
+    kernel: Kernel,
+    problem: &AttentionProblem,
+) -> Result<FlashPlan> {
     let limits = context.limits();
     let s = &problem.shape;
-    let tiles = FlashTiles::choose(problem, limits).ok_or_else(|| {
-        let smallest = FlashTiles {
-            key_lanes: 16,
-            row_lanes: 1,
-            keys_per_lane: 1,
-            d_cols: (s.head_dim as u32).div_ceil(16),
-        };
-        Error::ExceedsLimit {
-            what: format!("the fused kernel at head_dim {}", s.head_dim),
-            value: u64::from(smallest.workgroup_bytes()),
-            limit_name: "max_compute_workgroup_storage_size",
-            limit: u64::from(limits.max_compute_workgroup_storage_size),
-            fix: "use Kernel::ThreeStage on this device",
-        }
-    })?;
+    let on_cpu = context
+        .adapter_info()
+        .is_some_and(|info| info.device_type == wgpu::DeviceType::Cpu);
+    let rows = || FlashRowTiles::choose(problem, limits).map(FlashVariant::Rows);
+    let tiled = || FlashTiles::choose(problem, limits).map(FlashVariant::Tiled);
+    let variant = match kernel {
+        Kernel::FlashRows => rows(),
+        Kernel::FlashTiled => tiled(),
+        _ if on_cpu => rows().or_else(tiled),
+        _ => tiled(),
+    };
+    let variant = variant.ok_or_else(|| unsupported(kernel, problem, limits))?;
 
-    let tile_kv = u64::from(tiles.tile_kv());
+    let tile_kv = u64::from(variant.tile_kv());
     let seq_kv = s.seq_kv as u64;
     let mut splits = 1;
     if context.loop_iterations_capped() {
-        let budget = LLVMPIPE_MAX_LOOP_ITERATIONS - q_load_iterations(&tiles);
-        let max_keys = (budget / tile_iterations(&tiles)) * tile_kv;
+        let budget = LLVMPIPE_MAX_LOOP_ITERATIONS - variant.setup_iterations();
+        let max_keys = (budget / variant.tile_iterations()) * tile_kv;
         splits = seq_kv.div_ceil(max_keys.max(tile_kv));
     }
-    let workgroups = ((s.group_size() * s.seq_q) as u64).div_ceil(u64::from(tiles.block_q()))
+    let workgroups = ((s.group_size() * s.seq_q) as u64).div_ceil(u64::from(variant.block_q()))
         * (s.batch * s.kv_heads) as u64;
     if workgroups < TARGET_WORKGROUPS {
         let for_parallelism = TARGET_WORKGROUPS
@@ -78,60 +186,55 @@ pub(crate) fn plan(context: &Context, problem: &AttentionProblem) -> Result<Flas
         )?;
     }
     Ok(FlashPlan {
-        tiles,
+        variant,
         keys_per_split: keys_per_split as u32,
         kv_splits: kv_splits as u32,
     })
 }
 
-/// Returns an upper estimate of the loop iterations one invocation runs per key tile, for
-/// llvmpipe's loop cap: the tile loop itself, the K and V staging loops, the dot products over
-/// the padded head dim, and per row the loops over the lanes' maxima and over the tile's keys.
-/// Loops over `ROWS`, `KEYS` and `D_COLS` have override bounds and are counted as unrolled
-/// except where they enclose another loop.
-fn tile_iterations(tiles: &FlashTiles) -> u64 {
-    let invocations = u64::from(tiles.key_lanes * tiles.row_lanes);
-    let staging = 2 * (u64::from(tiles.tile_kv() * tiles.d_pad())).div_ceil(invocations);
-    let rows = u64::from(FLASH_ROWS);
-    1 + staging + u64::from(tiles.d_pad()) + rows * u64::from(tiles.key_lanes + tiles.tile_kv())
-}
-
-fn q_load_iterations(tiles: &FlashTiles) -> u64 {
-    let invocations = u64::from(tiles.key_lanes * tiles.row_lanes);
-    u64::from(tiles.block_q() * tiles.d_pad()).div_ceil(invocations)
+/// Builds the error for a fused kernel whose smallest configuration does not fit the device.
+fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits) -> Error {
+    let head_dim = problem.shape.head_dim;
+    if kernel == Kernel::FlashRows && head_dim > crate::kernels::tiling::FLASH_ROWS_MAX_HEAD_DIM {
+        return Error::Unsupported {
+            kernel: "flash-rows",
+            what: format!("head_dim {head_dim}, over its maximum of 128"),
+            fix: "use Kernel::Flash or Kernel::FlashTiled",
+        };
+    }
+    let smallest = FlashTiles {
+        key_lanes: 16,
+        row_lanes: 1,
+        keys_per_lane: 1,
+        d_cols: (head_dim as u32).div_ceil(16),
+    };
+    Error::ExceedsLimit {
+        what: format!("the fused kernel at head_dim {head_dim}"),
+        value: u64::from(smallest.workgroup_bytes()),
+        limit_name: "max_compute_workgroup_storage_size",
+        limit: u64::from(limits.max_compute_workgroup_storage_size),
+        fix: "use Kernel::ThreeStage on this device",
+    }
 }
 
 /// Records the fused kernel, and the merge pass when the key range is split, into `encoder`.
 pub(crate) fn record(
     context: &Context,
+    kernel: Kernel,
     problem: &AttentionProblem,
     encoder: &mut wgpu::CommandEncoder,
     bindings: &Bindings<'_>,
 ) -> Result<()> {
     let device = context.device();
     let limits = context.limits();
-    let plan = plan(context, problem)?;
-    let tiles = plan.tiles;
-    let flash = context.pipeline(
-        PipelineKey {
-            shader: "flash.wgsl",
-            dtype: problem.dtype,
-            constants: vec![
-                ("WG_KV", tiles.key_lanes),
-                ("WG_Q", tiles.row_lanes),
-                ("KEYS", tiles.keys_per_lane),
-                ("D_COLS", tiles.d_cols),
-            ],
-        },
-        |device, key| compile(device, FLASH_WGSL, key),
-    )?;
+    let plan = plan(context, kernel, problem)?;
+    let program = plan.variant.program();
+    let flash = context.pipeline(plan.variant.pipeline_key(problem), |device, key| {
+        compile(device, program, key)
+    })?;
 
     let s = &problem.shape;
-    let partial_elements = if plan.kv_splits > 1 {
-        plan.kv_splits as usize * s.q_len()
-    } else {
-        1
-    };
+    let split = plan.kv_splits > 1;
     let partial_buffer = |label: &str, elements: usize| {
         device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -140,14 +243,14 @@ pub(crate) fn record(
             mapped_at_creation: false,
         })
     };
-    let partial_out = partial_buffer("wgpu-attention partial out", partial_elements);
+    let splits = plan.kv_splits as usize;
+    let partial_out = partial_buffer(
+        "wgpu-attention partial out",
+        if split { splits * s.q_len() } else { 1 },
+    );
     let partial_stats = partial_buffer(
         "wgpu-attention partial stats",
-        if plan.kv_splits > 1 {
-            2 * plan.kv_splits as usize * s.lse_len()
-        } else {
-            1
-        },
+        if split { 2 * splits * s.lse_len() } else { 1 },
     );
     let base = KernelParams {
         keys_per_split: plan.keys_per_split,
@@ -161,7 +264,7 @@ pub(crate) fn record(
     });
     let packed_rows = (s.group_size() * s.seq_q) as u32;
     let grid = [
-        packed_rows.div_ceil(tiles.block_q()),
+        packed_rows.div_ceil(plan.variant.block_q()),
         plan.kv_splits,
         (s.batch * s.kv_heads) as u32,
     ];
@@ -188,7 +291,7 @@ pub(crate) fn record(
         log::trace!("flash dispatch {part:?} with {plan:?}");
         pass.dispatch_workgroups(part.count[0], part.count[1], part.count[2]);
     }
-    if plan.kv_splits == 1 {
+    if !split {
         return Ok(());
     }
 

@@ -166,3 +166,52 @@ impl FlashTiles {
             })
     }
 }
+
+/// Sizes for the row-per-invocation fused kernel in `flash_rows.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FlashRowTiles {
+    /// Rows per workgroup (`WG`), one per invocation.
+    pub workgroup: u32,
+    /// Keys staged per tile (`TILE_KV`).
+    pub tile_kv: u32,
+    /// vec4 columns of the head dim (`D4`).
+    pub d4: u32,
+}
+
+/// Largest head dim the row-per-invocation kernel takes. On llvmpipe (Mesa 22.3) its loops over
+/// the head dim's vec4 columns were unrolled up to 32 columns and not at 64, and without
+/// unrolling the accumulator leaves registers and each key costs a loop iteration per column.
+pub(crate) const FLASH_ROWS_MAX_HEAD_DIM: usize = 128;
+
+impl FlashRowTiles {
+    /// Chooses the sizes, or returns `None` when the head dim is over
+    /// [`FLASH_ROWS_MAX_HEAD_DIM`] or no tile of 8 keys fits the workgroup memory.
+    ///
+    /// The workgroup covers the packed query rows rounded up to a power of two, from 8 (the
+    /// SIMD width of llvmpipe on 256-bit vectors) to 64; decoding gets 8. The tile takes as many
+    /// keys as workgroup memory holds, up to 64: at head dim 64 and 32 KiB, 64 keys.
+    pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
+        if problem.shape.head_dim > FLASH_ROWS_MAX_HEAD_DIM {
+            return None;
+        }
+        let d4 = (problem.shape.head_dim as u32).div_ceil(4);
+        let packed_rows = (problem.shape.group_size() * problem.shape.seq_q).min(64) as u32;
+        let workgroup = packed_rows
+            .next_power_of_two()
+            .clamp(8, 64)
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        let by_memory = limits.max_compute_workgroup_storage_size / (2 * d4 * 16);
+        let tile_kv = by_memory.min(64);
+        let tile_kv = if tile_kv >= 8 {
+            1 << (31 - tile_kv.leading_zeros())
+        } else {
+            return None;
+        };
+        Some(Self {
+            workgroup,
+            tile_kv,
+            d4,
+        })
+    }
+}

@@ -27,7 +27,7 @@ const REFERENCE_FLOPS_PER_SECOND: f64 = 3e9;
 const REFERENCE_MAX_SECONDS: f64 = 10.0;
 
 /// Kernel names that `--kernel` accepts, for its error message.
-const KERNEL_CHOICES: &str = "flash, three-stage, reference, auto or all";
+const KERNEL_CHOICES: &str = "flash, flash-tiled, flash-rows, three-stage, reference, auto or all";
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {

@@ -58,8 +58,11 @@ pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Cont
 
 /// Parses `--kernel`.
 pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
-    Kernel::from_name(name)
-        .ok_or_else(|| format!("unknown kernel `{name}`; expected auto, flash or three-stage"))
+    Kernel::from_name(name).ok_or_else(|| {
+        format!(
+            "unknown kernel `{name}`; expected auto, flash, flash-tiled, flash-rows or three-stage"
+        )
+    })
 }
 
 /// The adapter's name and backend for reports.

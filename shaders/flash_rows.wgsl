@@ -1,0 +1,204 @@
+// Fused attention with one query row per invocation, for CPU adapters such as llvmpipe.
+//
+// Same semantics, splits and outputs as `flash.wgsl`. Each invocation keeps its query row
+// (pre-multiplied by the scale) and its output accumulator in private vec4 arrays, and the
+// workgroup stages TILE_KV keys and values at a time in workgroup memory. Every invocation reads
+// the staged K and V at the same address, which a CPU driver that runs invocations as SIMD
+// lanes turns into one load and a broadcast instead of one load per lane; the arithmetic then
+// runs across rows in SIMD. On GPUs this design needs about 2 · head_dim registers per
+// invocation, which is why `flash.wgsl` is used there.
+
+// Upper bounds of the private arrays: MAX_HEAD_DIM / 4 vec4 columns, and the largest tile.
+const MAX_D4: u32 = 64u;
+const MAX_TILE_KV: u32 = 64u;
+// Rows per workgroup, one per invocation.
+override WG: u32 = 64u;
+// Keys staged per tile, at most MAX_TILE_KV.
+override TILE_KV: u32 = 32u;
+// vec4 columns of the head dim, ceil(head_dim / 4), at most MAX_D4.
+override D4: u32 = 16u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+// [batch, heads, seq_q, head_dim]
+@group(0) @binding(1) var<storage, read> q: array<Storage>;
+// [batch, kv_heads, seq_kv, head_dim]
+@group(0) @binding(2) var<storage, read> k: array<Storage>;
+// [batch, kv_heads, seq_kv, head_dim]
+@group(0) @binding(3) var<storage, read> v: array<Storage>;
+// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
+@group(0) @binding(4) var<storage, read> mask: array<f32>;
+// [batch, heads, seq_q, head_dim]; written when kv_splits is 1.
+@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
+// [batch, heads, seq_q]; written when kv_splits is 1.
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+// [kv_splits, batch, heads, seq_q, head_dim]: each split's output, normalized by its own sum.
+@group(0) @binding(7) var<storage, read_write> partial_out: array<f32>;
+// [kv_splits, batch, heads, seq_q, 2]: each split's running maximum and sum.
+@group(0) @binding(8) var<storage, read_write> partial_stats: array<f32>;
+
+// K and V of the tile, [TILE_KV][D4] each: 2 · TILE_KV · D4 · 16 bytes.
+var<workgroup> k_tile: array<vec4<f32>, TILE_KV * D4>;
+var<workgroup> v_tile: array<vec4<f32>, TILE_KV * D4>;
+
+// Flat index of the query row that packed row `packed` of key/value head `kv_head` is.
+fn query_row(b: u32, packed: u32, kv_head: u32) -> u32 {
+    let group = params.heads / params.kv_heads;
+    let h = kv_head * group + packed / params.seq_q;
+    return (b * params.heads + h) * params.seq_q + packed % params.seq_q;
+}
+
+// Reads four consecutive elements from `source` at `base + 4 · c4`, zero past head_dim.
+fn load_k(base: u32, c4: u32) -> vec4<f32> {
+    var value = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let col = 4u * c4 + e;
+        if col < params.head_dim {
+            value[e] = f32(k[base + col]);
+        }
+    }
+    return value;
+}
+
+fn load_v(base: u32, c4: u32) -> vec4<f32> {
+    var value = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let col = 4u * c4 + e;
+        if col < params.head_dim {
+            value[e] = f32(v[base + col]);
+        }
+    }
+    return value;
+}
+
+@compute @workgroup_size(WG, 1, 1)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_index) local_index: u32,
+) {
+    let group = workgroup_id + params.group_offset;
+    let bkv = group.z;
+    let b = bkv / params.kv_heads;
+    let kv_head = bkv % params.kv_heads;
+    let packed_rows = (params.heads / params.kv_heads) * params.seq_q;
+    let packed0 = group.x * WG;
+    let split = group.y;
+    let d = params.head_dim;
+    let kv_base = bkv * params.seq_kv * d;
+
+    let packed = packed0 + local_index;
+    let valid = packed < packed_rows;
+    let row = query_row(b, min(packed, packed_rows - 1u), kv_head);
+    let position = row % params.seq_q;
+    let h = (row / params.seq_q) % params.heads;
+    let mask_row = b * params.mask_batch_stride + h * params.mask_head_stride + position * params.seq_kv;
+
+    // The query row, scaled once here instead of every score.
+    var q_row: array<vec4<f32>, MAX_D4>;
+    for (var c4 = 0u; c4 < D4; c4++) {
+        var value = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u; e++) {
+            let col = 4u * c4 + e;
+            if valid && col < d {
+                value[e] = params.scale * f32(q[row * d + col]);
+            }
+        }
+        q_row[c4] = value;
+    }
+
+    // Keys of this split that some row of the block may attend to.
+    let last_packed = min(packed0 + WG, packed_rows) - 1u;
+    var last_position = last_packed % params.seq_q;
+    if last_packed / params.seq_q != packed0 / params.seq_q {
+        last_position = params.seq_q - 1u;
+    }
+    let key_begin = split * params.keys_per_split;
+    let key_end = min(causal_key_end(params, last_position + 1u), key_begin + params.keys_per_split);
+
+    var m = neg_inf();
+    var l = 0.0;
+    var acc: array<vec4<f32>, MAX_D4>;
+    for (var j0 = key_begin; j0 < key_end; j0 += TILE_KV) {
+        // Stage K and V, zero past key_end and head_dim.
+        for (var t = local_index; t < TILE_KV * D4; t += WG) {
+            let key = j0 + t / D4;
+            let c4 = t % D4;
+            var k_value = vec4<f32>(0.0);
+            var v_value = vec4<f32>(0.0);
+            if key < key_end {
+                k_value = load_k(kv_base + key * d, c4);
+                v_value = load_v(kv_base + key * d, c4);
+            }
+            k_tile[t] = k_value;
+            v_tile[t] = v_value;
+        }
+        workgroupBarrier();
+
+        // Scores of the tile and their maximum.
+        var s: array<f32, MAX_TILE_KV>;
+        var tile_max = neg_inf();
+        for (var j = 0u; j < TILE_KV; j++) {
+            var dot4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dot4 = fma(q_row[c4], k_tile[j * D4 + c4], dot4);
+            }
+            let key = j0 + j;
+            var score = dot4.x + dot4.y + dot4.z + dot4.w;
+            if !valid || key >= key_end || !causal_allows(params, position, key) {
+                score = neg_inf();
+            } else if params.has_mask != 0u {
+                score += mask[mask_row + key];
+            }
+            s[j] = score;
+            tile_max = max(tile_max, score);
+        }
+
+        // Online softmax update, then P V. Until a row has seen a key, new_max is -inf and
+        // exp(-inf - -inf) would be NaN, so nothing is rescaled or added.
+        let new_max = max(m, tile_max);
+        if new_max != neg_inf() {
+            let alpha = exp(m - new_max);
+            l *= alpha;
+            for (var c4 = 0u; c4 < D4; c4++) {
+                acc[c4] *= alpha;
+            }
+            for (var j = 0u; j < TILE_KV; j++) {
+                let p = exp(s[j] - new_max);
+                l += p;
+                for (var c4 = 0u; c4 < D4; c4++) {
+                    acc[c4] = fma(vec4<f32>(p), v_tile[j * D4 + c4], acc[c4]);
+                }
+            }
+            m = new_max;
+        }
+        workgroupBarrier();
+    }
+
+    if !valid {
+        return;
+    }
+    let fully_masked = m == neg_inf();
+    let inv_sum = select(1.0 / l, 0.0, fully_masked);
+    if params.kv_splits == 1u {
+        for (var c4 = 0u; c4 < D4; c4++) {
+            for (var e = 0u; e < 4u; e++) {
+                let col = 4u * c4 + e;
+                if col < d {
+                    out[row * d + col] = Storage(acc[c4][e] * inv_sum);
+                }
+            }
+        }
+        lse[row] = select(m + log(l), neg_inf(), fully_masked);
+    } else {
+        let partial_row = split * params.batch * params.heads * params.seq_q + row;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            for (var e = 0u; e < 4u; e++) {
+                let col = 4u * c4 + e;
+                if col < d {
+                    partial_out[partial_row * d + col] = acc[c4][e] * inv_sum;
+                }
+            }
+        }
+        partial_stats[2u * partial_row] = m;
+        partial_stats[2u * partial_row + 1u] = l;
+    }
+}
