@@ -237,7 +237,8 @@ fn bench_attention(c: &mut Criterion) {
         group.throughput(Throughput::Elements(problem.flops() as u64));
         for (name, kernel) in [
             ("gpu-three-stage", Kernel::ThreeStage),
-            ("gpu-flash", Kernel::Flash),
+            ("gpu-flash-tiled", Kernel::FlashTiled),
+            ("gpu-flash-rows", Kernel::FlashRows),
         ] {
             // The upload and the first pipeline compilation finish here, outside any timing. A
             // kernel that rejects this shape on this adapter is reported and left out.
