@@ -153,23 +153,23 @@ fn main(
         }
 
         // Online softmax update, then P V. Until a row has seen a key, new_max is -inf and
-        // exp(-inf - -inf) would be NaN, so nothing is rescaled or added.
+        // exp(-inf - -inf) would be NaN, so such a row rescales by 1 and adds nothing. The update
+        // has no branches, so the reads of the V tile stay in uniform control flow.
         let new_max = max(m, tile_max);
-        if new_max != neg_inf() {
-            let alpha = exp(m - new_max);
-            l *= alpha;
-            for (var c4 = 0u; c4 < D4; c4++) {
-                acc[c4] *= alpha;
-            }
-            for (var j = 0u; j < TILE_KV; j++) {
-                let p = exp(s[j] - new_max);
-                l += p;
-                for (var c4 = 0u; c4 < D4; c4++) {
-                    acc[c4] = fma(vec4<f32>(p), v_tile[j * D4 + c4], acc[c4]);
-                }
-            }
-            m = new_max;
+        let seen = new_max != neg_inf();
+        let alpha = select(1.0, exp(m - new_max), seen);
+        l *= alpha;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            acc[c4] *= alpha;
         }
+        for (var j = 0u; j < TILE_KV; j++) {
+            let p = select(0.0, exp(s[j] - new_max), seen);
+            l += p;
+            for (var c4 = 0u; c4 < D4; c4++) {
+                acc[c4] = fma(vec4<f32>(p), v_tile[j * D4 + c4], acc[c4]);
+            }
+        }
+        m = new_max;
         workgroupBarrier();
     }
 
