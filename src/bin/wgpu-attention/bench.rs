@@ -38,9 +38,9 @@ pub(crate) struct BenchArgs {
     /// Causal masking of --shape: none, top_left or bottom_right [default: none].
     #[arg(long, requires = "shape", value_parser = parse_causal)]
     causal: Option<Causal>,
-    /// Kernels to time, comma-separated: flash, three-stage, reference (the f64 CPU reference,
-    /// skipped where one run is estimated to take over 10 s), auto, or all (flash, three-stage
-    /// and reference).
+    /// Kernels to time, comma-separated: flash (the fused program chosen for the adapter),
+    /// flash-tiled, flash-rows, three-stage, reference (the f64 CPU reference, skipped where one
+    /// run is estimated to take over 10 s), auto, or all (flash, three-stage and reference).
     #[arg(long, default_value = "all", value_parser = parse_kernels)]
     kernel: KernelList,
     /// Minimum measured time per case and kernel, in seconds; runs repeat until both this and
