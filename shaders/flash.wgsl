@@ -118,15 +118,18 @@ fn main(
             + row_position[r] * params.seq_kv;
     }
 
-    // Keys of this split that some row of the block may attend to. The block's largest position
-    // is seq_q - 1 when it spans two query heads.
+    // Keys of this split that some row of the block may attend to. A block that spans two query
+    // heads covers positions 0 to seq_q - 1.
     let last_packed = min(packed0 + block_q, packed_rows) - 1u;
+    var first_position = packed0 % params.seq_q;
     var last_position = last_packed % params.seq_q;
     if last_packed / params.seq_q != packed0 / params.seq_q {
+        first_position = 0u;
         last_position = params.seq_q - 1u;
     }
-    let key_begin = split * params.keys_per_split;
-    let key_end = min(causal_key_end(params, last_position + 1u), key_begin + params.keys_per_split);
+    let split_begin = split * params.keys_per_split;
+    let key_begin = max(split_begin, window_key_begin(params, first_position));
+    let key_end = min(block_key_end(params, last_position + 1u), split_begin + params.keys_per_split);
 
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
@@ -166,8 +169,8 @@ fn main(
             var row_max = neg_inf();
             for (var kk = 0u; kk < KEYS; kk++) {
                 let key = j0 + lane + kk * WG_KV;
-                var score = params.scale * s[r * MAX_KEYS + kk];
-                if !row_valid[r] || key >= key_end || !causal_allows(params, row_position[r], key) {
+                var score = cap_score(params, params.scale * s[r * MAX_KEYS + kk]);
+                if !row_valid[r] || key >= key_end || !allows(params, row_position[r], key) {
                     score = neg_inf();
                 } else if params.has_mask != 0u {
                     score += mask[mask_row[r] + key];

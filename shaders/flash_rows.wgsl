@@ -105,14 +105,18 @@ fn main(
         q_row[c4] = value;
     }
 
-    // Keys of this split that some row of the block may attend to.
+    // Keys of this split that some row of the block may attend to. A block that spans two query
+    // heads covers positions 0 to seq_q - 1.
     let last_packed = min(packed0 + WG, packed_rows) - 1u;
+    var first_position = packed0 % params.seq_q;
     var last_position = last_packed % params.seq_q;
     if last_packed / params.seq_q != packed0 / params.seq_q {
+        first_position = 0u;
         last_position = params.seq_q - 1u;
     }
-    let key_begin = split * params.keys_per_split;
-    let key_end = min(causal_key_end(params, last_position + 1u), key_begin + params.keys_per_split);
+    let split_begin = split * params.keys_per_split;
+    let key_begin = max(split_begin, window_key_begin(params, first_position));
+    let key_end = min(block_key_end(params, last_position + 1u), split_begin + params.keys_per_split);
 
     var m = neg_inf();
     var l = 0.0;
@@ -143,7 +147,8 @@ fn main(
             }
             let key = j0 + j;
             var score = dot4.x + dot4.y + dot4.z + dot4.w;
-            if !valid || key >= key_end || !causal_allows(params, position, key) {
+            score = cap_score(params, score);
+            if !valid || key >= key_end || !allows(params, position, key) {
                 score = neg_inf();
             } else if params.has_mask != 0u {
                 score += mask[mask_row + key];

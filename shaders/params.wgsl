@@ -23,9 +23,11 @@ struct Params {
     // than one split, each writes a partial result that `combine.wgsl` merges.
     keys_per_split: u32,
     kv_splits: u32,
-    _padding0: u32,
-    _padding1: u32,
-    _padding2: u32,
+    // Logit soft-capping value, or 0 for none.
+    softcap: f32,
+    // Sliding-window keys before and after the bottom-right diagonal, or -1 for unbounded.
+    window_left: i32,
+    window_right: i32,
 }
 
 // Negative infinity, built at run time because WGSL constant expressions may not be infinite.
@@ -49,8 +51,46 @@ fn causal_allows(p: Params, i: u32, j: u32) -> bool {
     }
 }
 
+// Soft-caps a scaled score: softcap · tanh(s / softcap). The argument is clamped to ±15, where
+// tanh is ±1 in f32, because some drivers compute tanh through exp and overflow to NaN beyond.
+fn cap_score(p: Params, s: f32) -> f32 {
+    if p.softcap > 0.0 {
+        return p.softcap * tanh(clamp(s / p.softcap, -15.0, 15.0));
+    }
+    return s;
+}
+
+// Whether query row `i` may attend to key `j` under the causal mask and the sliding window.
+fn allows(p: Params, i: u32, j: u32) -> bool {
+    // The bottom-right diagonal of row i, which is negative when seq_q > seq_kv + i.
+    let diagonal = i32(i) + i32(p.seq_kv) - i32(p.seq_q);
+    let left_ok = p.window_left < 0 || i32(j) >= diagonal - p.window_left;
+    let right_ok = p.window_right < 0 || i32(j) <= diagonal + p.window_right;
+    return causal_allows(p, i, j) && left_ok && right_ok;
+}
+
+// The first key that row `first_row` (and so any later row) may attend to under the window.
+fn window_key_begin(p: Params, first_row: u32) -> u32 {
+    if p.window_left < 0 {
+        return 0u;
+    }
+    let begin = i32(first_row) + i32(p.seq_kv) - i32(p.seq_q) - p.window_left;
+    return u32(clamp(begin, 0, i32(p.seq_kv)));
+}
+
+// One past the last key that any row before `row_end` may attend to under the causal mask and
+// the window, clamped to seq_kv. Keys from here on are masked for the whole tile and skipped.
+fn block_key_end(p: Params, row_end: u32) -> u32 {
+    var end = causal_key_end(p, row_end);
+    if p.window_right >= 0 {
+        let last = i32(row_end) - 1 + i32(p.seq_kv) - i32(p.seq_q) + p.window_right;
+        end = min(end, u32(clamp(last + 1, 0, i32(p.seq_kv))));
+    }
+    return end;
+}
+
 // One past the last key that any row in [row_begin, row_end) may attend to under the causal
-// mask, clamped to seq_kv. Keys from here on are masked for the whole tile and can be skipped.
+// mask, clamped to seq_kv.
 fn causal_key_end(p: Params, row_end: u32) -> u32 {
     let last_row = row_end - 1u;
     switch p.causal {

@@ -3,8 +3,8 @@
 // Each workgroup computes one TILE_Q × TILE_D block of the output for one (batch, head). Its
 // WG_D × WG_Q invocations each own ROWS × COLS outputs, strided so that neighbouring invocations
 // write neighbouring columns. P and V are staged through workgroup memory TILE_KV keys at a
-// time, with zeros past the edges. Keys that the causal mask hides from every row of the tile
-// have probability 0 and are skipped.
+// time, with zeros past the edges. Keys that the causal mask or the window hides from every row
+// of the tile have probability 0 and are skipped.
 
 const ROWS: u32 = 4u;
 const COLS: u32 = 4u;
@@ -49,10 +49,11 @@ fn main(
     let v_base = (b * params.kv_heads + kv_head) * params.seq_kv * d;
     let row0 = group.y * tile_q;
     let col0 = group.x * tile_d;
-    let key_end = causal_key_end(params, min(row0 + tile_q, params.seq_q));
+    let key_end = block_key_end(params, min(row0 + tile_q, params.seq_q));
+    let key_begin = window_key_begin(params, row0);
 
     var acc: array<f32, ROWS * COLS>;
-    for (var j0 = 0u; j0 < key_end; j0 += TILE_KV) {
+    for (var j0 = key_begin; j0 < key_end; j0 += TILE_KV) {
         // Load P: [tile_q][TILE_KV], zero past seq_q and key_end.
         for (var t = local_index; t < tile_q * TILE_KV; t += invocations) {
             let row = row0 + t / TILE_KV;

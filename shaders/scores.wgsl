@@ -50,10 +50,12 @@ fn main(
     let row0 = group.y * tile_q;
     let col0 = group.x * tile_kv;
 
-    // A tile whose every key is causally masked for every row skips the products. The test
-    // depends only on workgroup-uniform values, so the barriers below stay in uniform control flow.
+    // A tile whose every key is masked by the causal mask or the window for every row skips the
+    // products. The test depends only on workgroup-uniform values, so the barriers below stay in
+    // uniform control flow.
     let row_end = min(row0 + tile_q, params.seq_q);
-    let computes = col0 < causal_key_end(params, row_end);
+    let computes = col0 < block_key_end(params, row_end)
+        && col0 + tile_kv > window_key_begin(params, row0);
 
     var acc: array<f32, ROWS * COLS>;
     if computes {
@@ -108,11 +110,11 @@ fn main(
             if col >= params.seq_kv {
                 continue;
             }
-            var s = params.scale * acc[r * COLS + cc];
+            var s = cap_score(params, params.scale * acc[r * COLS + cc]);
             if params.has_mask != 0u {
                 s += mask[mask_base + row * params.seq_kv + col];
             }
-            if !causal_allows(params, row, col) {
+            if !allows(params, row, col) {
                 s = neg_inf();
             }
             scores[(head_local * params.seq_q + row) * params.seq_kv + col] = s;

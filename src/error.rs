@@ -52,6 +52,22 @@ pub enum Error {
         scale: f64,
     },
 
+    /// The soft-capping value is not a positive finite number.
+    #[error("softcap = {softcap} is invalid; pass a positive finite value, or none for no capping")]
+    InvalidSoftcap {
+        /// The rejected value.
+        softcap: f64,
+    },
+
+    /// A sliding-window bound is larger than the kernels' signed 32-bit positions.
+    #[error("window_{side} = {value} exceeds {max}; pass None for an unbounded side", max = i32::MAX)]
+    InvalidWindow {
+        /// `left` or `right`.
+        side: &'static str,
+        /// The rejected bound.
+        value: usize,
+    },
+
     /// The additive mask does not broadcast to `[batch, heads, seq_q, seq_kv]`.
     #[error(
         "mask shape [{mask_batch}, {mask_heads}, seq_q, seq_kv] does not broadcast to \

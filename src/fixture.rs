@@ -4,9 +4,11 @@
 //! optionally an additive `mask` (`[B, 1 or H, Sq, Skv]`), the expected `probs` and `lse`, and a
 //! string metadata map with at least `scale`, `causal` (`none`, `top_left` or `bottom_right`)
 //! and `layout` (`BHSD`). Tensors are F32, or F16 when the metadata's `input_dtype` is `f16`;
-//! F16 inputs are widened to f32 exactly. Options the kernels do not implement yet (soft-capping,
-//! sliding windows, ALiBi, attention sinks, per-sequence key lengths, a value head dim different
-//! from the key head dim) are rejected with an error that names them.
+//! F16 inputs are widened to f32 exactly. Optional metadata `softcap`, `window_left`,
+//! `window_right` and `window_align` (only `bottom_right`) select soft-capping and a sliding
+//! window. Options the kernels do not implement yet (ALiBi, attention sinks, per-sequence key
+//! lengths, a value head dim different from the key head dim) are rejected with an error that
+//! names them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,8 +18,6 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{Error, Result};
 use crate::problem::{AttentionInputs, AttentionProblem, AttentionShape, Causal};
 
-/// Metadata keys that select options the kernels do not implement yet.
-const UNSUPPORTED_KEYS: [&str; 3] = ["softcap", "window_left", "window_right"];
 /// Tensors that select options the kernels do not implement yet.
 const UNSUPPORTED_TENSORS: [&str; 3] = ["sinks", "alibi_slopes", "kv_seq_lens"];
 
@@ -75,13 +75,6 @@ impl Fixture {
             .map_err(|error| format!("not a safetensors file: {error}"))?;
         let names = tensors.names();
 
-        for key in UNSUPPORTED_KEYS {
-            if let Some(value) = metadata.get(key) {
-                return Err(format!(
-                    "unsupported option `{key}` = {value}: the kernels do not implement it yet"
-                ));
-            }
-        }
         for name in UNSUPPORTED_TENSORS {
             if names.contains(&name) {
                 return Err(format!(
@@ -145,6 +138,30 @@ impl Fixture {
         let mut problem = AttentionProblem::new(shape)
             .with_scale(scale)
             .with_causal(causal);
+        if let Some(softcap) = metadata.get("softcap") {
+            let softcap = softcap.parse().map_err(|error| {
+                format!("metadata `softcap` = {softcap} is not a number: {error}")
+            })?;
+            problem = problem.with_softcap(softcap);
+        }
+        let window_side = |key: &str| -> std::result::Result<Option<usize>, String> {
+            metadata
+                .get(key)
+                .map(|value| {
+                    value.parse().map_err(|error| {
+                        format!("metadata `{key}` = {value} is not a non-negative integer: {error}")
+                    })
+                })
+                .transpose()
+        };
+        problem = problem.with_window(window_side("window_left")?, window_side("window_right")?);
+        if let Some(align) = metadata.get("window_align")
+            && align != "bottom_right"
+        {
+            return Err(format!(
+                "unsupported `window_align` = {align}; only bottom_right windows are implemented"
+            ));
+        }
 
         let mask = if names.contains(&"mask") {
             let (mask_dims, mask) = read_tensor(&tensors, "mask")?;

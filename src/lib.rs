@@ -46,4 +46,5 @@ pub use error::{Error, INSTALL_HINT, Result};
 pub use half::f16;
 pub use problem::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, MAX_HEAD_DIM, MaskShape,
+    Window,
 };

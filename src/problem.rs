@@ -239,6 +239,23 @@ pub struct AttentionProblem {
     pub mask: Option<MaskShape>,
     /// Element type of Q, K, V and the output in GPU memory; the mask and log-sum-exp are f32.
     pub dtype: Dtype,
+    /// Logit soft-capping: each scaled score `s` becomes `softcap · tanh(s / softcap)` before
+    /// the mask is added.
+    pub softcap: Option<f64>,
+    /// Sliding-window attention: query `i` sees keys `j` with
+    /// `i + seq_kv - seq_q - left <= j <= i + seq_kv - seq_q + right`, each side unbounded when
+    /// `None`. The window's diagonal is aligned bottom-right, as FlashAttention places it, and
+    /// combines with the causal mask and the additive mask.
+    pub window: Window,
+}
+
+/// Sliding-window bounds, in keys to the left and right of a query's bottom-right diagonal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// Keys before the diagonal a query sees; `None` is unbounded.
+    pub left: Option<usize>,
+    /// Keys after the diagonal a query sees; `None` is unbounded.
+    pub right: Option<usize>,
 }
 
 impl AttentionProblem {
@@ -250,6 +267,8 @@ impl AttentionProblem {
             causal: Causal::None,
             mask: None,
             dtype: Dtype::F32,
+            softcap: None,
+            window: Window::default(),
         }
     }
 
@@ -262,6 +281,19 @@ impl AttentionProblem {
     /// Sets the element type of Q, K, V and the output in GPU memory.
     pub fn with_dtype(mut self, dtype: Dtype) -> Self {
         self.dtype = dtype;
+        self
+    }
+
+    /// Sets logit soft-capping: scores become `softcap · tanh(score / softcap)`.
+    pub fn with_softcap(mut self, softcap: f64) -> Self {
+        self.softcap = Some(softcap);
+        self
+    }
+
+    /// Sets a sliding window of `left` keys before and `right` keys after each query's
+    /// bottom-right diagonal; `None` leaves a side unbounded.
+    pub fn with_window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
+        self.window = Window { left, right };
         self
     }
 
@@ -294,6 +326,18 @@ impl AttentionProblem {
             && !scale.is_finite()
         {
             return Err(Error::InvalidScale { scale });
+        }
+        if let Some(softcap) = self.softcap
+            && !(softcap.is_finite() && softcap > 0.0)
+        {
+            return Err(Error::InvalidSoftcap { softcap });
+        }
+        for (side, value) in [("left", self.window.left), ("right", self.window.right)] {
+            if let Some(value) = value
+                && value > i32::MAX as usize
+            {
+                return Err(Error::InvalidWindow { side, value });
+            }
         }
         if let Some(mask) = self.mask {
             let batch_ok = mask.batch == 1 || mask.batch == self.shape.batch;
@@ -339,6 +383,30 @@ impl AttentionProblem {
         self.causal
             .last_key(i, self.shape.seq_q, self.shape.seq_kv)
             .is_some_and(|last| j <= last)
+    }
+
+    /// Whether query `i` may attend to key `j` under the causal mask and the sliding window.
+    pub fn allows(&self, i: usize, j: usize) -> bool {
+        // The bottom-right diagonal of row i is key i + seq_kv - seq_q, which may be negative.
+        let diagonal = i as i64 + self.shape.seq_kv as i64 - self.shape.seq_q as i64;
+        let j = j as i64;
+        let left_ok = self
+            .window
+            .left
+            .is_none_or(|left| j >= diagonal - left as i64);
+        let right_ok = self
+            .window
+            .right
+            .is_none_or(|right| j <= diagonal + right as i64);
+        self.causal_allows(i, j as usize) && left_ok && right_ok
+    }
+
+    /// Applies soft-capping, when set, to a scaled score.
+    pub fn cap(&self, score: f64) -> f64 {
+        match self.softcap {
+            Some(softcap) => softcap * (score / softcap).tanh(),
+            None => score,
+        }
     }
 
     /// Floating-point operations of the attention, counted as `4 · B · H · Sq · Skv · D`

@@ -3,8 +3,9 @@
 //! It computes each output row on its own, in f64, with no tiling, no online softmax and no
 //! speed tricks, following the same steps as the kernels:
 //!
-//! 1. scores: `s[j] = scale · q · k[j]`, then `s[j] += mask[j]`, then `s[j] = -inf` where the
-//!    causal mask forbids key `j`;
+//! 1. scores: `s[j] = scale · q · k[j]`, soft-capped to `softcap · tanh(s[j] / softcap)` when
+//!    set, then `s[j] += mask[j]`, then `s[j] = -inf` where the causal mask or the sliding window
+//!    forbids key `j`;
 //! 2. softmax: `m = max_j s[j]`, `l = Σ_j exp(s[j] - m)`, `lse = m + ln l`,
 //!    `p[j] = exp(s[j] - lse)`;
 //! 3. output: `out = Σ_j p[j] · v[j]`.
@@ -119,7 +120,7 @@ fn row_unchecked(
     });
     let scale = problem.scale();
 
-    // Step 1: scores, then the additive mask, then the causal mask.
+    // Step 1: scores, soft-capping, then the additive mask, then the causal mask and window.
     let mut scores = vec![0.0f64; s.seq_kv];
     for (j, score) in scores.iter_mut().enumerate() {
         let k_row = &inputs.k[kv_base + j * d..][..d];
@@ -128,11 +129,11 @@ fn row_unchecked(
             .zip(k_row)
             .map(|(&a, &b)| a as f64 * b as f64)
             .sum();
-        *score = scale * dot;
+        *score = problem.cap(scale * dot);
         if let Some(mask_row) = mask_row {
             *score += mask_row[j] as f64;
         }
-        if !problem.causal_allows(i, j) {
+        if !problem.allows(i, j) {
             *score = f64::NEG_INFINITY;
         }
     }

@@ -176,7 +176,7 @@ pub fn naive_f16_attention(
                 let q_row = &inputs.q[((b * s.heads + h) * s.seq_q + i) * d..][..d];
                 let mut scores = vec![f32::NEG_INFINITY; s.seq_kv];
                 for (j, score) in scores.iter_mut().enumerate() {
-                    if !problem.causal_allows(i, j) {
+                    if !problem.allows(i, j) {
                         continue;
                     }
                     let k_row = &inputs.k[kv_base + j * d..][..d];
@@ -184,7 +184,7 @@ pub fn naive_f16_attention(
                         .iter()
                         .zip(k_row)
                         .fold(0.0, |acc, (&a, &b)| h16(acc + h16(h16(a) * h16(b))));
-                    *score = h16(dot * scale);
+                    *score = h16(problem.cap(f64::from(h16(dot * scale))) as f32);
                     if let Some(mask) = inputs.mask {
                         *score = h16(*score
                             + mask

@@ -342,18 +342,16 @@ fn fixture_missing_file() {
 #[test]
 fn fixture_unsupported_options_are_named() {
     let base = [("scale", "0.5"), ("causal", "none")];
-    for key in ["softcap", "window_left", "window_right"] {
-        let mut metadata = base.to_vec();
-        metadata.push((key, "4"));
-        let path = write_fixture(&format!("{key}.safetensors"), small_case(), &metadata);
-        let error = Fixture::load(&path).unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains(&format!("unsupported option `{key}`")),
-            "{error}"
-        );
-    }
+    let mut metadata = base.to_vec();
+    metadata.push(("window_align", "top_left"));
+    let path = write_fixture("window-align.safetensors", small_case(), &metadata);
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("unsupported `window_align` = top_left"),
+        "{error}"
+    );
     for tensor in ["sinks", "alibi_slopes"] {
         let mut tensors = small_case();
         tensors.push((tensor, vec![1], vec![0.0]));
@@ -366,6 +364,71 @@ fn fixture_unsupported_options_are_named() {
             "{error}"
         );
     }
+}
+
+#[test]
+fn fixture_softcap_and_window_load() {
+    let metadata = [
+        ("scale", "0.5"),
+        ("causal", "bottom_right"),
+        ("softcap", "30"),
+        ("window_left", "128"),
+        ("window_right", "0"),
+        ("window_align", "bottom_right"),
+    ];
+    let path = write_fixture("softcap-window.safetensors", small_case(), &metadata);
+    let fixture = Fixture::load(&path).unwrap();
+    assert_eq!(fixture.problem.softcap, Some(30.0));
+    assert_eq!(fixture.problem.window.left, Some(128));
+    assert_eq!(fixture.problem.window.right, Some(0));
+}
+
+#[test]
+fn fixture_bad_softcap_or_window() {
+    for (key, value, expected) in [
+        ("softcap", "abc", "metadata `softcap` = abc is not a number"),
+        ("softcap", "-2", "softcap = -2 is invalid"),
+        (
+            "window_left",
+            "-1",
+            "metadata `window_left` = -1 is not a non-negative integer",
+        ),
+    ] {
+        let metadata = [("scale", "0.5"), ("causal", "none"), (key, value)];
+        let path = write_fixture(
+            &format!("bad-{key}-{value}.safetensors"),
+            small_case(),
+            &metadata,
+        );
+        let error = Fixture::load(&path).unwrap_err();
+        assert!(
+            error.to_string().contains(expected),
+            "{key} = {value}: {error}"
+        );
+    }
+}
+
+#[test]
+fn softcap_and_window_validation() {
+    let shape = AttentionShape::new(1, 1, 2, 2, 4);
+    for softcap in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let error = AttentionProblem::new(shape)
+            .with_softcap(softcap)
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidSoftcap { .. }),
+            "{softcap}: {error}"
+        );
+    }
+    let error = AttentionProblem::new(shape)
+        .with_window(Some(usize::MAX), None)
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidWindow { side: "left", .. }),
+        "{error}"
+    );
 }
 
 #[test]

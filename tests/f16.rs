@@ -119,6 +119,9 @@ fn f16_matches_reference_both_kernels() {
         AttentionProblem::new(AttentionShape::new(1, 2, 33, 33, 59)).with_causal(Causal::TopLeft),
         AttentionProblem::new(AttentionShape::new(1, 8, 1, 500, 128).with_kv_heads(1)),
         AttentionProblem::new(AttentionShape::new(2, 2, 9, 9, 3)).with_mask(2, 1),
+        AttentionProblem::new(AttentionShape::new(1, 4, 40, 90, 64).with_kv_heads(2))
+            .with_softcap(20.0)
+            .with_window(Some(10), Some(2)),
     ];
     for (seed, problem) in cases.iter().enumerate() {
         let data = HalfInputs::new(problem, seed as u64, 1.0);

@@ -139,6 +139,83 @@ macro_rules! kernel_contract {
             }
 
             #[test]
+            fn softcap_caps_large_scores() {
+                // Inputs up to ±8 at head dim 64 give scaled scores near ±60; a cap of 5 bends
+                // them hard, so a kernel that skipped or misplaced the cap would fail.
+                let shape = AttentionShape::new(1, 2, 33, 70, 64).with_kv_heads(1);
+                for (seed, causal) in [Causal::None, Causal::BottomRight].into_iter().enumerate() {
+                    let problem = AttentionProblem::new(shape)
+                        .with_softcap(5.0)
+                        .with_causal(causal);
+                    let mut data = RandomInputs::new(&problem, 50 + seed as u64, 0.0);
+                    data.q.iter_mut().for_each(|x| *x *= 8.0);
+                    data.k.iter_mut().for_each(|x| *x *= 8.0);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
+                let with_mask = AttentionProblem::new(shape)
+                    .with_softcap(30.0)
+                    .with_mask(1, 1);
+                let data = RandomInputs::new(&with_mask, 52, 0.3);
+                assert_matches_reference(KERNEL, &with_mask, &data.inputs());
+            }
+
+            #[test]
+            fn sliding_windows() {
+                let windows = [
+                    (Some(0), Some(0)),
+                    (Some(16), None),
+                    (None, Some(5)),
+                    (Some(40), Some(3)),
+                ];
+                let shapes = [(113, 203), (203, 113), (64, 64), (1, 300)];
+                for (n, &(left, right)) in windows.iter().enumerate() {
+                    for (m, &(seq_q, seq_kv)) in shapes.iter().enumerate() {
+                        for causal in [Causal::None, Causal::BottomRight, Causal::TopLeft] {
+                            let shape = AttentionShape::new(1, 2, seq_q, seq_kv, 24);
+                            let problem = AttentionProblem::new(shape)
+                                .with_window(left, right)
+                                .with_causal(causal);
+                            let data = RandomInputs::new(&problem, (n * 10 + m) as u64, 0.0);
+                            assert_matches_reference(KERNEL, &problem, &data.inputs());
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn window_with_mask_and_padding() {
+                let shape = AttentionShape::new(2, 4, 90, 90, 32).with_kv_heads(2);
+                let problem = AttentionProblem::new(shape)
+                    .with_window(Some(20), Some(0))
+                    .with_causal(Causal::BottomRight)
+                    .with_mask(2, 1);
+                let mut data = RandomInputs::new(&problem, 60, 0.0);
+                // Pad the last 30 keys of batch 1, as a key-padding mask does.
+                let mask = data.mask.as_mut().unwrap();
+                for row in mask[90 * 90..].chunks_mut(90) {
+                    row[60..].fill(f32::NEG_INFINITY);
+                }
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
+            fn window_rows_without_keys_are_zero() {
+                // With seq_q > seq_kv and a window of 0 keys on each side, the first 15 rows'
+                // diagonals fall before key 0, so they see no key at all.
+                let shape = AttentionShape::new(1, 1, 20, 5, 8);
+                let problem = AttentionProblem::new(shape).with_window(Some(0), Some(0));
+                let data = RandomInputs::new(&problem, 61, 0.0);
+                let gpu = context()
+                    .attention_with(KERNEL, &problem, &data.inputs())
+                    .unwrap();
+                for i in 0..15 {
+                    assert!(gpu.out[i * 8..][..8].iter().all(|&x| x == 0.0), "row {i}");
+                    assert_eq!(gpu.lse[i], f32::NEG_INFINITY, "lse of row {i}");
+                }
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
             fn fully_masked_rows_are_zero() {
                 let shape = AttentionShape::new(1, 2, 17, 113, 32);
                 let problem = AttentionProblem::new(shape).with_mask(1, 2);

@@ -29,7 +29,11 @@ pub(crate) struct KernelParams {
     pub group_offset: [u32; 3],
     pub keys_per_split: u32,
     pub kv_splits: u32,
-    pub padding: [u32; 3],
+    /// Soft-capping value, or 0 for none.
+    pub softcap: f32,
+    /// Sliding-window bounds, or -1 for an unbounded side.
+    pub window_left: i32,
+    pub window_right: i32,
 }
 
 impl KernelParams {
@@ -53,7 +57,10 @@ impl KernelParams {
             group_offset: [0; 3],
             keys_per_split: s.seq_kv as u32,
             kv_splits: 1,
-            padding: [0; 3],
+            softcap: problem.softcap.map_or(0.0, |softcap| softcap as f32),
+            // Problem::validate keeps both bounds within i32.
+            window_left: problem.window.left.map_or(-1, |left| left as i32),
+            window_right: problem.window.right.map_or(-1, |right| right as i32),
         }
     }
 }
