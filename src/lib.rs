@@ -29,6 +29,7 @@ mod context;
 mod error;
 pub mod fixture;
 mod kernels;
+mod merge;
 mod problem;
 pub mod reference;
 pub mod validate;
@@ -44,6 +45,7 @@ pub use context::{
 pub use error::{Error, INSTALL_HINT, Result};
 /// The f16 type of the `half` crate, used by [`Context::attention_f16`].
 pub use half::f16;
+pub use merge::merge_partials;
 pub use problem::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, MAX_HEAD_DIM, MaskShape,
     Window,
