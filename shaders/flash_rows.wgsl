@@ -2,11 +2,12 @@
 //
 // Same semantics, splits and outputs as `flash.wgsl`. Each invocation keeps its query row
 // (pre-multiplied by the scale) and its output accumulator in private vec4 arrays, and the
-// workgroup stages TILE_KV keys and values at a time in workgroup memory. Every invocation reads
-// the staged K and V at the same address, which a CPU driver that runs invocations as SIMD
-// lanes turns into one load and a broadcast instead of one load per lane; the arithmetic then
-// runs across rows in SIMD. On GPUs this design needs about 2 · head_dim registers per
-// invocation, which is why `flash.wgsl` is used there.
+// workgroup stages TILE_KV keys and values at a time in workgroup memory. On a CPU driver that
+// runs invocations as SIMD lanes, the arithmetic then runs across rows in SIMD with no
+// cross-lane exchange. Each read of the staged K and V is still one load per lane on llvmpipe,
+// which treats an address as uniform only when it is built from constants and uniforms, never
+// from a loop counter. On GPUs this design needs about 2 · head_dim registers per invocation,
+// which is why `flash.wgsl` is used there.
 
 // Upper bounds of the private arrays: MAX_HEAD_DIM / 4 vec4 columns, and the largest tile.
 const MAX_D4: u32 = 64u;

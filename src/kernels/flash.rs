@@ -3,10 +3,9 @@
 //!
 //! Two programs compute the same thing. `flash.wgsl` tiles each block over key lanes and row
 //! lanes and shares staged values through workgroup memory, the usual layout for GPUs.
-//! `flash_rows.wgsl` gives each invocation one query row in private registers, so every
-//! invocation reads the same staged K and V element at once. CPU drivers that run invocations as
-//! SIMD lanes turn each such read into one load, and on lavapipe this program ran about twice as
-//! fast as the tiled one. Memory grows with the inputs and with `kv_splits × seq_q × head_dim`
+//! `flash_rows.wgsl` gives each invocation one query row in private registers, so a CPU driver
+//! that runs invocations as SIMD lanes computes across rows with no exchange between lanes; on
+//! lavapipe this program ran about twice as fast as the tiled one. Memory grows with the inputs and with `kv_splits × seq_q × head_dim`
 //! for the partial results, never with `seq_q × seq_kv`.
 
 use crate::attention::Kernel;

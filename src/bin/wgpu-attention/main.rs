@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod info;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,10 @@ enum Command {
     /// Time the GPU kernels and the f64 CPU reference on a grid of shapes, or on one --shape,
     /// and report the median time, GFLOP/s and GB/s of each.
     Bench(bench::BenchArgs),
+    /// Run the GPU kernels on a grid of generated problems (odd lengths, decoding, grouped-query
+    /// heads, masks, soft-capping, sliding windows, f32 and f16) and compare each output with the
+    /// f64 CPU reference.
+    Validate(validate::ValidateArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Validate(args) => validate::run(&args),
     };
     match result {
         Ok(code) => code,
