@@ -213,12 +213,11 @@ fn time_recorded(
 fn bench_attention(c: &mut Criterion) {
     let context = Context::new()
         .unwrap_or_else(|error| panic!("cannot create a wgpu context for the benchmarks: {error}"));
-    if let Some(info) = context.adapter_info() {
-        eprintln!(
-            "adapter: {} ({:?}, {})",
-            info.name, info.backend, info.driver_info
-        );
-    }
+    let info = context.adapter_info();
+    eprintln!(
+        "adapter: {} ({:?}, {})",
+        info.name, info.backend, info.driver_info
+    );
 
     let mut group = c.benchmark_group("attention");
     // On a CPU adapter such as lavapipe one iteration takes from tens of milliseconds to

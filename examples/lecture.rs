@@ -364,10 +364,9 @@ fn print_self_attention(heading: &str, attention: &SelfAttention) {
 
 fn run() -> Result<()> {
     let context = Context::new()?;
-    if let Some(info) = context.adapter_info() {
-        println!("adapter: {} ({:?})", info.name, info.backend);
-        println!();
-    }
+    let info = context.adapter_info();
+    println!("adapter: {} ({:?})", info.name, info.backend);
+    println!();
 
     println!("Embeddings (tech, fruitiness, other):");
     for (word, vector) in VOCABULARY {

@@ -65,21 +65,31 @@ impl Kernel {
         }
     }
 
-    /// The kernel that [`Kernel::Auto`] resolves to for `problem` on `context`'s device.
+    /// Returns the kernel that runs `problem` on `context`'s device: [`Kernel::Auto`] resolves
+    /// to a concrete kernel and [`Kernel::Flash`] to the fused program it picks
+    /// ([`Kernel::FlashRows`] or [`Kernel::FlashTiled`]). Other kernels return themselves, and so
+    /// does `Flash` when no fused program can run the problem.
     pub fn resolve(self, problem: &AttentionProblem, context: &Context) -> Kernel {
-        if self != Kernel::Auto {
-            return self;
-        }
-        let flash_fits = flash::plan(context, Kernel::Flash, problem).is_ok();
-        let on_cpu = context
-            .adapter_info()
-            .is_some_and(|info| info.device_type == wgpu::DeviceType::Cpu);
-        let short_queries = problem.shape.seq_q <= AUTO_FLASH_MAX_SEQ_Q;
-        let three_stage_fits = three_stage::check(context, problem).is_ok();
-        if flash_fits && (on_cpu || short_queries || !three_stage_fits) {
-            Kernel::Flash
-        } else {
-            Kernel::ThreeStage
+        let fused_program = || {
+            flash::plan(context, Kernel::Flash, problem)
+                .ok()
+                .map(|plan| match plan.variant {
+                    flash::FlashVariant::Rows(_) => Kernel::FlashRows,
+                    flash::FlashVariant::Tiled(_) => Kernel::FlashTiled,
+                })
+        };
+        match self {
+            Kernel::Flash => fused_program().unwrap_or(Kernel::Flash),
+            Kernel::Auto => {
+                let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+                let short_queries = problem.shape.seq_q <= AUTO_FLASH_MAX_SEQ_Q;
+                let three_stage_fits = three_stage::check(context, problem).is_ok();
+                match fused_program() {
+                    Some(program) if on_cpu || short_queries || !three_stage_fits => program,
+                    _ => Kernel::ThreeStage,
+                }
+            }
+            other => other,
         }
     }
 }
@@ -133,15 +143,15 @@ pub struct AttentionOutput {
 /// Inputs need [`wgpu::BufferUsages::STORAGE`]; `out` and `lse` are written by the kernels.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTensors<'a> {
-    /// Queries, `[batch, heads, seq_q, head_dim]` f32.
+    /// Queries, `[batch, heads, seq_q, head_dim]`, f32 or f16 as the problem's dtype says.
     pub q: &'a wgpu::Buffer,
-    /// Keys, `[batch, kv_heads, seq_kv, head_dim]` f32.
+    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`, in the problem's dtype.
     pub k: &'a wgpu::Buffer,
-    /// Values, `[batch, kv_heads, seq_kv, head_dim]` f32.
+    /// Values, `[batch, kv_heads, seq_kv, head_dim]`, in the problem's dtype.
     pub v: &'a wgpu::Buffer,
     /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]` f32, when the problem has one.
     pub mask: Option<&'a wgpu::Buffer>,
-    /// Output, `[batch, heads, seq_q, head_dim]` f32.
+    /// Output, `[batch, heads, seq_q, head_dim]`, in the problem's dtype.
     pub out: &'a wgpu::Buffer,
     /// Log-sum-exp output, `[batch, heads, seq_q]` f32; when `None` the kernels write it to a
     /// scratch buffer.
@@ -484,7 +494,6 @@ fn copy_to_staging(
     staging
 }
 
-/// Maps `staging`, waits for the device and copies its contents out as f32.
 /// Maps `staging`, waits for the device and copies its bytes out.
 pub(crate) fn read_back(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
     let slice = staging.slice(..);

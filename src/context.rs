@@ -25,7 +25,7 @@ pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 pub struct Context {
     device: wgpu::Device,
     queue: wgpu::Queue,
-    info: Option<wgpu::AdapterInfo>,
+    info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     features: wgpu::Features,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
@@ -110,9 +110,7 @@ impl Context {
             info.backend,
             info.driver_info
         );
-        let mut context = Self::from_device(device, queue);
-        context.info = Some(info);
-        Ok(context)
+        Ok(Self::from_device(device, queue))
     }
 
     /// Creates a context on the caller's own device and queue.
@@ -121,10 +119,11 @@ impl Context {
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let limits = device.limits();
         let features = device.features();
+        let info = device.adapter_info();
         Self {
             device,
             queue,
-            info: None,
+            info,
             limits,
             features,
             pipelines: Mutex::new(HashMap::new()),
@@ -141,9 +140,10 @@ impl Context {
         &self.queue
     }
 
-    /// The description of the adapter the device was created from.
-    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
-        self.info.as_ref()
+    /// Returns the description of the adapter the device was created from; the kernels use it
+    /// to pick programs for CPU adapters and to guard against llvmpipe's loop cap.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
     }
 
     /// The device's limits.
@@ -155,9 +155,7 @@ impl Context {
     /// shader invocation once the invocation has run [`LLVMPIPE_MAX_LOOP_ITERATIONS`] loop
     /// iterations in all.
     pub(crate) fn loop_iterations_capped(&self) -> bool {
-        self.info
-            .as_ref()
-            .is_some_and(|info| info.driver == "llvmpipe" || info.name.contains("llvmpipe"))
+        self.info.driver == "llvmpipe" || self.info.name.contains("llvmpipe")
     }
 
     /// The device's features.
@@ -194,7 +192,7 @@ impl Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("adapter", &self.info.as_ref().map(|info| &info.name))
+            .field("adapter", &self.info.name)
             .field("features", &self.features)
             .finish_non_exhaustive()
     }

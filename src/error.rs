@@ -88,7 +88,7 @@ pub enum Error {
     /// A host slice or GPU buffer holds the wrong number of elements for the shape.
     #[error(
         "tensor `{tensor}` has {actual} elements, but shape {shape} needs {expected}; \
-         check the layout [batch, heads, seq, head_dim]"
+         pass a contiguous tensor of that shape"
     )]
     LengthMismatch {
         /// Which tensor (`q`, `k`, `v`, `mask`, `out`, `lse`).

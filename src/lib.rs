@@ -18,9 +18,10 @@
 //! # }
 //! ```
 //!
-//! The layout is `[batch, heads, seq, head_dim]`, contiguous f32. [`reference`] defines the
-//! semantics, and [`validate`] holds the error metrics and tolerances for checking any result
-//! against it.
+//! The layout is `[batch, heads, seq, head_dim]`, contiguous f32 or f16. [`mod@reference`]
+//! defines the semantics, and [`validate`] contains the error metrics and tolerances for checking
+//! any result against it. [`Context::record`] runs on the caller's own buffers and encoder, and
+//! [`Context::from_device`] on the caller's own device.
 
 #![warn(missing_docs)]
 

@@ -53,7 +53,8 @@ impl AttentionShape {
 
     /// Query heads that share one key/value head.
     pub fn group_size(&self) -> usize {
-        self.heads / self.kv_heads
+        // 0 for a shape with no key/value heads, which validation rejects.
+        self.heads.checked_div(self.kv_heads).unwrap_or(0)
     }
 
     /// Shape of `q` and of the output: `[batch, heads, seq_q, head_dim]`.

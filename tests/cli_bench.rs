@@ -60,7 +60,13 @@ fn bench_json_reports_every_kernel() {
         .iter()
         .map(|row| row["kernel"].as_str().unwrap())
         .collect();
-    assert_eq!(kernels, ["flash", "three-stage", "reference"]);
+    // `flash` is reported as the fused program that ran for this adapter.
+    assert!(
+        matches!(kernels[0], "flash-rows" | "flash-tiled"),
+        "{kernels:?}"
+    );
+    assert_eq!(rows[0]["requested_kernel"], "flash");
+    assert_eq!(kernels[1..], ["three-stage", "reference"]);
     for row in &rows {
         for field in JSON_FIELDS {
             assert!(row.get(field).is_some(), "missing `{field}` in {row}");

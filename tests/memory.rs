@@ -27,7 +27,10 @@ fn flash_runs_32k_by_32k() {
         }
         other => panic!("expected ExceedsLimit from the three-stage kernel, got {other}"),
     }
-    assert_eq!(Kernel::Auto.resolve(&problem, context()), Kernel::Flash);
+    assert!(matches!(
+        Kernel::Auto.resolve(&problem, context()),
+        Kernel::FlashRows | Kernel::FlashTiled
+    ));
 
     let start = std::time::Instant::now();
     let gpu = context()

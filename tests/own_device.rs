@@ -252,11 +252,60 @@ fn flash_runs_where_three_stage_exceeds_binding() {
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
         .unwrap_err();
     assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
-    assert_eq!(Kernel::Auto.resolve(&problem, &context), Kernel::Flash);
+    assert!(matches!(
+        Kernel::Auto.resolve(&problem, &context),
+        Kernel::FlashRows | Kernel::FlashTiled
+    ));
     let gpu = context
         .attention_with(Kernel::Auto, &problem, &data.inputs())
         .unwrap();
     let expected = reference::attention(&problem, &data.inputs()).unwrap();
     let stats = ErrorStats::compare(&gpu.out, &expected.out);
     assert!(stats.passes(&Tolerance::F32), "{stats}");
+}
+
+#[test]
+fn callers_device_keeps_adapter_guards() {
+    // A context on the caller's device must know its adapter as Context::new does: on llvmpipe
+    // the loop-cap guard must hold (a truncated sum would pass silently otherwise), and CPU
+    // adapters must get the same fused program.
+    let (device, queue) = device_with_limits(|_| {});
+    let context = Context::from_device(device, queue);
+    assert_eq!(
+        context.adapter_info().name,
+        common::context().adapter_info().name
+    );
+
+    let shape = AttentionShape::new(1, 1, 4, 65536, 8);
+    let problem = AttentionProblem::new(shape);
+    let data = RandomInputs::new(&problem, 65536, 0.0);
+    assert_eq!(
+        Kernel::Auto.resolve(&problem, &context),
+        Kernel::Auto.resolve(&problem, common::context())
+    );
+    let three_stage = context.attention_with(Kernel::ThreeStage, &problem, &data.inputs());
+    let row = reference::attention_row(&problem, &data.inputs(), 0, 0, 3).unwrap();
+    if context.adapter_info().name.contains("llvmpipe") {
+        let error = three_stage.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::Unsupported {
+                    kernel: "three-stage",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    } else {
+        let stats = ErrorStats::compare(&three_stage.unwrap().out[3 * 8..][..8], &row.out);
+        assert!(stats.passes(&Tolerance::F32), "three-stage: {stats}");
+    }
+    for kernel in [Kernel::Auto, Kernel::FlashTiled, Kernel::FlashRows] {
+        let gpu = context
+            .attention_with(kernel, &problem, &data.inputs())
+            .unwrap();
+        let stats = ErrorStats::compare(&gpu.out[3 * 8..][..8], &row.out);
+        assert!(stats.passes(&Tolerance::F32), "{kernel:?}: {stats}");
+    }
 }

@@ -145,9 +145,7 @@ pub(crate) fn plan(
 ) -> Result<FlashPlan> {
     let limits = context.limits();
     let s = &problem.shape;
-    let on_cpu = context
-        .adapter_info()
-        .is_some_and(|info| info.device_type == wgpu::DeviceType::Cpu);
+    let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let rows = || FlashRowTiles::choose(problem, limits).map(FlashVariant::Rows);
     let tiled = || FlashTiles::choose(problem, limits).map(FlashVariant::Tiled);
     let variant = match kernel {

@@ -848,15 +848,13 @@ impl Table {
 
 fn print_footer(context: &Context, gpu_timing: Timing) {
     println!();
-    match context.adapter_info() {
-        Some(info) => println!(
-            "adapter: {}, driver: {} ({})",
-            crate::adapter_label(context),
-            info.driver,
-            info.driver_info
-        ),
-        None => println!("adapter: {}", crate::adapter_label(context)),
-    }
+    let info = context.adapter_info();
+    println!(
+        "adapter: {}, driver: {} ({})",
+        crate::adapter_label(context),
+        info.driver,
+        info.driver_info
+    );
     let gpu_clock = match gpu_timing {
         Timing::GpuTimestamps => "GPU timestamps around the recorded kernels",
         Timing::WallClock => {
@@ -899,10 +897,10 @@ fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
         "first_call_ms": measurement.map(|m| ms(m.first_call)),
         "runs": measurement.map_or(0, |m| m.runs),
         "timing": measurement.map(|m| m.timing.name()),
-        "adapter": info.map(|info| info.name.as_str()),
-        "backend": info.map(|info| wgpu_attention::backend_name(info.backend)),
-        "driver": info.map(|info| info.driver.as_str()),
-        "driver_info": info.map(|info| info.driver_info.as_str()),
+        "adapter": info.name.as_str(),
+        "backend": wgpu_attention::backend_name(info.backend),
+        "driver": info.driver.as_str(),
+        "driver_info": info.driver_info.as_str(),
         "crate_version": env!("CARGO_PKG_VERSION"),
     })
 }

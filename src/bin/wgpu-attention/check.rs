@@ -81,7 +81,14 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                     });
                     println!("{object}");
                 } else {
-                    println!("ERROR {}: {error}", path.display());
+                    // File errors already start with the path.
+                    match error {
+                        wgpu_attention::Error::Io { .. }
+                        | wgpu_attention::Error::Fixture { .. } => {
+                            println!("ERROR {error}")
+                        }
+                        _ => println!("ERROR {}: {error}", path.display()),
+                    }
                 }
             }
         }

@@ -73,12 +73,10 @@ pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
 
 /// The adapter's name and backend for reports.
 pub(crate) fn adapter_label(context: &Context) -> String {
-    match context.adapter_info() {
-        Some(info) => format!(
-            "{} ({})",
-            info.name,
-            wgpu_attention::backend_name(info.backend)
-        ),
-        None => "caller's device".to_string(),
-    }
+    let info = context.adapter_info();
+    format!(
+        "{} ({})",
+        info.name,
+        wgpu_attention::backend_name(info.backend)
+    )
 }
