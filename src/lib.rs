@@ -46,10 +46,10 @@ pub use context::{
 pub use error::{Error, INSTALL_HINT, Result};
 /// The f16 type of the `half` crate, used by [`Context::attention_f16`].
 pub use half::f16;
-/// The `wgpu` this crate is built with, for callers' own devices, buffers and encoders.
-pub use wgpu;
 pub use merge::merge_partials;
 pub use problem::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, MAX_HEAD_DIM, MaskShape,
     Window,
 };
+/// The `wgpu` this crate is built with, for callers' own devices, buffers and encoders.
+pub use wgpu;

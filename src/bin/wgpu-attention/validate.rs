@@ -1,0 +1,1057 @@
+//! `validate`: runs the kernels on a grid of generated problems and judges each output against
+//! the f64 CPU reference.
+//!
+//! A case is one problem, one dtype and one kernel. The grid has three parts:
+//!
+//! - every pair of odd sequence lengths from [`SEQ_LENS`] (with `seq_q > seq_kv` too), crossed
+//!   with every head dim, with the grouped-query ratio and the masking options rotated so that
+//!   each sequence-length pair meets every causal mode;
+//! - every combination of the masking options (causal, additive mask, soft-capping, sliding
+//!   window), crossed with every grouped-query ratio, on two fixed shapes;
+//! - decoding steps (one query over [`DECODE_SEQ_KV`] keys), crossed with every head dim and
+//!   ratio, with the masking options rotated.
+//!
+//! Each problem runs in f32 and f16. Inputs are drawn from a seed derived from the problem name
+//! (dtype included), so every kernel gets the same inputs, whatever `--quick`, `--kernel` or
+//! `--filter` select. Problems with more than [`FULL_CHECK_MAX_WORK`] multiply-adds per matrix
+//! product are compared on sampled rows only.
+
+use std::cmp::Reverse;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
+use wgpu_attention::{
+    AttentionInputs, AttentionInputsF16, AttentionProblem, AttentionShape, Causal, Context, Dtype,
+    Error, Kernel, f16, reference,
+};
+
+/// Query and key/value lengths of the odd-length part, which uses every pair.
+const SEQ_LENS: [usize; 5] = [1, 3, 17, 113, 203];
+
+/// Key/value lengths of the decoding part, each with one query.
+const DECODE_SEQ_KV: [usize; 3] = [1024, 4096, 16384];
+
+const HEAD_DIMS: [usize; 10] = [1, 3, 32, 40, 59, 64, 80, 111, 128, 256];
+
+/// Query heads per key/value head. The grid has 1 or 2 key/value heads.
+const GQA_RATIOS: [usize; 4] = [1, 4, 8, 16];
+
+const CAUSALS: [Causal; 3] = [Causal::None, Causal::TopLeft, Causal::BottomRight];
+
+const MASKS: [MaskKind; 3] = [
+    MaskKind::None,
+    MaskKind::Broadcast,
+    MaskKind::PerBatchAndHead,
+];
+
+const SOFTCAPS: [Option<f64>; 2] = [None, Some(30.0)];
+
+/// Sliding windows as (left, right) keys around the bottom-right diagonal, `None` for unbounded.
+const WINDOWS: [(Option<usize>, Option<usize>); 3] =
+    [(None, None), (Some(16), Some(0)), (Some(8), Some(8))];
+
+/// Combinations of [`CAUSALS`], [`MASKS`], [`SOFTCAPS`] and [`WINDOWS`].
+const OPTION_COMBINATIONS: usize = CAUSALS.len() * MASKS.len() * SOFTCAPS.len() * WINDOWS.len();
+
+/// (seq_q, seq_kv, head_dim) of the shapes that get every option combination and ratio.
+const PRODUCT_SHAPES: [(usize, usize, usize); 2] = [(17, 113, 59), (113, 17, 40)];
+
+const DTYPES: [Dtype; 2] = [Dtype::F32, Dtype::F16];
+
+/// Kernels that `--kernel` selects by default.
+const DEFAULT_KERNELS: &str = "flash-tiled,flash-rows,three-stage";
+
+/// Largest `batch · heads · seq_q · seq_kv · head_dim` compared in full; larger problems are
+/// compared on sampled rows.
+// NOTE: an estimate, sized on a 2-core x86 machine with lavapipe so that the full grid runs in
+// tens of minutes there. Rows outside the sample of a large problem go unchecked.
+const FULL_CHECK_MAX_WORK: usize = 1 << 23;
+
+/// Heads, as (batch, head) pairs, whose rows are sampled in a large problem.
+const SAMPLED_HEADS: usize = 8;
+
+/// Rows sampled in each sampled head.
+const SAMPLED_ROWS_PER_HEAD: usize = 8;
+
+/// Minimum number of quick-subset problems that use each value of [`features`] (fewer where the
+/// grid has fewer).
+const QUICK_COVERAGE: usize = 2;
+
+/// Fraction of additive-mask entries that are `-inf`. The others are uniform in [-1, 1).
+const MASKED_FRACTION: f64 = 0.1;
+
+#[derive(clap::Args)]
+pub(crate) struct ValidateArgs {
+    /// Run only the quick subset: a few problems that together use every sequence length, head
+    /// dim, ratio, causal mode, mask kind, softcap and window of the grid at least twice, in both
+    /// dtypes.
+    #[arg(long)]
+    quick: bool,
+    /// Kernels to validate, comma-separated: flash-tiled, flash-rows, three-stage, flash (the
+    /// fused program chosen for the adapter) or auto.
+    #[arg(long, default_value = DEFAULT_KERNELS, value_parser = parse_kernels)]
+    kernel: KernelList,
+    /// Adapter: a part of its name or a backend (vulkan, metal, dx12, gl). Defaults to
+    /// WGPU_ATTENTION_ADAPTER, then to the best adapter found.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Run only the cases whose name (problem name, a space, kernel) contains this text, e.g.
+    /// `_d59_`, `causal-br`, `_f16 three-stage`.
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
+    /// Print one JSON object per case instead of text, and the case count and summary to stderr.
+    #[arg(long)]
+    json: bool,
+    /// Print the selected case names and their count without running them.
+    #[arg(long)]
+    list: bool,
+}
+
+/// The kernels named by `--kernel`, in order and without repeats.
+#[derive(Clone, Debug)]
+struct KernelList(Vec<Kernel>);
+
+fn parse_kernels(text: &str) -> Result<KernelList, String> {
+    let mut kernels = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        let kernel = Kernel::from_name(name).ok_or_else(|| {
+            format!(
+                "unknown kernel `{name}`; expected flash-tiled, flash-rows, three-stage, flash \
+                 or auto, comma-separated"
+            )
+        })?;
+        if !kernels.contains(&kernel) {
+            kernels.push(kernel);
+        }
+    }
+    Ok(KernelList(kernels))
+}
+
+/// The kinds of additive mask in the grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MaskKind {
+    None,
+    /// One `[1, 1, seq_q, seq_kv]` mask for every batch element and head.
+    Broadcast,
+    /// A `[batch, heads, seq_q, seq_kv]` mask.
+    PerBatchAndHead,
+}
+
+/// The masking options of one problem.
+#[derive(Clone, Copy, Debug)]
+struct Options {
+    causal: Causal,
+    mask: MaskKind,
+    softcap: Option<f64>,
+    window: (Option<usize>, Option<usize>),
+}
+
+impl Options {
+    /// Decodes combination number `index` (taken modulo [`OPTION_COMBINATIONS`]).
+    fn from_index(index: usize) -> Self {
+        let index = index % OPTION_COMBINATIONS;
+        let (causal, rest) = (index % CAUSALS.len(), index / CAUSALS.len());
+        let (mask, rest) = (rest % MASKS.len(), rest / MASKS.len());
+        let (softcap, window) = (rest % SOFTCAPS.len(), rest / SOFTCAPS.len());
+        Self {
+            causal: CAUSALS[causal],
+            mask: MASKS[mask],
+            softcap: SOFTCAPS[softcap],
+            window: WINDOWS[window],
+        }
+    }
+}
+
+/// Sizes of one problem. [`make_problem`] raises `batch` to 2 for a per-batch-and-head mask.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    ratio: usize,
+    kv_heads: usize,
+    seq_q: usize,
+    seq_kv: usize,
+    head_dim: usize,
+}
+
+fn make_problem(dims: Dims, options: Options) -> AttentionProblem {
+    let batch = if options.mask == MaskKind::PerBatchAndHead {
+        dims.batch.max(2)
+    } else {
+        dims.batch
+    };
+    let heads = dims.ratio * dims.kv_heads;
+    let shape = AttentionShape::new(batch, heads, dims.seq_q, dims.seq_kv, dims.head_dim)
+        .with_kv_heads(dims.kv_heads);
+    let mut problem = AttentionProblem::new(shape)
+        .with_causal(options.causal)
+        .with_window(options.window.0, options.window.1);
+    if let Some(softcap) = options.softcap {
+        problem = problem.with_softcap(softcap);
+    }
+    match options.mask {
+        MaskKind::None => problem,
+        MaskKind::Broadcast => problem.with_mask(1, 1),
+        MaskKind::PerBatchAndHead => problem.with_mask(batch, heads),
+    }
+}
+
+/// Builds every pair of [`SEQ_LENS`] × every head dim. Stepping the option index by 7 per head
+/// dim (7 is coprime to the 54 combinations) gives each sequence-length pair ten different option combinations.
+fn odd_length_problems() -> Vec<AttentionProblem> {
+    let pairs = SEQ_LENS
+        .iter()
+        .flat_map(|&seq_q| SEQ_LENS.iter().map(move |&seq_kv| (seq_q, seq_kv)));
+    let mut problems = Vec::new();
+    for (pair_index, (seq_q, seq_kv)) in pairs.enumerate() {
+        for (dim_index, &head_dim) in HEAD_DIMS.iter().enumerate() {
+            let dims = Dims {
+                batch: 1 + (pair_index + dim_index) % 2,
+                ratio: GQA_RATIOS[(pair_index + dim_index) % GQA_RATIOS.len()],
+                kv_heads: 1 + (pair_index + dim_index / GQA_RATIOS.len()) % 2,
+                seq_q,
+                seq_kv,
+                head_dim,
+            };
+            let options = Options::from_index(7 * dim_index + 11 * pair_index);
+            problems.push(make_problem(dims, options));
+        }
+    }
+    problems
+}
+
+/// Builds every option combination × every ratio on each of [`PRODUCT_SHAPES`].
+fn option_product_problems() -> Vec<AttentionProblem> {
+    let mut problems = Vec::new();
+    for (shape_index, &(seq_q, seq_kv, head_dim)) in PRODUCT_SHAPES.iter().enumerate() {
+        for combination in 0..OPTION_COMBINATIONS {
+            for (ratio_index, &ratio) in GQA_RATIOS.iter().enumerate() {
+                let dims = Dims {
+                    batch: 1 + (combination + shape_index) % 2,
+                    ratio,
+                    kv_heads: 1 + (combination + ratio_index) % 2,
+                    seq_q,
+                    seq_kv,
+                    head_dim,
+                };
+                problems.push(make_problem(dims, Options::from_index(combination)));
+            }
+        }
+    }
+    problems
+}
+
+/// Builds decoding problems: one query over each of [`DECODE_SEQ_KV`] keys × every head dim ×
+/// every ratio. Stepping the option index by 5 (coprime to the 54 combinations) gives the 40
+/// problems of one key count 40 different option combinations.
+fn decode_problems() -> Vec<AttentionProblem> {
+    let mut problems = Vec::new();
+    for (kv_index, &seq_kv) in DECODE_SEQ_KV.iter().enumerate() {
+        for (dim_index, &head_dim) in HEAD_DIMS.iter().enumerate() {
+            for (ratio_index, &ratio) in GQA_RATIOS.iter().enumerate() {
+                let dims = Dims {
+                    batch: 1,
+                    ratio,
+                    kv_heads: 1 + dim_index % 2,
+                    seq_q: 1,
+                    seq_kv,
+                    head_dim,
+                };
+                let index = dim_index * GQA_RATIOS.len() + ratio_index;
+                let options = Options::from_index(5 * index + kv_index);
+                problems.push(make_problem(dims, options));
+            }
+        }
+    }
+    problems
+}
+
+/// Builds every problem of the grid in f32, without repeats.
+fn grid_problems() -> Vec<AttentionProblem> {
+    let mut seen = HashSet::new();
+    let mut problems = odd_length_problems();
+    problems.extend(option_product_problems());
+    problems.extend(decode_problems());
+    problems.retain(|problem| seen.insert(problem_name(problem)));
+    problems
+}
+
+/// Extends [`AttentionProblem::label`] with soft-capping and the window, then the dtype, so that
+/// every problem of the grid has its own name, e.g. `b2_h8_hkv2_q17_kv113_d59_cap30_win16-0_f16`.
+fn problem_name(problem: &AttentionProblem) -> String {
+    let mut name = problem.with_dtype(Dtype::F32).label();
+    if let Some(softcap) = problem.softcap {
+        name.push_str(&format!("_cap{softcap}"));
+    }
+    let window = problem.window;
+    if window.left.is_some() || window.right.is_some() {
+        let side = |bound: Option<usize>| bound.map_or("inf".to_string(), |keys| keys.to_string());
+        name.push_str(&format!("_win{}-{}", side(window.left), side(window.right)));
+    }
+    if problem.dtype == Dtype::F16 {
+        name.push_str("_f16");
+    }
+    name
+}
+
+/// Returns the option values a problem uses, for choosing the quick subset.
+fn features(problem: &AttentionProblem) -> Vec<String> {
+    let s = &problem.shape;
+    let mask = match problem.mask {
+        None => "none",
+        Some(mask) if mask.batch == 1 && mask.heads == 1 => "broadcast",
+        Some(_) => "per-batch-and-head",
+    };
+    vec![
+        format!("batch={}", s.batch),
+        format!("seq_q={}", s.seq_q),
+        format!("seq_kv={}", s.seq_kv),
+        format!("seq_q>seq_kv={}", s.seq_q > s.seq_kv),
+        format!("head_dim={}", s.head_dim),
+        format!("ratio={}", s.group_size()),
+        format!("kv_heads={}", s.kv_heads),
+        format!("causal={}", problem.causal.name()),
+        format!("mask={mask}"),
+        format!("softcap={:?}", problem.softcap),
+        format!("window={:?}", problem.window),
+        format!("sampled={}", work(problem) > FULL_CHECK_MAX_WORK),
+    ]
+}
+
+/// Returns the multiply-adds of one matrix product, `batch · heads · seq_q · seq_kv · head_dim`.
+fn work(problem: &AttentionProblem) -> usize {
+    let s = &problem.shape;
+    s.batch * s.heads * s.seq_q * s.seq_kv * s.head_dim
+}
+
+/// Marks a small set of problems that together use every value of [`features`] at least
+/// [`QUICK_COVERAGE`] times: greedily the problem that adds the most missing uses, the cheaper
+/// one on a tie.
+fn quick_subset(problems: &[AttentionProblem]) -> Vec<bool> {
+    let problem_features: Vec<Vec<String>> = problems.iter().map(features).collect();
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    let mut chosen = vec![false; problems.len()];
+    loop {
+        let missing_uses = |index: usize| {
+            problem_features[index]
+                .iter()
+                .filter(|value| uses.get(value.as_str()).copied().unwrap_or(0) < QUICK_COVERAGE)
+                .count()
+        };
+        let best = (0..problems.len())
+            .filter(|&index| !chosen[index])
+            .max_by_key(|&index| (missing_uses(index), Reverse(work(&problems[index]))));
+        match best {
+            Some(index) if missing_uses(index) > 0 => {
+                chosen[index] = true;
+                for value in &problem_features[index] {
+                    *uses.entry(value.as_str()).or_default() += 1;
+                }
+            }
+            _ => return chosen,
+        }
+    }
+}
+
+/// One problem in one dtype, with the kernels selected for it.
+struct CaseGroup {
+    problem: AttentionProblem,
+    name: String,
+    seed: u64,
+    kernels: Vec<Kernel>,
+}
+
+impl CaseGroup {
+    fn case_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.kernels
+            .iter()
+            .map(|kernel| format!("{} {}", self.name, kernel.name()))
+    }
+}
+
+/// Builds the selected cases, grouped by problem and dtype so that inputs and the reference are
+/// computed once per group.
+fn select_cases(args: &ValidateArgs) -> Vec<CaseGroup> {
+    let problems = grid_problems();
+    let quick = quick_subset(&problems);
+    let mut groups = Vec::new();
+    for (problem, in_quick) in problems.iter().zip(quick) {
+        if args.quick && !in_quick {
+            continue;
+        }
+        for dtype in DTYPES {
+            let problem = problem.with_dtype(dtype);
+            let name = problem_name(&problem);
+            let kernels: Vec<Kernel> = args
+                .kernel
+                .0
+                .iter()
+                .copied()
+                .filter(|kernel| {
+                    let case_name = format!("{name} {}", kernel.name());
+                    args.filter
+                        .as_deref()
+                        .is_none_or(|filter| case_name.contains(filter))
+                })
+                .collect();
+            if !kernels.is_empty() {
+                let seed = seed_for(&name);
+                groups.push(CaseGroup {
+                    problem,
+                    name,
+                    seed,
+                    kernels,
+                });
+            }
+        }
+    }
+    groups
+}
+
+/// Derives a case's seed from its problem name (64-bit FNV-1a).
+fn seed_for(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// SplitMix64, a small generator whose whole state is the seed.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), with 53 random bits.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [-1, 1), from 24 random bits, so the value is exact in f32.
+    fn symmetric(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+
+    /// Uniform in `0..bound`.
+    fn below(&mut self, bound: usize) -> usize {
+        (self.unit() * bound as f64) as usize % bound
+    }
+}
+
+/// The inputs of one case group. For f16, `q`, `k` and `v` contain the f16 values widened to
+/// f32, so that the reference gets exactly the kernel's inputs.
+struct CaseData {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Option<Vec<f32>>,
+    /// Q, K and V in f16, for f16 problems.
+    half: Option<[Vec<f16>; 3]>,
+}
+
+impl CaseData {
+    fn generate(problem: &AttentionProblem, seed: u64) -> Self {
+        let mut rng = SplitMix64(seed);
+        let s = &problem.shape;
+        let mut draw = |len: usize| (0..len).map(|_| rng.symmetric()).collect::<Vec<f32>>();
+        let (mut q, mut k, mut v) = (draw(s.q_len()), draw(s.kv_len()), draw(s.kv_len()));
+        let mask = problem.mask.map(|_| generate_mask(problem, &mut rng));
+        let half = (problem.dtype == Dtype::F16).then(|| {
+            let round = |values: &mut Vec<f32>| {
+                let rounded: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+                *values = rounded.iter().map(|x| x.to_f32()).collect();
+                rounded
+            };
+            [round(&mut q), round(&mut k), round(&mut v)]
+        });
+        Self {
+            q,
+            k,
+            v,
+            mask,
+            half,
+        }
+    }
+
+    fn inputs(&self) -> AttentionInputs<'_> {
+        AttentionInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            mask: self.mask.as_deref(),
+        }
+    }
+}
+
+/// Draws an additive mask: entries in [-1, 1), [`MASKED_FRACTION`] of them `-inf`, and the row
+/// [`fully_masked_row`] of the last batch element and head all `-inf`.
+fn generate_mask(problem: &AttentionProblem, rng: &mut SplitMix64) -> Vec<f32> {
+    let mut mask: Vec<f32> = (0..problem.mask_len())
+        .map(|_| {
+            if rng.unit() < MASKED_FRACTION {
+                f32::NEG_INFINITY
+            } else {
+                rng.symmetric()
+            }
+        })
+        .collect();
+    if let Some((b, h, i)) = fully_masked_row(problem) {
+        let seq_kv = problem.shape.seq_kv;
+        let (batch_stride, head_stride) = problem.mask_strides();
+        let start = b * batch_stride + h * head_stride + i * seq_kv;
+        mask[start..start + seq_kv].fill(f32::NEG_INFINITY);
+    }
+    mask
+}
+
+/// Returns the row `(b, h, i)` that the additive mask removes completely: row `seq_q / 2` of the
+/// last batch element and head (of every head, with a broadcast mask). Returns `None` without a
+/// mask, and when that row would be the only row of a broadcast mask, which would leave nothing
+/// unmasked.
+fn fully_masked_row(problem: &AttentionProblem) -> Option<(usize, usize, usize)> {
+    let mask = problem.mask?;
+    let s = &problem.shape;
+    if s.seq_q == 1 && mask.batch == 1 && mask.heads == 1 {
+        return None;
+    }
+    Some((s.batch - 1, s.heads - 1, s.seq_q / 2))
+}
+
+/// The reference result of one case group, on every row or on sampled rows.
+struct Expected {
+    /// Compared rows as flat indices `(b · heads + h) · seq_q + i`, or `None` for every row.
+    rows: Option<Vec<usize>>,
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    /// [`naive_f16_attention`] on the compared rows, for f16 problems.
+    naive_f16: Option<Vec<f32>>,
+}
+
+impl Expected {
+    fn compute(
+        problem: &AttentionProblem,
+        data: &CaseData,
+        seed: u64,
+    ) -> wgpu_attention::Result<Self> {
+        if work(problem) <= FULL_CHECK_MAX_WORK {
+            Self::compute_full(problem, data)
+        } else {
+            Self::compute_sampled(problem, data, sample_rows(problem, seed))
+        }
+    }
+
+    fn compute_full(problem: &AttentionProblem, data: &CaseData) -> wgpu_attention::Result<Self> {
+        let inputs = data.inputs();
+        let expected = reference::attention(problem, &inputs)?;
+        let naive_f16 = match problem.dtype {
+            Dtype::F16 => Some(naive_f16_attention(problem, &inputs)?),
+            Dtype::F32 => None,
+        };
+        Ok(Self {
+            rows: None,
+            out: expected.out,
+            lse: expected.lse,
+            naive_f16,
+        })
+    }
+
+    fn compute_sampled(
+        problem: &AttentionProblem,
+        data: &CaseData,
+        rows: Vec<usize>,
+    ) -> wgpu_attention::Result<Self> {
+        let inputs = data.inputs();
+        let (mut out, mut lse) = (Vec::new(), Vec::new());
+        for &row in &rows {
+            let (b, h, i) = row_position(problem, row);
+            let expected = reference::attention_row(problem, &inputs, b, h, i)?;
+            out.extend_from_slice(&expected.out);
+            lse.push(expected.lse);
+        }
+        let naive_f16 = match problem.dtype {
+            Dtype::F16 => Some(naive_f16_rows(problem, data, &rows)?),
+            Dtype::F32 => None,
+        };
+        Ok(Self {
+            rows: Some(rows),
+            out,
+            lse,
+            naive_f16,
+        })
+    }
+}
+
+fn row_position(problem: &AttentionProblem, row: usize) -> (usize, usize, usize) {
+    let s = &problem.shape;
+    let i = row % s.seq_q;
+    let head = row / s.seq_q;
+    (head / s.heads, head % s.heads, i)
+}
+
+/// Picks up to [`SAMPLED_HEADS`] heads: the first, the last, the last of the first key/value
+/// group, and random ones. In each it picks up to [`SAMPLED_ROWS_PER_HEAD`] rows: the first, the
+/// middle (which the mask removes completely in the last head), the last, and random ones.
+/// Returns flat row indices, sorted.
+fn sample_rows(problem: &AttentionProblem, seed: u64) -> Vec<usize> {
+    let s = &problem.shape;
+    let mut rng = SplitMix64(seed ^ 0x5a5a_5a5a_5a5a_5a5a);
+    let head_count = s.batch * s.heads;
+    let mut heads = vec![0, head_count - 1, s.group_size() - 1];
+    for _ in 0..4 * SAMPLED_HEADS {
+        heads.push(rng.below(head_count));
+    }
+    let heads = first_distinct(heads, SAMPLED_HEADS);
+    let mut rows = Vec::new();
+    for head in heads {
+        let mut positions = vec![0, s.seq_q / 2, s.seq_q - 1];
+        for _ in 0..4 * SAMPLED_ROWS_PER_HEAD {
+            positions.push(rng.below(s.seq_q));
+        }
+        for i in first_distinct(positions, SAMPLED_ROWS_PER_HEAD) {
+            rows.push(head * s.seq_q + i);
+        }
+    }
+    rows.sort_unstable();
+    rows
+}
+
+/// Returns the first `limit` distinct values of `values`, in order.
+fn first_distinct(values: Vec<usize>, limit: usize) -> Vec<usize> {
+    let mut distinct = Vec::new();
+    for value in values {
+        if distinct.len() == limit {
+            break;
+        }
+        if !distinct.contains(&value) {
+            distinct.push(value);
+        }
+    }
+    distinct
+}
+
+/// Runs [`naive_f16_attention`] on each sampled head as a problem of its own (one batch element,
+/// one head, every row, so causal masking and the window are unchanged) and returns the sampled
+/// rows of its output.
+fn naive_f16_rows(
+    problem: &AttentionProblem,
+    data: &CaseData,
+    rows: &[usize],
+) -> wgpu_attention::Result<Vec<f32>> {
+    let s = &problem.shape;
+    let d = s.head_dim;
+    let mut by_head: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for &row in rows {
+        let head = row / s.seq_q;
+        let head_out = match by_head.entry(head) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(naive_f16_head(problem, data, head)?),
+        };
+        let i = row % s.seq_q;
+        out.extend_from_slice(&head_out[i * d..(i + 1) * d]);
+    }
+    Ok(out)
+}
+
+/// Runs [`naive_f16_attention`] on flat head `head = b · heads + h` alone.
+fn naive_f16_head(
+    problem: &AttentionProblem,
+    data: &CaseData,
+    head: usize,
+) -> wgpu_attention::Result<Vec<f32>> {
+    let s = &problem.shape;
+    let (b, h) = (head / s.heads, head % s.heads);
+    let kv_head = b * s.kv_heads + h / s.group_size();
+    let q_len = s.seq_q * s.head_dim;
+    let kv_len = s.seq_kv * s.head_dim;
+    let mut single = *problem;
+    single.shape = AttentionShape::new(1, 1, s.seq_q, s.seq_kv, s.head_dim);
+    let mask = match (&data.mask, problem.mask) {
+        (Some(mask), Some(_)) => {
+            single = single.with_mask(1, 1);
+            let (batch_stride, head_stride) = problem.mask_strides();
+            let start = b * batch_stride + h * head_stride;
+            Some(&mask[start..start + s.scores_per_head()])
+        }
+        _ => None,
+    };
+    let inputs = AttentionInputs {
+        q: &data.q[head * q_len..][..q_len],
+        k: &data.k[kv_head * kv_len..][..kv_len],
+        v: &data.v[kv_head * kv_len..][..kv_len],
+        mask,
+    };
+    naive_f16_attention(&single, &inputs)
+}
+
+/// Runs `kernel` and returns its output widened to f32, and its log-sum-exp.
+fn run_kernel(
+    context: &Context,
+    kernel: Kernel,
+    problem: &AttentionProblem,
+    data: &CaseData,
+) -> wgpu_attention::Result<(Vec<f32>, Vec<f32>)> {
+    match &data.half {
+        None => {
+            let output = context.attention_with(kernel, problem, &data.inputs())?;
+            Ok((output.out, output.lse))
+        }
+        Some([q, k, v]) => {
+            let inputs = AttentionInputsF16 {
+                q,
+                k,
+                v,
+                mask: data.mask.as_deref(),
+            };
+            let output = context.attention_f16(kernel, problem, &inputs)?;
+            let out = output.out.iter().map(|x| x.to_f32()).collect();
+            Ok((out, output.lse))
+        }
+    }
+}
+
+/// The errors of one kernel's output against the reference.
+struct Comparison {
+    out: ErrorStats,
+    lse: ErrorStats,
+    tolerance: Tolerance,
+    /// For f16: the largest error of [`naive_f16_attention`] against the reference.
+    naive_f16_max_abs: Option<f64>,
+    /// Rows compared, and whether they are a sample.
+    rows: usize,
+    sampled: bool,
+}
+
+impl Comparison {
+    fn new(
+        problem: &AttentionProblem,
+        expected: &Expected,
+        out: &[f32],
+        lse: &[f32],
+    ) -> Comparison {
+        let d = problem.shape.head_dim;
+        let (out, lse) = match &expected.rows {
+            None => (out.to_vec(), lse.to_vec()),
+            Some(rows) => {
+                let out_rows = rows.iter().flat_map(|&row| &out[row * d..(row + 1) * d]);
+                let lse_rows = rows.iter().map(|&row| lse[row]);
+                (out_rows.copied().collect(), lse_rows.collect())
+            }
+        };
+        let tolerance = match problem.dtype {
+            Dtype::F32 => Tolerance::F32,
+            Dtype::F16 => Tolerance::F16,
+        };
+        let naive_f16_max_abs = expected
+            .naive_f16
+            .as_ref()
+            .map(|naive| ErrorStats::compare(naive, &expected.out).max_abs);
+        Comparison {
+            out: ErrorStats::compare(&out, &expected.out),
+            lse: ErrorStats::compare(&lse, &expected.lse),
+            tolerance,
+            naive_f16_max_abs,
+            rows: lse.len(),
+            sampled: expected.rows.is_some(),
+        }
+    }
+
+    /// Returns why the output fails, empty when it passes. The log-sum-exp is f32 in both dtypes
+    /// and is judged by [`Tolerance::F32`].
+    fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if !self.out.passes(&self.tolerance) {
+            failures.push(format!("output outside tolerance ({})", self.out));
+        }
+        if !self.lse.passes(&Tolerance::F32) {
+            failures.push(format!(
+                "log-sum-exp outside the f32 tolerance ({})",
+                self.lse
+            ));
+        }
+        if let Some(limit) = self.naive_f16_limit()
+            && self.out.max_abs > limit
+        {
+            failures.push(format!(
+                "max_abs {:.2e} exceeds twice the naive f16 error, limit {limit:.2e}",
+                self.out.max_abs
+            ));
+        }
+        failures
+    }
+
+    /// Returns twice the naive f16 error, floored at one f16 epsilon of the largest output, the
+    /// limit that tests/f16.rs also applies.
+    fn naive_f16_limit(&self) -> Option<f64> {
+        let epsilon = f64::from(f16::EPSILON.to_f32());
+        self.naive_f16_max_abs
+            .map(|naive| 2.0 * naive.max(epsilon * self.out.max_expected))
+    }
+}
+
+/// The result of one case.
+enum Outcome {
+    Compared(Comparison),
+    /// The kernel rejected the problem on this device, with the library's message.
+    Unsupported(String),
+    /// The kernel or the reference returned another error, with its message.
+    Errored(String),
+}
+
+impl Outcome {
+    fn from_error(error: &Error) -> Self {
+        match error {
+            Error::Unsupported { .. } | Error::ExceedsLimit { .. } => {
+                Outcome::Unsupported(error.to_string())
+            }
+            _ => Outcome::Errored(error.to_string()),
+        }
+    }
+
+    fn status(&self) -> Status {
+        match self {
+            Outcome::Compared(comparison) if comparison.failures().is_empty() => Status::Pass,
+            Outcome::Compared(_) | Outcome::Errored(_) => Status::Fail,
+            Outcome::Unsupported(_) => Status::Skip,
+        }
+    }
+
+    fn message(&self) -> Option<String> {
+        match self {
+            Outcome::Compared(comparison) => {
+                let failures = comparison.failures();
+                (!failures.is_empty()).then(|| failures.join("; "))
+            }
+            Outcome::Unsupported(message) => Some(format!("unsupported: {message}")),
+            Outcome::Errored(message) => Some(format!("error: {message}")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// Counts of each status.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Tally {
+    fn add(&mut self, status: Status) {
+        match status {
+            Status::Pass => self.passed += 1,
+            Status::Fail => self.failed += 1,
+            Status::Skip => self.skipped += 1,
+        }
+    }
+}
+
+/// Settings and state shared by every case of one run.
+struct Session<'a> {
+    context: &'a Context,
+    adapter: String,
+    json: bool,
+    progress: ProgressBar,
+    tally: Tally,
+}
+
+impl Session<'_> {
+    /// Generates the inputs and the reference of one group, then runs and reports each kernel.
+    fn run_group(&mut self, group: &CaseGroup) {
+        self.progress.set_message(group.name.clone());
+        let data = CaseData::generate(&group.problem, group.seed);
+        let expected = Expected::compute(&group.problem, &data, group.seed);
+        for &kernel in &group.kernels {
+            let outcome = match &expected {
+                Ok(expected) => run_case(self.context, kernel, &group.problem, &data, expected),
+                Err(error) => Outcome::Errored(format!("the reference failed: {error}")),
+            };
+            self.tally.add(outcome.status());
+            self.report(group, kernel, &outcome);
+            self.progress.inc(1);
+        }
+    }
+
+    fn report(&self, group: &CaseGroup, kernel: Kernel, outcome: &Outcome) {
+        self.progress.suspend(|| {
+            if self.json {
+                println!("{}", case_json(group, kernel, outcome, &self.adapter));
+            } else {
+                println!("{}", case_line(group, kernel, outcome));
+            }
+        });
+    }
+}
+
+fn run_case(
+    context: &Context,
+    kernel: Kernel,
+    problem: &AttentionProblem,
+    data: &CaseData,
+    expected: &Expected,
+) -> Outcome {
+    match run_kernel(context, kernel, problem, data) {
+        Ok((out, lse)) => Outcome::Compared(Comparison::new(problem, expected, &out, &lse)),
+        Err(error) => Outcome::from_error(&error),
+    }
+}
+
+/// Formats one case as `STATUS name kernel  stats  seed`, with the tolerance and the reasons
+/// after a failure, and the library's message after a skip.
+fn case_line(group: &CaseGroup, kernel: Kernel, outcome: &Outcome) -> String {
+    let status = match outcome.status() {
+        Status::Pass => "PASS",
+        Status::Fail => "FAIL",
+        Status::Skip => "SKIP",
+    };
+    let mut line = format!("{status} {} {}", group.name, kernel.name());
+    if let Outcome::Compared(comparison) = outcome {
+        line.push_str(&format!(
+            "  max_abs {:.1e} nmse {:.1e}",
+            comparison.out.max_abs, comparison.out.nmse
+        ));
+        if comparison.sampled {
+            line.push_str(&format!(" ({} sampled rows)", comparison.rows));
+        }
+        if outcome.status() == Status::Fail {
+            let tolerance = &comparison.tolerance;
+            line.push_str(&format!(
+                "  tolerance abs {:.1e} nmse {:.1e}",
+                tolerance.abs_limit(comparison.out.max_expected),
+                tolerance.nmse
+            ));
+        }
+    }
+    line.push_str(&format!("  seed {:#018x}", group.seed));
+    if let Some(message) = outcome.message() {
+        line.push_str(&format!(" ({message})"));
+    }
+    line
+}
+
+fn case_json(
+    group: &CaseGroup,
+    kernel: Kernel,
+    outcome: &Outcome,
+    adapter: &str,
+) -> serde_json::Value {
+    let status = match outcome.status() {
+        Status::Pass => "pass",
+        Status::Fail => "fail",
+        Status::Skip => "skip",
+    };
+    let comparison = match outcome {
+        Outcome::Compared(comparison) => Some(comparison),
+        _ => None,
+    };
+    let tolerance = match group.problem.dtype {
+        Dtype::F32 => Tolerance::F32,
+        Dtype::F16 => Tolerance::F16,
+    };
+    json!({
+        "name": group.name,
+        "kernel": kernel.name(),
+        "dtype": group.problem.dtype.name(),
+        "status": status,
+        "max_abs": comparison.map(|c| c.out.max_abs),
+        "max_rel": comparison.map(|c| c.out.max_rel),
+        "nmse": comparison.map(|c| c.out.nmse),
+        "lse_max_abs": comparison.map(|c| c.lse.max_abs),
+        "naive_f16_max_abs": comparison.and_then(|c| c.naive_f16_max_abs),
+        "rows": comparison.map(|c| c.rows),
+        "sampled": comparison.map(|c| c.sampled),
+        "tolerance": { "abs": tolerance.abs, "nmse": tolerance.nmse },
+        "seed": group.seed,
+        "message": outcome.message(),
+        "adapter": adapter,
+    })
+}
+
+/// Creates a progress bar on stderr, hidden for `--json`. indicatif draws nothing when stderr is
+/// not a terminal.
+fn progress_bar(total: usize, json: bool) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}] {msg}")
+        .expect("the progress bar template is valid");
+    ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
+        .with_style(style)
+}
+
+fn print_list(groups: &[CaseGroup], count: usize) {
+    for group in groups {
+        for name in group.case_names() {
+            println!("{name}");
+        }
+    }
+    println!("{count} cases");
+}
+
+pub(crate) fn run(args: &ValidateArgs) -> Result<ExitCode, Error> {
+    let groups = select_cases(args);
+    let count: usize = groups.iter().map(|group| group.kernels.len()).sum();
+    if args.list {
+        print_list(&groups, count);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if count == 0 {
+        eprintln!(
+            "error: no case name contains `{}`; `wgpu-attention validate --list` prints the names",
+            args.filter.as_deref().unwrap_or_default()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+
+    let context = crate::open_context(args.adapter.as_deref())?;
+    let adapter = crate::adapter_label(&context);
+    print_status(args.json, &format!("adapter: {adapter}, {count} cases"));
+    let mut session = Session {
+        context: &context,
+        adapter,
+        json: args.json,
+        progress: progress_bar(count, args.json),
+        tally: Tally::default(),
+    };
+    for group in &groups {
+        session.run_group(group);
+    }
+    session.progress.finish_and_clear();
+
+    let tally = &session.tally;
+    let summary = format!(
+        "{} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
+    print_status(args.json, &summary);
+    Ok(if tally.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints a header or summary line to stdout, or to stderr with `--json` so that stdout contains
+/// only JSON lines.
+fn print_status(json: bool, line: &str) {
+    if json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
