@@ -190,6 +190,34 @@ impl Context {
         problem: &AttentionProblem,
         inputs: &AttentionInputs<'_>,
     ) -> Result<AttentionOutput> {
+        Ok(self.attention_f32(kernel, problem, inputs, false)?.0)
+    }
+
+    /// Computes attention with the three-stage kernel and also returns the attention
+    /// probabilities, `[batch, heads, seq_q, seq_kv]`: the softmax of the scaled, capped and
+    /// masked scores, 0 for masked keys and for every key of a fully masked row.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::attention`], and [`Error::ExceedsLimit`] when the probabilities exceed the
+    /// device's `max_buffer_size`.
+    pub fn attention_probs(
+        &self,
+        problem: &AttentionProblem,
+        inputs: &AttentionInputs<'_>,
+    ) -> Result<(AttentionOutput, Vec<f32>)> {
+        let (output, probs) = self.attention_f32(Kernel::ThreeStage, problem, inputs, true)?;
+        // run_host returns the probabilities whenever they were requested.
+        Ok((output, probs.unwrap_or_default()))
+    }
+
+    fn attention_f32(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        inputs: &AttentionInputs<'_>,
+        with_probs: bool,
+    ) -> Result<(AttentionOutput, Option<Vec<f32>>)> {
         if problem.dtype != Dtype::F32 {
             return Err(Error::DtypeMismatch {
                 dtype: problem.dtype.name(),
@@ -199,7 +227,7 @@ impl Context {
         }
         problem.validate()?;
         inputs.validate(problem)?;
-        let (out, lse) = self.run_host(
+        let result = self.run_host(
             kernel,
             problem,
             [
@@ -208,11 +236,13 @@ impl Context {
                 bytemuck::cast_slice(inputs.v),
             ],
             inputs.mask,
+            with_probs,
         )?;
-        Ok(AttentionOutput {
-            out: bytemuck::pod_collect_to_vec(&out),
-            lse,
-        })
+        let output = AttentionOutput {
+            out: bytemuck::pod_collect_to_vec(&result.out_bytes),
+            lse: result.lse,
+        };
+        Ok((output, result.probs))
     }
 
     /// Computes attention on f16 inputs and returns an f16 output and the f32 log-sum-exp.
@@ -254,7 +284,7 @@ impl Context {
                 lse: output.lse,
             });
         }
-        let (out, lse) = self.run_host(
+        let result = self.run_host(
             kernel,
             &problem,
             [
@@ -263,10 +293,11 @@ impl Context {
                 bytemuck::cast_slice(inputs.v),
             ],
             inputs.mask,
+            false,
         )?;
         Ok(AttentionOutputF16 {
-            out: bytemuck::pod_collect_to_vec(&out),
-            lse,
+            out: bytemuck::pod_collect_to_vec(&result.out_bytes),
+            lse: result.lse,
         })
     }
 
@@ -278,8 +309,20 @@ impl Context {
         problem: &AttentionProblem,
         [q, k, v]: [&[u8]; 3],
         mask: Option<&[f32]>,
-    ) -> Result<(Vec<u8>, Vec<f32>)> {
+        with_probs: bool,
+    ) -> Result<HostResult> {
         self.check_bindings(problem)?;
+        let s = &problem.shape;
+        let probs_len = s.batch * s.heads * s.scores_per_head();
+        if with_probs && 4 * probs_len as u64 > self.limits().max_buffer_size {
+            return Err(Error::ExceedsLimit {
+                what: format!("the attention probabilities ({probs_len} f32 values)"),
+                value: 4 * probs_len as u64,
+                limit_name: "max_buffer_size",
+                limit: self.limits().max_buffer_size,
+                fix: "request probabilities for fewer heads or shorter sequences per call",
+            });
+        }
         let device = self.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -300,7 +343,6 @@ impl Context {
                 mapped_at_creation: false,
             })
         };
-        let s = &problem.shape;
         let element = problem.dtype.bytes();
         let q = storage("wgpu-attention q", &padded(q));
         let k = storage("wgpu-attention k", &padded(k));
@@ -320,13 +362,27 @@ impl Context {
             out: &out,
             lse: Some(&lse),
         };
-        self.record(kernel, problem, &mut encoder, &tensors)?;
+        let probs = with_probs.then(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-attention probs"),
+                size: 4 * probs_len as u64,
+                usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        });
+        self.record_inner(kernel, problem, &mut encoder, &tensors, probs.as_ref())?;
         let out_staging = copy_to_staging(device, &mut encoder, &out);
         let lse_staging = copy_to_staging(device, &mut encoder, &lse);
+        let probs_staging = probs
+            .as_ref()
+            .map(|probs| copy_to_staging(device, &mut encoder, probs));
         self.queue().submit([encoder.finish()]);
 
         let out_host = read_back(device, &out_staging);
         let lse_host = read_back(device, &lse_staging);
+        let probs_host = probs_staging
+            .map(|staging| read_back(device, &staging))
+            .transpose();
         if let Some(source) = pollster::block_on(oom_scope.pop()) {
             return Err(Error::Device {
                 during: "attention",
@@ -341,7 +397,11 @@ impl Context {
         }
         let mut out_bytes = out_host?;
         out_bytes.truncate(s.q_len() * element);
-        Ok((out_bytes, bytemuck::pod_collect_to_vec(&lse_host?)))
+        Ok(HostResult {
+            out_bytes,
+            lse: bytemuck::pod_collect_to_vec(&lse_host?),
+            probs: probs_host?.map(|bytes| bytemuck::pod_collect_to_vec(&bytes)),
+        })
     }
 
     /// Records attention into the caller's `encoder`, reading and writing the caller's buffers,
@@ -360,6 +420,19 @@ impl Context {
         problem: &AttentionProblem,
         encoder: &mut wgpu::CommandEncoder,
         tensors: &GpuTensors<'_>,
+    ) -> Result<()> {
+        self.record_inner(kernel, problem, encoder, tensors, None)
+    }
+
+    /// Records as [`Context::record`] does, and when `probs` is given also copies the attention
+    /// probabilities into it, which only the three-stage kernel has.
+    fn record_inner(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        encoder: &mut wgpu::CommandEncoder,
+        tensors: &GpuTensors<'_>,
+        probs: Option<&wgpu::Buffer>,
     ) -> Result<()> {
         problem.validate()?;
         self.check_bindings(problem)?;
@@ -420,9 +493,17 @@ impl Context {
             mask: tensors.mask.unwrap_or(&no_mask),
             out: tensors.out,
             lse,
+            probs,
         };
         match kernel.resolve(problem, self) {
             kernel @ (Kernel::Flash | Kernel::FlashTiled | Kernel::FlashRows) => {
+                if probs.is_some() {
+                    return Err(Error::Unsupported {
+                        kernel: kernel.name(),
+                        what: "returning attention probabilities".to_string(),
+                        fix: "use Kernel::ThreeStage, which stores them",
+                    });
+                }
                 flash::record(self, kernel, problem, encoder, &bindings)
             }
             Kernel::ThreeStage | Kernel::Auto => {
@@ -466,6 +547,15 @@ fn check_buffer(
         });
     }
     Ok(())
+}
+
+/// What a host-slice call reads back.
+struct HostResult {
+    /// The output's raw bytes, in the problem's dtype.
+    out_bytes: Vec<u8>,
+    lse: Vec<f32>,
+    /// The attention probabilities, when requested.
+    probs: Option<Vec<f32>>,
 }
 
 /// Pads `bytes` with zeros to a multiple of 4, the granularity of storage bindings.

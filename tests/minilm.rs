@@ -113,3 +113,26 @@ fn wrong_kernel_would_fail() {
         path.display()
     );
 }
+
+#[test]
+fn gpu_probabilities_match_model() {
+    let context = common::context();
+    for (path, fixture) in layers() {
+        let (output, probs) = context
+            .attention_probs(&fixture.problem, &fixture.inputs())
+            .unwrap();
+        let expected = fixture.probs.as_ref().unwrap();
+        let stats = ErrorStats::compare(&probs, expected);
+        assert!(
+            stats.passes(&Tolerance::F32),
+            "{} probabilities: {stats}",
+            path.display()
+        );
+        let out = ErrorStats::compare(&output.out, &fixture.out);
+        assert!(
+            out.passes(&Tolerance::F32),
+            "{} output: {out}",
+            path.display()
+        );
+    }
+}

@@ -309,3 +309,60 @@ fn callers_device_keeps_adapter_guards() {
         assert!(stats.passes(&Tolerance::F32), "{kernel:?}: {stats}");
     }
 }
+
+#[test]
+fn probabilities_across_head_chunks() {
+    // 64 KiB bindings hold the scores of 2 heads of 90 × 90, so the 8 (batch, head) pairs run
+    // in 4 chunks, each copied out after its softmax.
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffer_binding_size = 64 << 10);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(2, 4, 90, 90, 16).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_window(Some(30), None)
+        .with_softcap(20.0)
+        .with_mask(2, 1);
+    let mut data = RandomInputs::new(&problem, 7, 0.1);
+    // Row 5 of batch 1 sees no key.
+    data.mask.as_mut().unwrap()[90 * 90 + 5 * 90..][..90].fill(f32::NEG_INFINITY);
+    let (_, probs) = context.attention_probs(&problem, &data.inputs()).unwrap();
+    assert_eq!(probs.len(), 2 * 4 * 90 * 90);
+    for (b, h, i) in [(0, 0, 0), (0, 3, 89), (1, 1, 5), (1, 2, 45), (1, 3, 89)] {
+        let row = reference::attention_row(&problem, &data.inputs(), b, h, i).unwrap();
+        let start = ((b * 4 + h) * 90 + i) * 90;
+        let stats = ErrorStats::compare(&probs[start..start + 90], &row.probs);
+        assert!(stats.passes(&Tolerance::F32), "b{b} h{h} i{i}: {stats}");
+    }
+    let masked_row = &probs[((4 + 1) * 90 + 5) * 90..][..90];
+    assert!(
+        masked_row.iter().all(|&p| p == 0.0),
+        "fully masked row: {masked_row:?}"
+    );
+}
+
+#[test]
+fn probabilities_over_buffer_limit_are_rejected() {
+    let (device, queue) = device_with_limits(|limits| limits.max_buffer_size = 64 << 10);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(1, 2, 100, 100, 4);
+    let problem = AttentionProblem::new(shape);
+    let data = RandomInputs::new(&problem, 8, 0.0);
+    let error = context
+        .attention_probs(&problem, &data.inputs())
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ExceedsLimit {
+                limit_name: "max_buffer_size",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("attention probabilities"),
+        "{error}"
+    );
+}

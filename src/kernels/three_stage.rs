@@ -32,6 +32,9 @@ pub(crate) struct Bindings<'a> {
     pub mask: &'a wgpu::Buffer,
     pub out: &'a wgpu::Buffer,
     pub lse: &'a wgpu::Buffer,
+    /// Where to copy the attention probabilities, `[batch, heads, seq_q, seq_kv]`, when
+    /// requested; only the three-stage kernel has them.
+    pub probs: Option<&'a wgpu::Buffer>,
 }
 
 /// (batch, head) pairs whose score matrices are processed together, given the device limits.
@@ -89,18 +92,18 @@ pub(crate) fn record(
     let scores = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("wgpu-attention scores"),
         size: 4 * (chunk * s.scores_per_head()) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
     });
     let base = KernelParams::new(problem);
     let max_groups = limits.max_compute_workgroups_per_dimension;
     let output_tile = tiles.output_tile();
 
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("wgpu-attention three-stage"),
-        timestamp_writes: None,
-    });
     for first in (0..total_heads).step_by(chunk) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("wgpu-attention three-stage"),
+            timestamp_writes: None,
+        });
         let heads = chunk.min(total_heads - first) as u32;
         let params = KernelParams {
             bh_offset: first as u32,
@@ -142,6 +145,13 @@ pub(crate) fn record(
                 log::trace!("dispatch {:?} from head {first}", part);
                 pass.dispatch_workgroups(part.count[0], part.count[1], part.count[2]);
             }
+        }
+        drop(pass);
+        // After the softmax stage the scratch holds this chunk's probabilities.
+        if let Some(probs) = bindings.probs {
+            let bytes = 4 * (heads as usize * s.scores_per_head()) as u64;
+            let offset = 4 * (first * s.scores_per_head()) as u64;
+            encoder.copy_buffer_to_buffer(&scores, 0, probs, offset, bytes);
         }
     }
     Ok(())
