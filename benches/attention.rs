@@ -102,18 +102,13 @@ impl HostTensors {
     fn random(shape: &AttentionShape, seed: u64) -> Self {
         let mut rng = SplitMix64(seed);
         let q = rng.fill(shape.q_len());
-        let k = rng.fill(shape.kv_len());
-        let v = rng.fill(shape.kv_len());
+        let k = rng.fill(shape.k_len());
+        let v = rng.fill(shape.v_len());
         Self { q, k, v }
     }
 
     fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            mask: None,
-        }
+        AttentionInputs::new(&self.q, &self.k, &self.v)
     }
 }
 
@@ -154,15 +149,8 @@ impl DeviceTensors {
     }
 
     fn tensors(&self) -> GpuTensors<'_> {
-        GpuTensors {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            mask: None,
-            out: &self.out,
-            // Passing the buffer keeps `record` from allocating a log-sum-exp scratch per call.
-            lse: Some(&self.lse),
-        }
+        // Passing the buffer keeps `record` from allocating a log-sum-exp scratch per call.
+        GpuTensors::new(&self.q, &self.k, &self.v, &self.out).with_lse(&self.lse)
     }
 }
 

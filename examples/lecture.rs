@@ -126,10 +126,8 @@ pub fn attention_weights(
         problem = problem.with_mask(1, 1);
     }
     let inputs = AttentionInputs {
-        q: &q,
-        k: &k,
-        v: &v,
         mask,
+        ..AttentionInputs::new(&q, &k, &v)
     };
     let gpu = context.attention_with(Kernel::ThreeStage, &problem, &inputs)?;
     let expected = reference::attention(&problem, &inputs)?;

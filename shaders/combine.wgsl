@@ -10,14 +10,14 @@
 override WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-// [kv_splits, batch, heads, seq_q, head_dim]
-@group(0) @binding(1) var<storage, read> partial_out: array<f32>;
-// [kv_splits, batch, heads, seq_q, 2]: (m, l) per split and row.
-@group(0) @binding(2) var<storage, read> partial_stats: array<f32>;
-// [batch, heads, seq_q, head_dim]
-@group(0) @binding(3) var<storage, read_write> out: array<Storage>;
-// [batch, heads, seq_q]
-@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+// The splits' outputs, [kv_splits, batch, heads, seq_q, head_dim_v], then their (m, l) pairs,
+// [kv_splits, batch, heads, seq_q, 2].
+@group(0) @binding(1) var<storage, read> partial: array<f32>;
+// The output and log-sum-exp, addressed through out_offset and lse_offset.
+@group(0) @binding(2) var<storage, read_write> out: array<Storage>;
+@group(0) @binding(3) var<storage, read_write> lse: array<f32>;
+// Per-head and per-sequence values; see params.wgsl.
+@group(0) @binding(4) var<storage, read> aux: array<u32>;
 
 @compute @workgroup_size(WG, 1, 1)
 fn main(
@@ -25,39 +25,49 @@ fn main(
     @builtin(local_invocation_index) local_index: u32,
 ) {
     let group = workgroup_id + params.group_offset;
-    let row = group.z * params.seq_q + group.x;
+    let position = group.x;
+    let b = group.z / params.heads;
+    let h = group.z % params.heads;
+    let seq = sequence(b);
+    if position >= seq.rows {
+        return;
+    }
+    let row = group.z * params.seq_q + position;
     let all_rows = params.batch * params.heads * params.seq_q;
-    let d = params.head_dim;
+    let d = params.head_dim_v;
+    let stats_base = params.kv_splits * all_rows * d;
+    let out_base = out_offset(b, h, seq.row_begin + position);
+    let lse_index = lse_offset(b, h, seq.row_begin + position);
 
     var max_all = neg_inf();
     for (var s = 0u; s < params.kv_splits; s++) {
-        max_all = max(max_all, partial_stats[2u * (s * all_rows + row)]);
+        max_all = max(max_all, partial[stats_base + 2u * (s * all_rows + row)]);
     }
     if max_all == neg_inf() {
         for (var col = local_index; col < d; col += WG) {
-            out[row * d + col] = Storage(0.0);
+            out[out_base + col] = Storage(0.0);
         }
         if local_index == 0u {
-            lse[row] = neg_inf();
+            lse[lse_index] = neg_inf();
         }
         return;
     }
 
     var total = 0.0;
     for (var s = 0u; s < params.kv_splits; s++) {
-        let stats = 2u * (s * all_rows + row);
-        total += partial_stats[stats + 1u] * exp(partial_stats[stats] - max_all);
+        let stats = stats_base + 2u * (s * all_rows + row);
+        total += partial[stats + 1u] * exp(partial[stats] - max_all);
     }
     for (var col = local_index; col < d; col += WG) {
         var sum = 0.0;
         for (var s = 0u; s < params.kv_splits; s++) {
-            let stats = 2u * (s * all_rows + row);
-            let weight = partial_stats[stats + 1u] * exp(partial_stats[stats] - max_all);
-            sum += weight * partial_out[(s * all_rows + row) * d + col];
+            let stats = stats_base + 2u * (s * all_rows + row);
+            let weight = partial[stats + 1u] * exp(partial[stats] - max_all);
+            sum += weight * partial[(s * all_rows + row) * d + col];
         }
-        out[row * d + col] = Storage(sum / total);
+        out[out_base + col] = Storage(sum / total);
     }
     if local_index == 0u {
-        lse[row] = max_all + log(total);
+        lse[lse_index] = max_all + log(total);
     }
 }

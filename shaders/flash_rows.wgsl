@@ -9,46 +9,41 @@
 // from a loop counter. On GPUs this design needs about 2 · head_dim registers per invocation,
 // which is why `flash.wgsl` is used there.
 
-// Upper bounds of the private arrays: MAX_HEAD_DIM / 4 vec4 columns, and the largest tile.
-const MAX_D4: u32 = 64u;
+// Upper bounds of the private arrays: 128 / 4 vec4 columns, and the largest tile.
+const MAX_D4: u32 = 32u;
 const MAX_TILE_KV: u32 = 64u;
 // Rows per workgroup, one per invocation.
 override WG: u32 = 64u;
 // Keys staged per tile, at most MAX_TILE_KV.
 override TILE_KV: u32 = 32u;
-// vec4 columns of the head dim, ceil(head_dim / 4), at most MAX_D4.
+// vec4 columns of the query/key head dim and of the value head dim, ceil(head_dim / 4), at
+// most MAX_D4 each.
 override D4: u32 = 16u;
+override D4V: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-// [batch, heads, seq_q, head_dim]
+// Queries, keys and values, addressed through q_offset, k_offset and v_offset.
 @group(0) @binding(1) var<storage, read> q: array<Storage>;
-// [batch, kv_heads, seq_kv, head_dim]
 @group(0) @binding(2) var<storage, read> k: array<Storage>;
-// [batch, kv_heads, seq_kv, head_dim]
 @group(0) @binding(3) var<storage, read> v: array<Storage>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
-// [batch, heads, seq_q, head_dim]; written when kv_splits is 1.
+// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
+// kv_splits is 1.
 @group(0) @binding(5) var<storage, read_write> out: array<Storage>;
-// [batch, heads, seq_q]; written when kv_splits is 1.
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// [kv_splits, batch, heads, seq_q, head_dim]: each split's output, normalized by its own sum.
-@group(0) @binding(7) var<storage, read_write> partial_out: array<f32>;
-// [kv_splits, batch, heads, seq_q, 2]: each split's running maximum and sum.
-@group(0) @binding(8) var<storage, read_write> partial_stats: array<f32>;
+// With several splits: each split's output normalized by its own sum,
+// [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
+// [kv_splits, batch, heads, seq_q, 2].
+@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
+// Per-head and per-sequence values; see params.wgsl.
+@group(0) @binding(8) var<storage, read> aux: array<u32>;
 
-// K and V of the tile, [TILE_KV][D4] each: 2 · TILE_KV · D4 · 16 bytes.
+// K and V of the tile, [TILE_KV][D4] and [TILE_KV][D4V]: TILE_KV · (D4 + D4V) · 16 bytes.
 var<workgroup> k_tile: array<vec4<f32>, TILE_KV * D4>;
-var<workgroup> v_tile: array<vec4<f32>, TILE_KV * D4>;
+var<workgroup> v_tile: array<vec4<f32>, TILE_KV * D4V>;
 
-// Flat index of the query row that packed row `packed` of key/value head `kv_head` is.
-fn query_row(b: u32, packed: u32, kv_head: u32) -> u32 {
-    let group = params.heads / params.kv_heads;
-    let h = kv_head * group + packed / params.seq_q;
-    return (b * params.heads + h) * params.seq_q + packed % params.seq_q;
-}
-
-// Reads four consecutive elements from `source` at `base + 4 · c4`, zero past head_dim.
+// Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim.
 fn load_k(base: u32, c4: u32) -> vec4<f32> {
     var value = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
@@ -60,11 +55,12 @@ fn load_k(base: u32, c4: u32) -> vec4<f32> {
     return value;
 }
 
+// Reads four consecutive elements of V at `base + 4 · c4`, zero past head_dim_v.
 fn load_v(base: u32, c4: u32) -> vec4<f32> {
     var value = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
         let col = 4u * c4 + e;
-        if col < params.head_dim {
+        if col < params.head_dim_v {
             value[e] = f32(v[base + col]);
         }
     }
@@ -84,14 +80,16 @@ fn main(
     let packed0 = group.x * WG;
     let split = group.y;
     let d = params.head_dim;
-    let kv_base = bkv * params.seq_kv * d;
+    let seq = sequence(b);
 
-    let packed = packed0 + local_index;
-    let valid = packed < packed_rows;
-    let row = query_row(b, min(packed, packed_rows - 1u), kv_head);
-    let position = row % params.seq_q;
-    let h = (row / params.seq_q) % params.heads;
+    // Packed row r is query head kv_head · group + r / seq_q at position r % seq_q; rows past
+    // the packed rows or past the sequence's own length are not valid.
+    let packed = min(packed0 + local_index, packed_rows - 1u);
+    let h = kv_head * (params.heads / params.kv_heads) + packed / params.seq_q;
+    let position = packed % params.seq_q;
+    let valid = packed0 + local_index < packed_rows && position < seq.rows;
     let mask_row = b * params.mask_batch_stride + h * params.mask_head_stride + position * params.seq_kv;
+    let q_base = q_offset(b, h, seq.row_begin + position);
 
     // The query row, scaled once here instead of every score.
     var q_row: array<vec4<f32>, MAX_D4>;
@@ -100,7 +98,7 @@ fn main(
         for (var e = 0u; e < 4u; e++) {
             let col = 4u * c4 + e;
             if valid && col < d {
-                value[e] = params.scale * f32(q[row * d + col]);
+                value[e] = params.scale * f32(q[q_base + col]);
             }
         }
         q_row[c4] = value;
@@ -116,24 +114,37 @@ fn main(
         last_position = params.seq_q - 1u;
     }
     let split_begin = split * params.keys_per_split;
-    let key_begin = max(split_begin, window_key_begin(params, first_position));
-    let key_end = min(block_key_end(params, last_position + 1u), split_begin + params.keys_per_split);
+    let key_begin = max(split_begin, window_key_begin(seq, first_position));
+    var key_end = min(block_key_end(seq, min(last_position + 1u, seq.rows)), split_begin + params.keys_per_split);
+    if first_position >= seq.rows {
+        key_end = key_begin;
+    }
 
+    // The sink joins the first split's sum as a score with no value row.
     var m = neg_inf();
     var l = 0.0;
+    let sink = sink_logit(h);
+    if split == 0u && sink != neg_inf() {
+        m = sink;
+        l = 1.0;
+    }
     var acc: array<vec4<f32>, MAX_D4>;
     for (var j0 = key_begin; j0 < key_end; j0 += TILE_KV) {
-        // Stage K and V, zero past key_end and head_dim.
+        // Stage K and V, zero past key_end and the head dims.
         for (var t = local_index; t < TILE_KV * D4; t += WG) {
             let key = j0 + t / D4;
-            let c4 = t % D4;
             var k_value = vec4<f32>(0.0);
-            var v_value = vec4<f32>(0.0);
             if key < key_end {
-                k_value = load_k(kv_base + key * d, c4);
-                v_value = load_v(kv_base + key * d, c4);
+                k_value = load_k(k_offset(b, kv_head, seq.key_begin + key), t % D4);
             }
             k_tile[t] = k_value;
+        }
+        for (var t = local_index; t < TILE_KV * D4V; t += WG) {
+            let key = j0 + t / D4V;
+            var v_value = vec4<f32>(0.0);
+            if key < key_end {
+                v_value = load_v(v_offset(b, kv_head, seq.key_begin + key), t % D4V);
+            }
             v_tile[t] = v_value;
         }
         workgroupBarrier();
@@ -148,8 +159,8 @@ fn main(
             }
             let key = j0 + j;
             var score = dot4.x + dot4.y + dot4.z + dot4.w;
-            score = cap_score(params, score);
-            if !valid || key >= key_end || !allows(params, position, key) {
+            score = cap_score(score) + alibi_bias(seq, h, position, key);
+            if !valid || key >= key_end || !allows(seq, position, key) {
                 score = neg_inf();
             } else if params.has_mask != 0u {
                 score += mask[mask_row + key];
@@ -165,14 +176,14 @@ fn main(
         let seen = new_max != neg_inf();
         let alpha = select(1.0, exp(m - new_max), seen);
         l *= alpha;
-        for (var c4 = 0u; c4 < D4; c4++) {
+        for (var c4 = 0u; c4 < D4V; c4++) {
             acc[c4] *= alpha;
         }
         for (var j = 0u; j < TILE_KV; j++) {
             let p = select(0.0, exp(s[j] - new_max), seen);
             l += p;
-            for (var c4 = 0u; c4 < D4; c4++) {
-                acc[c4] = fma(vec4<f32>(p), v_tile[j * D4 + c4], acc[c4]);
+            for (var c4 = 0u; c4 < D4V; c4++) {
+                acc[c4] = fma(vec4<f32>(p), v_tile[j * D4V + c4], acc[c4]);
             }
         }
         m = new_max;
@@ -184,27 +195,32 @@ fn main(
     }
     let fully_masked = m == neg_inf();
     let inv_sum = select(1.0 / l, 0.0, fully_masked);
+    let dv = params.head_dim_v;
     if params.kv_splits == 1u {
-        for (var c4 = 0u; c4 < D4; c4++) {
+        let out_base = out_offset(b, h, seq.row_begin + position);
+        for (var c4 = 0u; c4 < D4V; c4++) {
             for (var e = 0u; e < 4u; e++) {
                 let col = 4u * c4 + e;
-                if col < d {
-                    out[row * d + col] = Storage(acc[c4][e] * inv_sum);
+                if col < dv {
+                    out[out_base + col] = Storage(acc[c4][e] * inv_sum);
                 }
             }
         }
-        lse[row] = select(m + log(l), neg_inf(), fully_masked);
+        lse[lse_offset(b, h, seq.row_begin + position)] =
+            select(m + log(l), neg_inf(), fully_masked);
     } else {
-        let partial_row = split * params.batch * params.heads * params.seq_q + row;
-        for (var c4 = 0u; c4 < D4; c4++) {
+        let all_rows = params.batch * params.heads * params.seq_q;
+        let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
+        for (var c4 = 0u; c4 < D4V; c4++) {
             for (var e = 0u; e < 4u; e++) {
                 let col = 4u * c4 + e;
-                if col < d {
-                    partial_out[partial_row * d + col] = acc[c4][e] * inv_sum;
+                if col < dv {
+                    partial[partial_row * dv + col] = acc[c4][e] * inv_sum;
                 }
             }
         }
-        partial_stats[2u * partial_row] = m;
-        partial_stats[2u * partial_row + 1u] = l;
+        let stats = params.kv_splits * all_rows * dv + 2u * partial_row;
+        partial[stats] = m;
+        partial[stats + 1u] = l;
     }
 }

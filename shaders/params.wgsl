@@ -1,11 +1,16 @@
 // Parameters shared by every program. The host struct `KernelParams` in
 // src/kernels/mod.rs has the same fields in the same order.
+//
+// Every program that includes this file declares `params` (the uniform block) and `aux` (the
+// per-head and per-sequence values below); the functions here read both.
 struct Params {
     batch: u32,
     heads: u32,
     kv_heads: u32,
+    // The longest sequence of queries and of keys; with packed sequences each may be shorter.
     seq_q: u32,
     seq_kv: u32,
+    // Head dim of queries and keys.
     head_dim: u32,
     // 0: none, 1: top-left (key j <= query i), 2: bottom-right (j <= i + seq_kv - seq_q).
     causal: u32,
@@ -28,27 +33,108 @@ struct Params {
     // Sliding-window keys before and after the bottom-right diagonal, or -1 for unbounded.
     window_left: i32,
     window_right: i32,
+    // Element strides over (batch, head, position) of Q, K, V and the output; the head dim is
+    // contiguous. With packed sequences the position is the row in the packed tensor. Each
+    // vec3 is followed by a scalar, so the block has no padding.
+    q_strides: vec3<u32>,
+    // Head dim of values and of the output.
+    head_dim_v: u32,
+    k_strides: vec3<u32>,
+    // Element strides of the log-sum-exp over batch and head; the position is contiguous.
+    lse_batch_stride: u32,
+    v_strides: vec3<u32>,
+    lse_head_stride: u32,
+    out_strides: vec3<u32>,
+    // Which parts of `aux` are present: EXTRA_* bits.
+    extras: u32,
 }
+
+// `aux` holds, in this order: ALiBi slopes [heads] and sink logits [heads] as f32 bits, key
+// lengths [batch], and the cumulative query and key offsets of packed sequences [batch + 1] each.
+const EXTRA_ALIBI: u32 = 1u;
+const EXTRA_SINKS: u32 = 2u;
+const EXTRA_KV_LENS: u32 = 4u;
+const EXTRA_PACKED: u32 = 8u;
 
 // Negative infinity, built at run time because WGSL constant expressions may not be infinite.
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
 
-// Whether query row `i` may attend to key `j` under the causal mask.
-fn causal_allows(p: Params, i: u32, j: u32) -> bool {
-    switch p.causal {
-        case 1u: {
-            return j <= i;
-        }
-        case 2u: {
-            // j <= i + seq_kv - seq_q, written without unsigned underflow.
-            return j + p.seq_q <= i + p.seq_kv;
-        }
-        default: {
-            return true;
-        }
+// One batch element's sequence.
+struct Sequence {
+    // Query rows, and the key count that places the bottom-right diagonal: seq_q and seq_kv, or
+    // the packed sequence's own lengths.
+    rows: u32,
+    keys: u32,
+    // Keys below this index exist and may be attended: `keys`, or the key length when smaller.
+    key_limit: u32,
+    // The sequence's first row in Q, the output and the log-sum-exp, and first key in K and V;
+    // 0 unless the sequences are packed.
+    row_begin: u32,
+    key_begin: u32,
+}
+
+fn sequence(b: u32) -> Sequence {
+    var seq = Sequence(params.seq_q, params.seq_kv, params.seq_kv, 0u, 0u);
+    if (params.extras & EXTRA_PACKED) != 0u {
+        let cu_q = 2u * params.heads + params.batch;
+        let cu_kv = cu_q + params.batch + 1u;
+        seq.row_begin = aux[cu_q + b];
+        seq.key_begin = aux[cu_kv + b];
+        // Offsets the host did not check are clamped, so a bad length cannot reach past the
+        // dispatched grid.
+        seq.rows = min(aux[cu_q + b + 1u] - seq.row_begin, params.seq_q);
+        seq.keys = min(aux[cu_kv + b + 1u] - seq.key_begin, params.seq_kv);
+        seq.key_limit = seq.keys;
     }
+    if (params.extras & EXTRA_KV_LENS) != 0u {
+        seq.key_limit = min(seq.key_limit, aux[2u * params.heads + b]);
+    }
+    return seq;
+}
+
+// Element offsets of row `row` (already including row_begin) of head `h` in batch element `b`.
+fn q_offset(b: u32, h: u32, row: u32) -> u32 {
+    return b * params.q_strides.x + h * params.q_strides.y + row * params.q_strides.z;
+}
+
+fn k_offset(b: u32, kv_head: u32, key: u32) -> u32 {
+    return b * params.k_strides.x + kv_head * params.k_strides.y + key * params.k_strides.z;
+}
+
+fn v_offset(b: u32, kv_head: u32, key: u32) -> u32 {
+    return b * params.v_strides.x + kv_head * params.v_strides.y + key * params.v_strides.z;
+}
+
+fn out_offset(b: u32, h: u32, row: u32) -> u32 {
+    return b * params.out_strides.x + h * params.out_strides.y + row * params.out_strides.z;
+}
+
+fn lse_offset(b: u32, h: u32, row: u32) -> u32 {
+    return b * params.lse_batch_stride + h * params.lse_head_stride + row;
+}
+
+// The bottom-right diagonal of row `i`: key i + keys - rows, negative when rows > keys + i.
+fn diagonal(seq: Sequence, i: u32) -> i32 {
+    return i32(i) + i32(seq.keys) - i32(seq.rows);
+}
+
+// The additive ALiBi bias of row `i` and key `j` for query head `h`: -slope · |j - diagonal|.
+fn alibi_bias(seq: Sequence, h: u32, i: u32, j: u32) -> f32 {
+    if (params.extras & EXTRA_ALIBI) == 0u {
+        return 0.0;
+    }
+    return -bitcast<f32>(aux[h]) * f32(abs(i32(j) - diagonal(seq, i)));
+}
+
+// The sink logit of query head `h`, or -inf without sinks. It joins each row's softmax
+// denominator as a key with no value row.
+fn sink_logit(h: u32) -> f32 {
+    if (params.extras & EXTRA_SINKS) == 0u {
+        return neg_inf();
+    }
+    return bitcast<f32>(aux[params.heads + h]);
 }
 
 // Soft-caps a scaled score: softcap · tanh(s / softcap). The argument is clamped to ±15, where
@@ -56,61 +142,67 @@ fn causal_allows(p: Params, i: u32, j: u32) -> bool {
 // WGSL lets tanh be accurate only in absolute terms (lavapipe's error was about 6e-8, which
 // softcap = 30 turns into 2e-6 on scores near 0), so below |x| = 0.125 the odd Taylor series
 // x - x³/3 + 2x⁵/15 - 17x⁷/315 is used instead; its next term is under 2e-10 relative there.
-fn cap_score(p: Params, s: f32) -> f32 {
-    if p.softcap <= 0.0 {
+fn cap_score(s: f32) -> f32 {
+    if params.softcap <= 0.0 {
         return s;
     }
-    let x = clamp(s / p.softcap, -15.0, 15.0);
+    let x = clamp(s / params.softcap, -15.0, 15.0);
     let x2 = x * x;
     let series = x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))));
-    return p.softcap * select(tanh(x), series, abs(x) < 0.125);
+    return params.softcap * select(tanh(x), series, abs(x) < 0.125);
 }
 
-// Whether query row `i` may attend to key `j` under the causal mask and the sliding window.
-fn allows(p: Params, i: u32, j: u32) -> bool {
-    // The bottom-right diagonal of row i, which is negative when seq_q > seq_kv + i.
-    let diagonal = i32(i) + i32(p.seq_kv) - i32(p.seq_q);
-    let left_ok = p.window_left < 0 || i32(j) >= diagonal - p.window_left;
-    let right_ok = p.window_right < 0 || i32(j) <= diagonal + p.window_right;
-    return causal_allows(p, i, j) && left_ok && right_ok;
+// Whether query row `i` may attend to key `j`: the key exists, and the causal mask and the
+// sliding window allow it.
+fn allows(seq: Sequence, i: u32, j: u32) -> bool {
+    if j >= seq.key_limit {
+        return false;
+    }
+    var causal_ok = true;
+    switch params.causal {
+        case 1u: {
+            causal_ok = j <= i;
+        }
+        case 2u: {
+            // j <= i + keys - rows, written without unsigned underflow.
+            causal_ok = j + seq.rows <= i + seq.keys;
+        }
+        default: {}
+    }
+    let diag = diagonal(seq, i);
+    let left_ok = params.window_left < 0 || i32(j) >= diag - params.window_left;
+    let right_ok = params.window_right < 0 || i32(j) <= diag + params.window_right;
+    return causal_ok && left_ok && right_ok;
 }
 
 // The first key that row `first_row` (and so any later row) may attend to under the window.
-fn window_key_begin(p: Params, first_row: u32) -> u32 {
-    if p.window_left < 0 {
+fn window_key_begin(seq: Sequence, first_row: u32) -> u32 {
+    if params.window_left < 0 {
         return 0u;
     }
-    let begin = i32(first_row) + i32(p.seq_kv) - i32(p.seq_q) - p.window_left;
-    return u32(clamp(begin, 0, i32(p.seq_kv)));
+    let begin = diagonal(seq, first_row) - params.window_left;
+    return u32(clamp(begin, 0, i32(seq.key_limit)));
 }
 
-// One past the last key that any row before `row_end` may attend to under the causal mask and
-// the window, clamped to seq_kv. Keys from here on are masked for the whole tile and skipped.
-fn block_key_end(p: Params, row_end: u32) -> u32 {
-    var end = causal_key_end(p, row_end);
-    if p.window_right >= 0 {
-        let last = i32(row_end) - 1 + i32(p.seq_kv) - i32(p.seq_q) + p.window_right;
-        end = min(end, u32(clamp(last + 1, 0, i32(p.seq_kv))));
+// One past the last key that any row before `row_end` may attend to under the causal mask, the
+// window and the key limit. Keys from here on are masked for the whole tile and skipped.
+fn block_key_end(seq: Sequence, row_end: u32) -> u32 {
+    if row_end == 0u {
+        return 0u;
     }
-    return end;
-}
-
-// One past the last key that any row in [row_begin, row_end) may attend to under the causal
-// mask, clamped to seq_kv.
-fn causal_key_end(p: Params, row_end: u32) -> u32 {
     let last_row = row_end - 1u;
-    switch p.causal {
+    var end = seq.key_limit;
+    switch params.causal {
         case 1u: {
-            return min(last_row + 1u, p.seq_kv);
+            end = min(end, last_row + 1u);
         }
         case 2u: {
-            if last_row + p.seq_kv < p.seq_q {
-                return 0u;
-            }
-            return min(last_row + p.seq_kv - p.seq_q + 1u, p.seq_kv);
+            end = u32(clamp(diagonal(seq, last_row) + 1, 0, i32(end)));
         }
-        default: {
-            return p.seq_kv;
-        }
+        default: {}
     }
+    if params.window_right >= 0 {
+        end = u32(clamp(diagonal(seq, last_row) + params.window_right + 1, 0, i32(end)));
+    }
+    return end;
 }

@@ -3,8 +3,9 @@
 // Each workgroup computes one TILE_Q × TILE_D block of the output for one (batch, head). Its
 // WG_D × WG_Q invocations each own ROWS × COLS outputs, strided so that neighbouring invocations
 // write neighbouring columns. P and V are staged through workgroup memory TILE_KV keys at a
-// time, with zeros past the edges. Keys that the causal mask or the window hides from every row
-// of the tile have probability 0 and are skipped.
+// time, with zeros past the edges. Keys that the causal mask, the window or the key length hides
+// from every row of the tile have probability 0 and are skipped. The output's columns span the
+// value head dim, which may differ from the query and key head dim.
 
 const ROWS: u32 = 4u;
 const COLS: u32 = 4u;
@@ -17,10 +18,11 @@ override TILE_KV: u32 = 16u;
 @group(0) @binding(0) var<uniform> params: Params;
 // [heads of this chunk, seq_q, seq_kv]: probabilities from stage 2.
 @group(0) @binding(1) var<storage, read> probs: array<f32>;
-// [batch, kv_heads, seq_kv, head_dim]
+// Values and the output, addressed through params.v_strides and params.out_strides.
 @group(0) @binding(2) var<storage, read> v: array<Storage>;
-// [batch, heads, seq_q, head_dim]
 @group(0) @binding(3) var<storage, read_write> out: array<Storage>;
+// Per-head and per-sequence values; see params.wgsl.
+@group(0) @binding(4) var<storage, read> aux: array<u32>;
 
 // Probabilities of the tile, [TILE_Q][TILE_KV]: WG_Q · ROWS · TILE_KV · 4 bytes (4 KiB at the
 // defaults).
@@ -44,22 +46,22 @@ fn main(
     let b = bh / params.heads;
     let h = bh % params.heads;
     let kv_head = h / (params.heads / params.kv_heads);
-    let d = params.head_dim;
+    let d = params.head_dim_v;
+    let seq = sequence(b);
     let p_base = head_local * params.seq_q * params.seq_kv;
-    let v_base = (b * params.kv_heads + kv_head) * params.seq_kv * d;
     let row0 = group.y * tile_q;
     let col0 = group.x * tile_d;
-    let key_end = block_key_end(params, min(row0 + tile_q, params.seq_q));
-    let key_begin = window_key_begin(params, row0);
+    let key_end = block_key_end(seq, min(row0 + tile_q, seq.rows));
+    let key_begin = window_key_begin(seq, row0);
 
     var acc: array<f32, ROWS * COLS>;
     for (var j0 = key_begin; j0 < key_end; j0 += TILE_KV) {
-        // Load P: [tile_q][TILE_KV], zero past seq_q and key_end.
+        // Load P: [tile_q][TILE_KV], zero past the sequence's rows and key_end.
         for (var t = local_index; t < tile_q * TILE_KV; t += invocations) {
             let row = row0 + t / TILE_KV;
             let key = j0 + t % TILE_KV;
             var value = 0.0;
-            if row < params.seq_q && key < key_end {
+            if row < seq.rows && key < key_end {
                 value = probs[p_base + row * params.seq_kv + key];
             }
             p_tile[t] = value;
@@ -70,7 +72,7 @@ fn main(
             let col = col0 + t % tile_d;
             var value = 0.0;
             if key < key_end && col < d {
-                value = f32(v[v_base + key * d + col]);
+                value = f32(v[v_offset(b, kv_head, seq.key_begin + key) + col]);
             }
             v_tile[t] = value;
         }
@@ -93,13 +95,14 @@ fn main(
 
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + local_id.y + r * WG_Q;
-        if row >= params.seq_q {
+        if row >= seq.rows {
             continue;
         }
+        let out_base = out_offset(b, h, seq.row_begin + row);
         for (var cc = 0u; cc < COLS; cc++) {
             let col = col0 + local_id.x + cc * WG_D;
             if col < d {
-                out[(bh * params.seq_q + row) * d + col] = Storage(acc[r * COLS + cc]);
+                out[out_base + col] = Storage(acc[r * COLS + cc]);
             }
         }
     }

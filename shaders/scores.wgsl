@@ -1,4 +1,5 @@
-// Stage 1 of the three-stage path: S = scale · Q Kᵀ + mask, with causally masked entries -inf.
+// Stage 1 of the three-stage path: S = cap(scale · Q Kᵀ) + ALiBi bias + mask, with the entries
+// that the causal mask, the window or the key length forbids set to -inf.
 //
 // Each workgroup computes one TILE_Q × TILE_KV block of S for one (batch, head). Its
 // WG_KV × WG_Q invocations each own ROWS × COLS entries, strided so that neighbouring
@@ -14,14 +15,15 @@ override WG_KV: u32 = 16u;
 override TILE_D: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-// [batch, heads, seq_q, head_dim]
+// Queries and keys, addressed through params.q_strides and params.k_strides.
 @group(0) @binding(1) var<storage, read> q: array<Storage>;
-// [batch, kv_heads, seq_kv, head_dim]
 @group(0) @binding(2) var<storage, read> k: array<Storage>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(3) var<storage, read> mask: array<f32>;
 // [heads of this chunk, seq_q, seq_kv], starting at head bh_offset.
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;
+// Per-head and per-sequence values; see params.wgsl.
+@group(0) @binding(5) var<storage, read> aux: array<u32>;
 
 // Q rows of the tile, [TILE_Q][TILE_D]: WG_Q · ROWS · TILE_D · 4 bytes (4 KiB at the defaults).
 var<workgroup> q_tile: array<f32, WG_Q * ROWS * TILE_D>;
@@ -45,38 +47,37 @@ fn main(
     let h = bh % params.heads;
     let kv_head = h / (params.heads / params.kv_heads);
     let d = params.head_dim;
-    let q_base = bh * params.seq_q * d;
-    let k_base = (b * params.kv_heads + kv_head) * params.seq_kv * d;
+    let seq = sequence(b);
     let row0 = group.y * tile_q;
     let col0 = group.x * tile_kv;
 
-    // A tile whose every key is masked by the causal mask or the window for every row skips the
-    // products. The test depends only on workgroup-uniform values, so the barriers below stay in
-    // uniform control flow.
-    let row_end = min(row0 + tile_q, params.seq_q);
-    let computes = col0 < block_key_end(params, row_end)
-        && col0 + tile_kv > window_key_begin(params, row0);
+    // A tile past the sequence's rows, or whose every key is masked by the causal mask, the
+    // window or the key length for every row, skips the products. The test depends only on
+    // workgroup-uniform values, so the barriers below stay in uniform control flow.
+    let row_end = min(row0 + tile_q, seq.rows);
+    let computes = row0 < seq.rows && col0 < block_key_end(seq, row_end)
+        && col0 + tile_kv > window_key_begin(seq, row0);
 
     var acc: array<f32, ROWS * COLS>;
     if computes {
         for (var d0 = 0u; d0 < d; d0 += TILE_D) {
-            // Load Q: [tile_q][TILE_D], zero past seq_q and head_dim.
+            // Load Q: [tile_q][TILE_D], zero past the sequence's rows and head_dim.
             for (var t = local_index; t < tile_q * TILE_D; t += invocations) {
                 let row = row0 + t / TILE_D;
                 let col = d0 + t % TILE_D;
                 var value = 0.0;
-                if row < params.seq_q && col < d {
-                    value = f32(q[q_base + row * d + col]);
+                if row < seq.rows && col < d {
+                    value = f32(q[q_offset(b, h, seq.row_begin + row) + col]);
                 }
                 q_tile[t] = value;
             }
-            // Load K transposed: k_tile[c][key], zero past seq_kv and head_dim.
+            // Load K transposed: k_tile[c][key], zero past the key limit and head_dim.
             for (var t = local_index; t < tile_kv * TILE_D; t += invocations) {
                 let key = t / TILE_D;
                 let c = t % TILE_D;
                 var value = 0.0;
-                if col0 + key < params.seq_kv && d0 + c < d {
-                    value = f32(k[k_base + (col0 + key) * d + d0 + c]);
+                if col0 + key < seq.key_limit && d0 + c < d {
+                    value = f32(k[k_offset(b, kv_head, seq.key_begin + col0 + key) + d0 + c]);
                 }
                 k_tile[c * tile_kv + key] = value;
             }
@@ -98,11 +99,12 @@ fn main(
         }
     }
 
-    // Scale, add the mask, apply the causal mask, write.
+    // Scale, cap, add the bias and the mask, apply the causal mask and window, write. Rows past
+    // the sequence are not written; the softmax stage fills them with zeros.
     let mask_base = b * params.mask_batch_stride + h * params.mask_head_stride;
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + local_id.y + r * WG_Q;
-        if row >= params.seq_q {
+        if row >= seq.rows {
             continue;
         }
         for (var cc = 0u; cc < COLS; cc++) {
@@ -110,11 +112,11 @@ fn main(
             if col >= params.seq_kv {
                 continue;
             }
-            var s = cap_score(params, params.scale * acc[r * COLS + cc]);
+            var s = cap_score(params.scale * acc[r * COLS + cc]) + alibi_bias(seq, h, row, col);
             if params.has_mask != 0u {
                 s += mask[mask_base + row * params.seq_kv + col];
             }
-            if !allows(params, row, col) {
+            if !allows(seq, row, col) {
                 s = neg_inf();
             }
             scores[(head_local * params.seq_q + row) * params.seq_kv + col] = s;

@@ -4,7 +4,8 @@
 // exp(s - max) over its strided part of the row (an online softmax, so the row is read twice
 // rather than three times), the workgroup combines the pairs in a tree, and a second pass writes
 // p = exp(s - max) / sum. Everything is f32. A row whose every score is -inf gets probabilities 0
-// and log-sum-exp -inf, never NaN.
+// and log-sum-exp -inf, never NaN. A sink logit joins the sum as one more score with no
+// probability of its own, so a row's probabilities then sum to less than 1.
 
 // Invocations per row; a power of two, because the tree reduction halves the active range.
 override WG: u32 = 256u;
@@ -12,8 +13,10 @@ override WG: u32 = 256u;
 @group(0) @binding(0) var<uniform> params: Params;
 // [heads of this chunk, seq_q, seq_kv]: scores in, probabilities out.
 @group(0) @binding(1) var<storage, read_write> scores: array<f32>;
-// [batch, heads, seq_q]: natural-log log-sum-exp of each row's scores.
+// Natural-log log-sum-exp of each row's scores, addressed through lse_offset.
 @group(0) @binding(2) var<storage, read_write> lse: array<f32>;
+// Per-head and per-sequence values; see params.wgsl.
+@group(0) @binding(3) var<storage, read> aux: array<u32>;
 
 // Partial maxima and sums of the invocations: 2 · WG · 4 bytes (2 KiB at the default).
 var<workgroup> partial_max: array<f32, WG>;
@@ -38,10 +41,27 @@ fn main(
     let row = group.x;
     let head_local = group.z;
     let row_base = (head_local * params.seq_q + row) * params.seq_kv;
+    let bh = params.bh_offset + head_local;
+    let b = bh / params.heads;
+    let h = bh % params.heads;
+    let seq = sequence(b);
+    if row >= seq.rows {
+        // A row past a packed sequence's end: its probabilities read as zeros.
+        for (var j = local_index; j < params.seq_kv; j += WG) {
+            scores[row_base + j] = 0.0;
+        }
+        return;
+    }
 
-    // Pass 1: running max and sum over this invocation's keys. Masked (-inf) scores add nothing.
+    // Pass 1: running max and sum over this invocation's keys, the first invocation starting
+    // from the sink. Masked (-inf) scores add nothing.
     var m = neg_inf();
     var l = 0.0;
+    let sink = sink_logit(h);
+    if local_index == 0u && sink != neg_inf() {
+        m = sink;
+        l = 1.0;
+    }
     for (var j = local_index; j < params.seq_kv; j += WG) {
         let s = scores[row_base + j];
         if s == neg_inf() {
@@ -85,6 +105,6 @@ fn main(
         scores[row_base + j] = exp(s - safe_max) * inv_sum;
     }
     if local_index == 0u {
-        lse[(params.bh_offset + head_local) * params.seq_q + row] = row_max + log(row_sum);
+        lse[lse_offset(b, h, seq.row_begin + row)] = row_max + log(row_sum);
     }
 }

@@ -5,8 +5,11 @@ use wgpu::util::DeviceExt;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kernels::{check_binding, flash, three_stage};
-use crate::problem::{AttentionInputs, AttentionProblem, Dtype, check_len, check_mask};
+use crate::kernels::{
+    AuxLayout, EXTRA_ALIBI, EXTRA_KV_LENS, EXTRA_PACKED, EXTRA_SINKS, check_binding, flash,
+    three_stage,
+};
+use crate::problem::{AttentionInputs, AttentionProblem, Dtype, OptionalLens};
 use half::f16;
 
 /// Largest `seq_q` for which [`Kernel::Auto`] picks the fused kernel when the score matrix fits.
@@ -95,29 +98,9 @@ impl Kernel {
 }
 
 /// Host-side f16 inputs for [`Context::attention_f16`], laid out as [`AttentionInputs`]; the
-/// mask stays f32 because `-inf` and large biases need its range.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionInputsF16<'a> {
-    /// Queries, `[batch, heads, seq_q, head_dim]`.
-    pub q: &'a [f16],
-    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`.
-    pub k: &'a [f16],
-    /// Values, `[batch, kv_heads, seq_kv, head_dim]`.
-    pub v: &'a [f16],
-    /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]`, when the problem has one.
-    pub mask: Option<&'a [f32]>,
-}
-
-impl AttentionInputsF16<'_> {
-    /// Checks every slice length against the problem.
-    pub fn validate(&self, problem: &AttentionProblem) -> Result<()> {
-        let s = &problem.shape;
-        check_len("q", self.q.len(), &s.q_dims())?;
-        check_len("k", self.k.len(), &s.kv_dims())?;
-        check_len("v", self.v.len(), &s.kv_dims())?;
-        check_mask(problem, self.mask.map(<[f32]>::len))
-    }
-}
+/// mask and the other optional tensors stay f32 or u32, because `-inf` and large biases need
+/// their range.
+pub type AttentionInputsF16<'a> = AttentionInputs<'a, f16>;
 
 /// Output of [`Context::attention_f16`].
 #[derive(Clone, Debug)]
@@ -140,22 +123,96 @@ pub struct AttentionOutput {
 
 /// The caller's GPU buffers for [`Context::record`], each used whole from offset 0.
 ///
-/// Inputs need [`wgpu::BufferUsages::STORAGE`]; `out` and `lse` are written by the kernels.
+/// Inputs need [`wgpu::BufferUsages::STORAGE`]; `out` and `lse` are written by the kernels. The
+/// small per-head and per-sequence tensors are copied into one scratch buffer first, so they
+/// need [`wgpu::BufferUsages::COPY_SRC`] instead. Build it with [`GpuTensors::new`] and the
+/// `with_*` methods.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTensors<'a> {
-    /// Queries, `[batch, heads, seq_q, head_dim]`, f32 or f16 as the problem's dtype says.
+    /// Queries in the problem's layout, f32 or f16 as the problem's dtype says.
     pub q: &'a wgpu::Buffer,
-    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`, in the problem's dtype.
+    /// Keys in the problem's layout and dtype.
     pub k: &'a wgpu::Buffer,
-    /// Values, `[batch, kv_heads, seq_kv, head_dim]`, in the problem's dtype.
+    /// Values in the problem's layout and dtype.
     pub v: &'a wgpu::Buffer,
     /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]` f32, when the problem has one.
     pub mask: Option<&'a wgpu::Buffer>,
-    /// Output, `[batch, heads, seq_q, head_dim]`, in the problem's dtype.
+    /// Output in the problem's layout and dtype.
     pub out: &'a wgpu::Buffer,
-    /// Log-sum-exp output, `[batch, heads, seq_q]` f32; when `None` the kernels write it to a
-    /// scratch buffer.
+    /// Log-sum-exp output, f32 `[batch, heads, seq_q]` (`[heads, total_q]` with packed
+    /// sequences); when `None` the kernels write it to a scratch buffer.
     pub lse: Option<&'a wgpu::Buffer>,
+    /// ALiBi slopes, f32 `[heads]`.
+    pub alibi_slopes: Option<&'a wgpu::Buffer>,
+    /// Sink logits, f32 `[heads]`.
+    pub sinks: Option<&'a wgpu::Buffer>,
+    /// Key lengths, u32 `[batch]` (non-negative i32 values have the same bits).
+    pub kv_seq_lens: Option<&'a wgpu::Buffer>,
+    /// Offsets of packed query sequences, u32 `[batch + 1]`.
+    pub cu_seqlens_q: Option<&'a wgpu::Buffer>,
+    /// Offsets of packed key sequences, u32 `[batch + 1]`.
+    pub cu_seqlens_kv: Option<&'a wgpu::Buffer>,
+}
+
+impl<'a> GpuTensors<'a> {
+    /// Buffers of Q, K, V and the output, with no optional tensors.
+    pub fn new(
+        q: &'a wgpu::Buffer,
+        k: &'a wgpu::Buffer,
+        v: &'a wgpu::Buffer,
+        out: &'a wgpu::Buffer,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            mask: None,
+            out,
+            lse: None,
+            alibi_slopes: None,
+            sinks: None,
+            kv_seq_lens: None,
+            cu_seqlens_q: None,
+            cu_seqlens_kv: None,
+        }
+    }
+
+    /// Adds the additive mask declared by [`AttentionProblem::with_mask`].
+    pub fn with_mask(mut self, mask: &'a wgpu::Buffer) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+
+    /// Writes the log-sum-exp into `lse`.
+    pub fn with_lse(mut self, lse: &'a wgpu::Buffer) -> Self {
+        self.lse = Some(lse);
+        self
+    }
+
+    /// Adds ALiBi slopes, one f32 per query head.
+    pub fn with_alibi_slopes(mut self, slopes: &'a wgpu::Buffer) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+
+    /// Adds attention sinks, one f32 logit per query head.
+    pub fn with_sinks(mut self, sinks: &'a wgpu::Buffer) -> Self {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// Adds key lengths, one u32 per batch element.
+    pub fn with_kv_seq_lens(mut self, lens: &'a wgpu::Buffer) -> Self {
+        self.kv_seq_lens = Some(lens);
+        self
+    }
+
+    /// Adds the offsets of packed sequences declared by [`AttentionProblem::with_packed`].
+    pub fn with_cu_seqlens(mut self, q: &'a wgpu::Buffer, kv: &'a wgpu::Buffer) -> Self {
+        self.cu_seqlens_q = Some(q);
+        self.cu_seqlens_kv = Some(kv);
+        self
+    }
 }
 
 impl Context {
@@ -227,17 +284,7 @@ impl Context {
         }
         problem.validate()?;
         inputs.validate(problem)?;
-        let result = self.run_host(
-            kernel,
-            problem,
-            [
-                bytemuck::cast_slice(inputs.q),
-                bytemuck::cast_slice(inputs.k),
-                bytemuck::cast_slice(inputs.v),
-            ],
-            inputs.mask,
-            with_probs,
-        )?;
+        let result = self.run_host(kernel, problem, &bytes_of_inputs(inputs), with_probs)?;
         let output = AttentionOutput {
             out: bytemuck::pod_collect_to_vec(&result.out_bytes),
             lse: result.lse,
@@ -270,12 +317,7 @@ impl Context {
             );
             let widen = |data: &[f16]| data.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
             let (q, k, v) = (widen(inputs.q), widen(inputs.k), widen(inputs.v));
-            let f32_inputs = AttentionInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                mask: inputs.mask,
-            };
+            let f32_inputs = inputs.with_tensors(&q, &k, &v);
             let output =
                 self.attention_with(kernel, &problem.with_dtype(Dtype::F32), &f32_inputs)?;
             let out = output.out.iter().map(|&x| f16::from_f32(x)).collect();
@@ -284,31 +326,20 @@ impl Context {
                 lse: output.lse,
             });
         }
-        let result = self.run_host(
-            kernel,
-            &problem,
-            [
-                bytemuck::cast_slice(inputs.q),
-                bytemuck::cast_slice(inputs.k),
-                bytemuck::cast_slice(inputs.v),
-            ],
-            inputs.mask,
-            false,
-        )?;
+        let result = self.run_host(kernel, &problem, &bytes_of_inputs(inputs), false)?;
         Ok(AttentionOutputF16 {
             out: bytemuck::pod_collect_to_vec(&result.out_bytes),
             lse: result.lse,
         })
     }
 
-    /// Uploads Q, K and V (raw bytes of the problem's dtype) and the mask, runs `kernel` and
-    /// returns the output's raw bytes and the log-sum-exp.
+    /// Uploads the inputs (Q, K and V as raw bytes of the problem's dtype), runs `kernel` and
+    /// returns the output's raw bytes, the log-sum-exp and, when asked, the probabilities.
     fn run_host(
         &self,
         kernel: Kernel,
         problem: &AttentionProblem,
-        [q, k, v]: [&[u8]; 3],
-        mask: Option<&[f32]>,
+        inputs: &AttentionInputs<'_, u8>,
         with_probs: bool,
     ) -> Result<HostResult> {
         self.check_bindings(problem)?;
@@ -327,12 +358,17 @@ impl Context {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
 
-        let storage = |label: &str, data: &[u8]| {
+        let upload = |label: &str, data: &[u8], usage: wgpu::BufferUsages| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents: data,
-                usage: wgpu::BufferUsages::STORAGE,
+                contents: &padded(data),
+                usage,
             })
+        };
+        let storage = |label: &str, data: &[u8]| upload(label, data, wgpu::BufferUsages::STORAGE);
+        // The small tensors are copied into the kernels' scratch buffer.
+        let small = |label: &str, data: Option<&[u8]>| {
+            data.map(|data| upload(label, data, wgpu::BufferUsages::COPY_SRC))
         };
         let output = |label: &str, bytes: usize| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -344,12 +380,35 @@ impl Context {
             })
         };
         let element = problem.dtype.bytes();
-        let q = storage("wgpu-attention q", &padded(q));
-        let k = storage("wgpu-attention k", &padded(k));
-        let v = storage("wgpu-attention v", &padded(v));
-        let mask = mask.map(|mask| storage("wgpu-attention mask", bytemuck::cast_slice(mask)));
-        let out = output("wgpu-attention out", s.q_len() * element);
-        let lse = output("wgpu-attention lse", 4 * s.lse_len());
+        let out_bytes = problem.spans()[3] * element;
+        let q = storage("wgpu-attention q", inputs.q);
+        let k = storage("wgpu-attention k", inputs.k);
+        let v = storage("wgpu-attention v", inputs.v);
+        let mask = inputs
+            .mask
+            .map(|mask| storage("wgpu-attention mask", bytemuck::cast_slice(mask)));
+        let alibi = small(
+            "wgpu-attention alibi",
+            inputs.alibi_slopes.map(bytemuck::cast_slice),
+        );
+        let sinks = small(
+            "wgpu-attention sinks",
+            inputs.sinks.map(bytemuck::cast_slice),
+        );
+        let lens = small(
+            "wgpu-attention lens",
+            inputs.kv_seq_lens.map(bytemuck::cast_slice),
+        );
+        let cu_q = small(
+            "wgpu-attention cu q",
+            inputs.cu_seqlens_q.map(bytemuck::cast_slice),
+        );
+        let cu_kv = small(
+            "wgpu-attention cu kv",
+            inputs.cu_seqlens_kv.map(bytemuck::cast_slice),
+        );
+        let out = output("wgpu-attention out", out_bytes);
+        let lse = output("wgpu-attention lse", 4 * problem.lse_len());
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("wgpu-attention"),
@@ -361,6 +420,11 @@ impl Context {
             mask: mask.as_ref(),
             out: &out,
             lse: Some(&lse),
+            alibi_slopes: alibi.as_ref(),
+            sinks: sinks.as_ref(),
+            kv_seq_lens: lens.as_ref(),
+            cu_seqlens_q: cu_q.as_ref(),
+            cu_seqlens_kv: cu_kv.as_ref(),
         };
         let probs = with_probs.then(|| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -395,10 +459,10 @@ impl Context {
                 source,
             });
         }
-        let mut out_bytes = out_host?;
-        out_bytes.truncate(s.q_len() * element);
+        let mut out_host = out_host?;
+        out_host.truncate(out_bytes);
         Ok(HostResult {
-            out_bytes,
+            out_bytes: out_host,
             lse: bytemuck::pod_collect_to_vec(&lse_host?),
             probs: probs_host?.map(|bytes| bytemuck::pod_collect_to_vec(&bytes)),
         })
@@ -408,12 +472,14 @@ impl Context {
     /// with no read-back. Submit the encoder to run it.
     ///
     /// Scratch buffers are created per call and released once the submitted work completes.
+    /// Offsets and lengths in GPU buffers cannot be checked here: a sequence longer than the
+    /// shape's `seq_q` or `seq_kv` is cut to it.
     ///
     /// # Errors
     ///
-    /// An invalid problem, buffers smaller than the problem needs or without
-    /// [`wgpu::BufferUsages::STORAGE`], a mask buffer given without a mask in the problem (or the
-    /// reverse), or a tensor larger than the device's storage binding limit.
+    /// An invalid problem, buffers smaller than the problem needs or without the usage they
+    /// need, an optional buffer given without its declaration in the problem (or the reverse),
+    /// or a tensor larger than the device's storage binding limit.
     pub fn record(
         &self,
         kernel: Kernel,
@@ -436,7 +502,6 @@ impl Context {
     ) -> Result<()> {
         problem.validate()?;
         self.check_bindings(problem)?;
-        let s = &problem.shape;
         if problem.dtype == Dtype::F16 && !self.features().contains(wgpu::Features::SHADER_F16) {
             return Err(Error::MissingFeature {
                 feature: "SHADER_F16",
@@ -445,15 +510,20 @@ impl Context {
             });
         }
         let element = problem.dtype.bytes();
-        check_buffer("q", tensors.q, &s.q_dims(), element)?;
-        check_buffer("k", tensors.k, &s.kv_dims(), element)?;
-        check_buffer("v", tensors.v, &s.kv_dims(), element)?;
-        check_buffer("out", tensors.out, &s.q_dims(), element)?;
+        let spans = problem.spans();
+        let [q_shape, k_shape, v_shape, out_shape] = problem.layout_shapes();
+        check_buffer("q", tensors.q, spans[0], &q_shape, element)?;
+        check_buffer("k", tensors.k, spans[1], &k_shape, element)?;
+        check_buffer("v", tensors.v, spans[2], &v_shape, element)?;
+        check_buffer("out", tensors.out, spans[3], &out_shape, element)?;
         if let Some(lse) = tensors.lse {
-            check_buffer("lse", lse, &[s.batch, s.heads, s.seq_q], 4)?;
+            let len = problem.lse_len();
+            check_buffer("lse", lse, len, &format!("[{len}]"), 4)?;
         }
         match (problem.mask_dims(), tensors.mask) {
-            (Some(dims), Some(mask)) => check_buffer("mask", mask, &dims, 4)?,
+            (Some(dims), Some(mask)) => {
+                check_buffer("mask", mask, problem.mask_len(), &format!("{dims:?}"), 4)?;
+            }
             (None, None) => {}
             (Some(_), None) => {
                 return Err(Error::MaskMismatch(
@@ -467,13 +537,24 @@ impl Context {
                 ));
             }
         }
+        let small = |buffer: Option<&wgpu::Buffer>| buffer.map(|b| b.size() as usize / 4);
+        OptionalLens {
+            alibi_slopes: small(tensors.alibi_slopes),
+            sinks: small(tensors.sinks),
+            kv_seq_lens: small(tensors.kv_seq_lens),
+            cu_seqlens: match (tensors.cu_seqlens_q, tensors.cu_seqlens_kv) {
+                (None, None) => None,
+                (q, kv) => Some((small(q).unwrap_or(0), small(kv).unwrap_or(0))),
+            },
+        }
+        .check(problem, false)?;
 
         let device = self.device();
         let placeholder = |label: &str, elements: usize| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: 4 * elements as u64,
-                usage: wgpu::BufferUsages::STORAGE,
+                size: 4 * elements.max(1) as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
         };
@@ -482,10 +563,11 @@ impl Context {
         let lse = match tensors.lse {
             Some(lse) => lse,
             None => {
-                lse_scratch = placeholder("wgpu-attention lse", s.lse_len());
+                lse_scratch = placeholder("wgpu-attention lse", problem.lse_len());
                 &lse_scratch
             }
         };
+        let (aux, extras) = self.gather_aux(problem, encoder, tensors)?;
         let bindings = three_stage::Bindings {
             q: tensors.q,
             k: tensors.k,
@@ -494,6 +576,8 @@ impl Context {
             out: tensors.out,
             lse,
             probs,
+            aux: &aux,
+            extras,
         };
         match kernel.resolve(problem, self) {
             kernel @ (Kernel::Flash | Kernel::FlashTiled | Kernel::FlashRows) => {
@@ -512,22 +596,97 @@ impl Context {
         }
     }
 
-    fn check_bindings(&self, problem: &AttentionProblem) -> Result<()> {
+    /// Copies the optional small tensors into one scratch buffer in the order of `aux` in
+    /// `shaders/params.wgsl`, and returns it with the `extras` bits that say which are present.
+    fn gather_aux(
+        &self,
+        problem: &AttentionProblem,
+        encoder: &mut wgpu::CommandEncoder,
+        tensors: &GpuTensors<'_>,
+    ) -> Result<(wgpu::Buffer, u32)> {
         let s = &problem.shape;
+        let layout = AuxLayout::new(s.heads, s.batch);
+        let aux = self.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention per-head and per-sequence values"),
+            size: 4 * layout.len as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let parts = [
+            (
+                "alibi_slopes",
+                tensors.alibi_slopes,
+                layout.alibi,
+                s.heads,
+                EXTRA_ALIBI,
+            ),
+            ("sinks", tensors.sinks, layout.sinks, s.heads, EXTRA_SINKS),
+            (
+                "kv_seq_lens",
+                tensors.kv_seq_lens,
+                layout.kv_lens,
+                s.batch,
+                EXTRA_KV_LENS,
+            ),
+            (
+                "cu_seqlens_q",
+                tensors.cu_seqlens_q,
+                layout.cu_q,
+                s.batch + 1,
+                EXTRA_PACKED,
+            ),
+            (
+                "cu_seqlens_kv",
+                tensors.cu_seqlens_kv,
+                layout.cu_kv,
+                s.batch + 1,
+                EXTRA_PACKED,
+            ),
+        ];
+        let mut extras = 0;
+        for (tensor, buffer, offset, len, bit) in parts {
+            let Some(buffer) = buffer else { continue };
+            if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                return Err(Error::BufferUsage {
+                    tensor,
+                    missing: wgpu::BufferUsages::COPY_SRC,
+                });
+            }
+            encoder.copy_buffer_to_buffer(buffer, 0, &aux, 4 * offset as u64, 4 * len as u64);
+            extras |= bit;
+        }
+        Ok((aux, extras))
+    }
+
+    fn check_bindings(&self, problem: &AttentionProblem) -> Result<()> {
         let limits = self.limits();
         let element = problem.dtype.bytes();
-        check_binding(limits, "q", s.q_len(), element)?;
-        check_binding(limits, "k", s.kv_len(), element)?;
-        check_binding(limits, "v", s.kv_len(), element)?;
+        let [q, k, v, out] = problem.spans();
+        check_binding(limits, "q", q, element)?;
+        check_binding(limits, "k", k, element)?;
+        check_binding(limits, "v", v, element)?;
+        check_binding(limits, "out", out, element)?;
         check_binding(limits, "mask", problem.mask_len(), 4)?;
         Ok(())
     }
 }
 
+/// Raw views of inputs of any element type, for uploading.
+fn bytes_of_inputs<'a, T: bytemuck::Pod>(
+    inputs: &AttentionInputs<'a, T>,
+) -> AttentionInputs<'a, u8> {
+    inputs.with_tensors(
+        bytemuck::cast_slice(inputs.q),
+        bytemuck::cast_slice(inputs.k),
+        bytemuck::cast_slice(inputs.v),
+    )
+}
+
 fn check_buffer(
     tensor: &'static str,
     buffer: &wgpu::Buffer,
-    dims: &[usize],
+    expected: usize,
+    shape: &str,
     element_bytes: usize,
 ) -> Result<()> {
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
@@ -536,14 +695,13 @@ fn check_buffer(
             missing: wgpu::BufferUsages::STORAGE,
         });
     }
-    let expected: usize = dims.iter().product();
     let actual = buffer.size() as usize / element_bytes;
     if actual < expected {
         return Err(Error::LengthMismatch {
             tensor,
             expected,
             actual,
-            shape: format!("{dims:?}"),
+            shape: shape.to_string(),
         });
     }
     Ok(())

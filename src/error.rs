@@ -88,7 +88,7 @@ pub enum Error {
     /// A host slice or GPU buffer holds the wrong number of elements for the shape.
     #[error(
         "tensor `{tensor}` has {actual} elements, but shape {shape} needs {expected}; \
-         pass a contiguous tensor of that shape"
+         pass a tensor of that shape"
     )]
     LengthMismatch {
         /// Which tensor (`q`, `k`, `v`, `mask`, `out`, `lse`).
@@ -104,6 +104,36 @@ pub enum Error {
     /// A mask tensor was given without a mask shape in the problem, or the reverse.
     #[error("{0}")]
     MaskMismatch(&'static str),
+
+    /// Sequence offsets were given without packed sequences in the problem, or the reverse.
+    #[error("{0}")]
+    PackedMismatch(&'static str),
+
+    /// A length or offset in `kv_seq_lens`, `cu_seqlens_q` or `cu_seqlens_kv` is out of range.
+    #[error("{tensor}[{index}] = {value} is invalid: {reason}; {fix}")]
+    InvalidLengths {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Index of the bad entry.
+        index: usize,
+        /// Its value.
+        value: u32,
+        /// What is wrong with it.
+        reason: String,
+        /// What to change.
+        fix: &'static str,
+    },
+
+    /// The output's strides map two elements to the same place.
+    #[error(
+        "the strides of `{tensor}` ({strides}) make different elements overlap; give each          (batch, head, position, column) its own element, for example with Layout::Bhsd"
+    )]
+    OverlappingStrides {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The strides, written out.
+        strides: String,
+    },
 
     /// The problem's dtype does not match the element type of the data given.
     #[error("the problem's dtype is {dtype} but {given} data was given; {fix}")]

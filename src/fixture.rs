@@ -1,14 +1,14 @@
 //! Attention test cases stored as safetensors files, and GPU outputs written in the same format.
 //!
-//! A fixture holds `q`, `k`, `v` (`[B, H, Sq, D]` and `[B, H_kv, Skv, D]`), the expected `out`,
-//! optionally an additive `mask` (`[B, 1 or H, Sq, Skv]`), the expected `probs` and `lse`, and a
-//! string metadata map with at least `scale`, `causal` (`none`, `top_left` or `bottom_right`)
-//! and `layout` (`BHSD`). Tensors are F32, or F16 when the metadata's `input_dtype` is `f16`;
-//! F16 inputs are widened to f32 exactly. Optional metadata `softcap`, `window_left`,
-//! `window_right` and `window_align` (only `bottom_right`) select soft-capping and a sliding
-//! window. Options the kernels do not implement yet (ALiBi, attention sinks, per-sequence key
-//! lengths, a value head dim different from the key head dim) are rejected with an error that
-//! names them.
+//! A fixture holds `q`, `k`, `v` (`[B, H, Sq, Dk]`, `[B, H_kv, Skv, Dk]` and
+//! `[B, H_kv, Skv, Dv]`), the expected `out` (`[B, H, Sq, Dv]`), optionally an additive `mask`
+//! (`[B, 1 or H, Sq, Skv]`), the expected `probs` and `lse`, and a string metadata map with at
+//! least `scale`, `causal` (`none`, `top_left` or `bottom_right`) and `layout` (`BHSD`). Tensors
+//! are F32, or F16 when the metadata's `input_dtype` is `f16`; F16 inputs are widened to f32
+//! exactly. Optional metadata `softcap`, `window_left`, `window_right` and `window_align` (only
+//! `bottom_right`) select soft-capping and a sliding window, and optional tensors `sinks` and
+//! `alibi_slopes` (F32 `[H]`) and `kv_seq_lens` (I32 `[B]`) select attention sinks, ALiBi and
+//! key lengths.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,9 +17,6 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::problem::{AttentionInputs, AttentionProblem, AttentionShape, Causal};
-
-/// Tensors that select options the kernels do not implement yet.
-const UNSUPPORTED_TENSORS: [&str; 3] = ["sinks", "alibi_slopes", "kv_seq_lens"];
 
 /// One attention case read from a safetensors file.
 #[derive(Clone, Debug)]
@@ -30,10 +27,16 @@ pub struct Fixture {
     pub q: Vec<f32>,
     /// Keys, `[batch, kv_heads, seq_kv, head_dim]`.
     pub k: Vec<f32>,
-    /// Values, `[batch, kv_heads, seq_kv, head_dim]`.
+    /// Values, `[batch, kv_heads, seq_kv, head_dim_v]`.
     pub v: Vec<f32>,
     /// Additive mask, when the file has one.
     pub mask: Option<Vec<f32>>,
+    /// ALiBi slopes, `[heads]`, when the file has them.
+    pub alibi_slopes: Option<Vec<f32>>,
+    /// Sink logits, `[heads]`, when the file has them.
+    pub sinks: Option<Vec<f32>>,
+    /// Key lengths, `[batch]`, when the file has them.
+    pub kv_seq_lens: Option<Vec<u32>>,
     /// Expected output.
     pub out: Vec<f32>,
     /// Expected softmax probabilities, `[batch, heads, seq_q, seq_kv]`, when the file has them.
@@ -74,14 +77,6 @@ impl Fixture {
         let tensors = SafeTensors::deserialize(bytes)
             .map_err(|error| format!("not a safetensors file: {error}"))?;
         let names = tensors.names();
-
-        for name in UNSUPPORTED_TENSORS {
-            if names.contains(&name) {
-                return Err(format!(
-                    "unsupported tensor `{name}`: the kernels do not implement it yet"
-                ));
-            }
-        }
         if let Some(layout) = metadata.get("layout")
             && layout != "BHSD"
         {
@@ -97,16 +92,11 @@ impl Fixture {
         let (out_dims, out) = read_tensor(&tensors, "out")?;
         let [batch, heads, seq_q, head_dim] = dims4("q", &q_dims)?;
         let [k_batch, kv_heads, seq_kv, k_head_dim] = dims4("k", &k_dims)?;
-        if v_dims != k_dims.as_slice() {
-            if v_dims.len() == 4 && v_dims[..3] == k_dims[..3] {
-                return Err(format!(
-                    "unsupported value head dim {} different from the key head dim {}: the kernels \
-                     do not implement it yet",
-                    v_dims[3], k_dims[3]
-                ));
-            }
+        let [_, _, _, head_dim_v] = dims4("v", &v_dims)?;
+        if v_dims[..3] != k_dims[..3] {
             return Err(format!(
-                "tensor `v` has shape {v_dims:?} but `k` has {k_dims:?}"
+                "tensor `v` has shape {v_dims:?} but `k` has {k_dims:?}; they may differ only \
+                 in the head dim"
             ));
         }
         if k_batch != batch || k_head_dim != head_dim {
@@ -114,9 +104,10 @@ impl Fixture {
                 "tensor `k` has shape {k_dims:?}, which does not match `q` {q_dims:?}"
             ));
         }
-        if out_dims != q_dims {
+        let expected_out = [batch, heads, seq_q, head_dim_v];
+        if out_dims != expected_out {
             return Err(format!(
-                "tensor `out` has shape {out_dims:?} but `q` has {q_dims:?}"
+                "tensor `out` has shape {out_dims:?}; expected {expected_out:?} from `q` and `v`"
             ));
         }
 
@@ -127,14 +118,9 @@ impl Fixture {
         let causal = Causal::from_name(causal_name).ok_or_else(|| {
             format!("metadata `causal` = {causal_name} is not one of none, top_left, bottom_right")
         })?;
-        let shape = AttentionShape {
-            batch,
-            heads,
-            kv_heads,
-            seq_q,
-            seq_kv,
-            head_dim,
-        };
+        let shape = AttentionShape::new(batch, heads, seq_q, seq_kv, head_dim)
+            .with_kv_heads(kv_heads)
+            .with_head_dim_v(head_dim_v);
         let mut problem = AttentionProblem::new(shape)
             .with_scale(scale)
             .with_causal(causal);
@@ -181,27 +167,39 @@ impl Fixture {
 
         let probs = optional_tensor(&tensors, &names, "probs", &[batch, heads, seq_q, seq_kv])?;
         let lse = optional_tensor(&tensors, &names, "lse", &[batch, heads, seq_q])?;
-        Ok(Self {
+        let alibi_slopes = optional_tensor(&tensors, &names, "alibi_slopes", &[heads])?;
+        let sinks = optional_tensor(&tensors, &names, "sinks", &[heads])?;
+        let kv_seq_lens = read_lengths(&tensors, &names, "kv_seq_lens", batch)?;
+        let fixture = Self {
             problem,
             q,
             k,
             v,
             mask,
+            alibi_slopes,
+            sinks,
+            kv_seq_lens,
             out,
             probs,
             lse,
             f16_inputs,
             metadata,
-        })
+        };
+        fixture
+            .inputs()
+            .validate(&fixture.problem)
+            .map_err(|error| error.to_string())?;
+        Ok(fixture)
     }
 
     /// The inputs as slices for [`crate::Context::attention`] and [`crate::reference::attention`].
     pub fn inputs(&self) -> AttentionInputs<'_> {
         AttentionInputs {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
             mask: self.mask.as_deref(),
+            alibi_slopes: self.alibi_slopes.as_deref(),
+            sinks: self.sinks.as_deref(),
+            kv_seq_lens: self.kv_seq_lens.as_deref(),
+            ..AttentionInputs::new(&self.q, &self.k, &self.v)
         }
     }
 }
@@ -222,12 +220,14 @@ pub fn save_output(
 ) -> Result<()> {
     let path = path.as_ref();
     let s = &problem.shape;
-    let out_dims = s.q_dims().to_vec();
+    let out_dims = s.out_dims().to_vec();
     let lse_dims = vec![s.batch, s.heads, s.seq_q];
-    crate::problem::check_len("out", out.len(), &out_dims)?;
+    let describe = |dims: &[usize]| format!("{dims:?}");
+    let check = crate::problem::check_len;
+    check("out", out.len(), s.out_len(), describe(&out_dims), true)?;
     let mut tensors = vec![("out", out_dims, bytemuck::cast_slice::<f32, u8>(out))];
     if let Some(lse) = lse {
-        crate::problem::check_len("lse", lse.len(), &lse_dims)?;
+        check("lse", lse.len(), s.lse_len(), describe(&lse_dims), true)?;
         tensors.push(("lse", lse_dims, bytemuck::cast_slice::<f32, u8>(lse)));
     }
     // safetensors stores little-endian data; bytemuck gives native order, so convert on
@@ -308,6 +308,37 @@ fn read_tensor(
         }
     };
     Ok((view.shape().to_vec(), values))
+}
+
+/// Reads an optional I32 tensor of `len` non-negative lengths.
+fn read_lengths(
+    tensors: &SafeTensors<'_>,
+    names: &[&str],
+    name: &str,
+    len: usize,
+) -> std::result::Result<Option<Vec<u32>>, String> {
+    if !names.contains(&name) {
+        return Ok(None);
+    }
+    let view = tensors
+        .tensor(name)
+        .map_err(|error| format!("tensor `{name}` is unreadable: {error}"))?;
+    if view.dtype() != Dtype::I32 || view.shape() != [len] {
+        return Err(format!(
+            "tensor `{name}` has dtype {:?} and shape {:?}; expected I32 [{len}]",
+            view.dtype(),
+            view.shape()
+        ));
+    }
+    view.data()
+        .chunks_exact(4)
+        .map(|bytes| {
+            let value = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            u32::try_from(value)
+                .map_err(|_| format!("tensor `{name}` holds {value}; lengths must be at least 0"))
+        })
+        .collect::<std::result::Result<Vec<u32>, String>>()
+        .map(Some)
 }
 
 fn optional_tensor(

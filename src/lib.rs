@@ -10,9 +10,9 @@
 //! let shape = AttentionShape::new(1, 8, 100, 100, 64).with_kv_heads(2);
 //! let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
 //! let q = vec![0.5f32; shape.q_len()];
-//! let k = vec![0.25f32; shape.kv_len()];
-//! let v = vec![1.0f32; shape.kv_len()];
-//! let out = context.attention(&problem, &AttentionInputs { q: &q, k: &k, v: &v, mask: None })?;
+//! let k = vec![0.25f32; shape.k_len()];
+//! let v = vec![1.0f32; shape.v_len()];
+//! let out = context.attention(&problem, &AttentionInputs::new(&q, &k, &v))?;
 //! assert_eq!(out.len(), shape.q_len());
 //! # Ok(())
 //! # }
@@ -48,8 +48,8 @@ pub use error::{Error, INSTALL_HINT, Result};
 pub use half::f16;
 pub use merge::merge_partials;
 pub use problem::{
-    AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, MAX_HEAD_DIM, MaskShape,
-    Window,
+    AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, Layout, MAX_HEAD_DIM,
+    MaskShape, Packed, Sequence, Strides, TensorStrides, Window,
 };
 /// The `wgpu` this crate is built with, for callers' own devices, buffers and encoders.
 pub use wgpu;

@@ -5,17 +5,21 @@
 
 use crate::error::{Error, Result};
 
-/// The largest head dimension the kernels accept.
+/// The largest head dimension the kernels accept, for queries and keys and for values.
 ///
-/// The tiled kernels loop over the head dimension in tiles, so this is no hardware limit: it
-/// bounds the per-thread output registers of the fused kernels and the range that is tested.
-pub const MAX_HEAD_DIM: usize = 256;
+/// The kernels loop over the head dimension in tiles or chunks, so this is no hardware limit: it
+/// bounds the per-thread output registers of the fused kernels and the range that is tested. It
+/// covers the 576/512 heads of multi-head latent attention.
+pub const MAX_HEAD_DIM: usize = 576;
 
-/// Tensor sizes of multi-head attention in the layout `[batch, heads, seq, head_dim]`.
+/// Tensor sizes of multi-head attention, whose dense layout is `[batch, heads, seq, head_dim]`.
 ///
 /// Query head `h` reads key/value head `h / (heads / kv_heads)`, so consecutive query heads share
 /// a key/value head: `kv_heads == heads` is multi-head attention, `1 < kv_heads < heads` is
 /// grouped-query attention and `kv_heads == 1` is multi-query attention.
+///
+/// With packed sequences ([`AttentionProblem::with_packed`]), `seq_q` and `seq_kv` are the
+/// longest query and key sequence of the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttentionShape {
     /// Batch size `B`.
@@ -28,8 +32,11 @@ pub struct AttentionShape {
     pub seq_q: usize,
     /// Key/value rows per head.
     pub seq_kv: usize,
-    /// Head dimension of queries, keys and values, at most [`MAX_HEAD_DIM`].
+    /// Head dimension of queries and keys, at most [`MAX_HEAD_DIM`].
     pub head_dim: usize,
+    /// Head dimension of values and of the output, at most [`MAX_HEAD_DIM`]; equal to
+    /// `head_dim` unless set with [`AttentionShape::with_head_dim_v`].
+    pub head_dim_v: usize,
 }
 
 impl AttentionShape {
@@ -42,7 +49,15 @@ impl AttentionShape {
             seq_q,
             seq_kv,
             head_dim,
+            head_dim_v: head_dim,
         }
+    }
+
+    /// Sets the head dimension of values and of the output, as in multi-head latent attention
+    /// (keys of 576, values of 512) or in models with 192/128 heads.
+    pub fn with_head_dim_v(mut self, head_dim_v: usize) -> Self {
+        self.head_dim_v = head_dim_v;
+        self
     }
 
     /// Sets the number of key/value heads for grouped-query or multi-query attention.
@@ -57,24 +72,44 @@ impl AttentionShape {
         self.heads.checked_div(self.kv_heads).unwrap_or(0)
     }
 
-    /// Shape of `q` and of the output: `[batch, heads, seq_q, head_dim]`.
+    /// Dense shape of `q`: `[batch, heads, seq_q, head_dim]`.
     pub fn q_dims(&self) -> [usize; 4] {
         [self.batch, self.heads, self.seq_q, self.head_dim]
     }
 
-    /// Shape of `k` and `v`: `[batch, kv_heads, seq_kv, head_dim]`.
-    pub fn kv_dims(&self) -> [usize; 4] {
+    /// Dense shape of `k`: `[batch, kv_heads, seq_kv, head_dim]`.
+    pub fn k_dims(&self) -> [usize; 4] {
         [self.batch, self.kv_heads, self.seq_kv, self.head_dim]
     }
 
-    /// Elements of `q` and of the output.
+    /// Dense shape of `v`: `[batch, kv_heads, seq_kv, head_dim_v]`.
+    pub fn v_dims(&self) -> [usize; 4] {
+        [self.batch, self.kv_heads, self.seq_kv, self.head_dim_v]
+    }
+
+    /// Dense shape of the output: `[batch, heads, seq_q, head_dim_v]`.
+    pub fn out_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.seq_q, self.head_dim_v]
+    }
+
+    /// Elements of a dense `q`.
     pub fn q_len(&self) -> usize {
         self.q_dims().iter().product()
     }
 
-    /// Elements of `k`, and of `v`.
-    pub fn kv_len(&self) -> usize {
-        self.kv_dims().iter().product()
+    /// Elements of a dense `k`.
+    pub fn k_len(&self) -> usize {
+        self.k_dims().iter().product()
+    }
+
+    /// Elements of a dense `v`.
+    pub fn v_len(&self) -> usize {
+        self.v_dims().iter().product()
+    }
+
+    /// Elements of a dense output.
+    pub fn out_len(&self) -> usize {
+        self.out_dims().iter().product()
     }
 
     /// Elements of the log-sum-exp output: `[batch, heads, seq_q]`.
@@ -95,6 +130,7 @@ impl AttentionShape {
             ("seq_q", self.seq_q),
             ("seq_kv", self.seq_kv),
             ("head_dim", self.head_dim),
+            ("head_dim_v", self.head_dim_v),
         ];
         for (name, value) in dims {
             if value == 0 {
@@ -107,11 +143,13 @@ impl AttentionShape {
                 kv_heads: self.kv_heads,
             });
         }
-        if self.head_dim > MAX_HEAD_DIM {
-            return Err(Error::HeadDimTooLarge {
-                head_dim: self.head_dim,
-                max: MAX_HEAD_DIM,
-            });
+        for head_dim in [self.head_dim, self.head_dim_v] {
+            if head_dim > MAX_HEAD_DIM {
+                return Err(Error::HeadDimTooLarge {
+                    head_dim,
+                    max: MAX_HEAD_DIM,
+                });
+            }
         }
         Ok(())
     }
@@ -248,6 +286,105 @@ pub struct AttentionProblem {
     /// `None`. The window's diagonal is aligned bottom-right, as FlashAttention places it, and
     /// combines with the causal mask and the additive mask.
     pub window: Window,
+    /// How Q, K, V and the output lie in memory.
+    pub layout: Layout,
+    /// Packed variable-length sequences, when the batch stores no padding.
+    pub packed: Option<Packed>,
+}
+
+/// Element strides of one tensor over batch, head and sequence position; the head dim is
+/// contiguous (stride 1).
+///
+/// With packed sequences the position is the row in the packed tensor, `cu_seqlens[b] + i`, and
+/// `batch` is usually 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Strides {
+    /// Elements between batch elements.
+    pub batch: usize,
+    /// Elements between heads.
+    pub head: usize,
+    /// Elements between sequence positions.
+    pub seq: usize,
+}
+
+impl Strides {
+    /// Element offset of row `row` of head `h` in batch element `b`.
+    pub fn offset(&self, b: usize, h: usize, row: usize) -> usize {
+        b * self.batch + h * self.head + row * self.seq
+    }
+
+    /// Elements from the first to one past the last element of a tensor with these strides.
+    fn span(&self, batch: usize, heads: usize, rows: usize, dim: usize) -> usize {
+        if batch == 0 || heads == 0 || rows == 0 || dim == 0 {
+            return 0;
+        }
+        self.offset(batch - 1, heads - 1, rows - 1) + dim
+    }
+
+    /// Whether every (batch, head, row, column) has an element of its own.
+    fn is_one_to_one(&self, batch: usize, heads: usize, rows: usize, dim: usize) -> bool {
+        // Sorted by stride, each dimension must step past everything the smaller ones cover.
+        let mut dims = [
+            (1, dim),
+            (self.seq, rows),
+            (self.head, heads),
+            (self.batch, batch),
+        ];
+        dims.sort_unstable();
+        let mut covered = 0;
+        for (stride, extent) in dims {
+            if extent <= 1 {
+                continue;
+            }
+            if stride <= covered {
+                return false;
+            }
+            covered += stride * (extent - 1);
+        }
+        true
+    }
+}
+
+/// Strides of Q, K, V and the output, for [`Layout::Strided`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TensorStrides {
+    /// Strides of `q`.
+    pub q: Strides,
+    /// Strides of `k`.
+    pub k: Strides,
+    /// Strides of `v`.
+    pub v: Strides,
+    /// Strides of the output.
+    pub out: Strides,
+}
+
+/// How Q, K, V and the output lie in memory. The kernels read and write them in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// `[batch, heads, seq, head_dim]`, contiguous; with packed sequences
+    /// `[heads, total, head_dim]`.
+    #[default]
+    Bhsd,
+    /// `[batch, seq, heads, head_dim]`, contiguous, as most model code produces it; with packed
+    /// sequences `[total, heads, head_dim]`, FlashAttention's variable-length layout.
+    Bshd,
+    /// Any strides, such as views into a fused QKV projection. Each tensor may then be longer
+    /// than the elements it addresses.
+    Strided(TensorStrides),
+}
+
+/// Packed variable-length sequences: batch element `b` owns query rows
+/// `cu_seqlens_q[b]..cu_seqlens_q[b + 1]` and key rows `cu_seqlens_kv[b]..cu_seqlens_kv[b + 1]`
+/// of tensors that store no padding.
+///
+/// Each sequence has its own lengths, which place its causal and window diagonal; the shape's
+/// `seq_q` and `seq_kv` are the longest lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Packed {
+    /// Query rows of all sequences together: the rows of `q` and the output.
+    pub total_q: usize,
+    /// Key rows of all sequences together: the rows of `k` and `v`.
+    pub total_kv: usize,
 }
 
 /// Sliding-window bounds, in keys to the left and right of a query's bottom-right diagonal.
@@ -270,6 +407,125 @@ impl AttentionProblem {
             dtype: Dtype::F32,
             softcap: None,
             window: Window::default(),
+            layout: Layout::Bhsd,
+            packed: None,
+        }
+    }
+
+    /// Sets how Q, K, V and the output lie in memory.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Declares packed variable-length sequences of `total_q` query rows and `total_kv` key
+    /// rows in all; the offsets come with the inputs as `cu_seqlens_q` and `cu_seqlens_kv`.
+    pub fn with_packed(mut self, total_q: usize, total_kv: usize) -> Self {
+        self.packed = Some(Packed { total_q, total_kv });
+        self
+    }
+
+    /// Rows of Q and the output per head: `seq_q`, or `total_q` with packed sequences.
+    pub fn q_rows(&self) -> usize {
+        self.packed.map_or(self.shape.seq_q, |p| p.total_q)
+    }
+
+    /// Rows of K and V per head: `seq_kv`, or `total_kv` with packed sequences.
+    pub fn kv_rows(&self) -> usize {
+        self.packed.map_or(self.shape.seq_kv, |p| p.total_kv)
+    }
+
+    /// The strides in effect for Q, K, V and the output.
+    pub fn strides(&self) -> TensorStrides {
+        let s = &self.shape;
+        let (q_rows, kv_rows) = (self.q_rows(), self.kv_rows());
+        // Packed tensors have no batch dimension: every sequence's rows follow one another.
+        let packed = self.packed.is_some();
+        let contiguous = |heads: usize, rows: usize, dim: usize, bshd: bool| {
+            let batch = if packed { 0 } else { heads * rows * dim };
+            if bshd {
+                Strides {
+                    batch,
+                    head: dim,
+                    seq: heads * dim,
+                }
+            } else {
+                Strides {
+                    batch,
+                    head: rows * dim,
+                    seq: dim,
+                }
+            }
+        };
+        let named = |bshd| TensorStrides {
+            q: contiguous(s.heads, q_rows, s.head_dim, bshd),
+            k: contiguous(s.kv_heads, kv_rows, s.head_dim, bshd),
+            v: contiguous(s.kv_heads, kv_rows, s.head_dim_v, bshd),
+            out: contiguous(s.heads, q_rows, s.head_dim_v, bshd),
+        };
+        match self.layout {
+            Layout::Bhsd => named(false),
+            Layout::Bshd => named(true),
+            Layout::Strided(strides) => strides,
+        }
+    }
+
+    /// Elements each of Q, K, V and the output must have: the span their strides address.
+    pub fn spans(&self) -> [usize; 4] {
+        let s = &self.shape;
+        let t = self.strides();
+        let (q_rows, kv_rows) = (self.q_rows(), self.kv_rows());
+        [
+            t.q.span(s.batch, s.heads, q_rows, s.head_dim),
+            t.k.span(s.batch, s.kv_heads, kv_rows, s.head_dim),
+            t.v.span(s.batch, s.kv_heads, kv_rows, s.head_dim_v),
+            t.out.span(s.batch, s.heads, q_rows, s.head_dim_v),
+        ]
+    }
+
+    /// Shapes of Q, K, V and the output as their layout stores them, for messages: dims in
+    /// memory order, or the strides over `[batch, heads, rows, dim]`.
+    pub fn layout_shapes(&self) -> [String; 4] {
+        let s = &self.shape;
+        let (q_rows, kv_rows) = (self.q_rows(), self.kv_rows());
+        let tensors = [
+            (s.heads, q_rows, s.head_dim),
+            (s.kv_heads, kv_rows, s.head_dim),
+            (s.kv_heads, kv_rows, s.head_dim_v),
+            (s.heads, q_rows, s.head_dim_v),
+        ];
+        let strides = self.strides();
+        let all = [strides.q, strides.k, strides.v, strides.out];
+        let packed = self.packed.is_some();
+        std::array::from_fn(|t| {
+            let (heads, rows, dim) = tensors[t];
+            let dims: Vec<usize> = match (self.layout, packed) {
+                (Layout::Bhsd, false) => vec![s.batch, heads, rows, dim],
+                (Layout::Bshd, false) => vec![s.batch, rows, heads, dim],
+                (Layout::Bhsd, true) => vec![heads, rows, dim],
+                (Layout::Bshd, true) => vec![rows, heads, dim],
+                (Layout::Strided(_), _) => {
+                    return format!("{:?} over [{}, {heads}, {rows}, {dim}]", all[t], s.batch);
+                }
+            };
+            format!("{dims:?}")
+        })
+    }
+
+    /// Elements of the log-sum-exp output: `[batch, heads, seq_q]`, or `[heads, total_q]` with
+    /// packed sequences.
+    pub fn lse_len(&self) -> usize {
+        match self.packed {
+            None => self.shape.lse_len(),
+            Some(packed) => self.shape.heads * packed.total_q,
+        }
+    }
+
+    /// Element strides of the log-sum-exp over batch and head; positions are contiguous.
+    pub fn lse_strides(&self) -> (usize, usize) {
+        match self.packed {
+            None => (self.shape.heads * self.shape.seq_q, self.shape.seq_q),
+            Some(packed) => (0, packed.total_q),
         }
     }
 
@@ -340,6 +596,31 @@ impl AttentionProblem {
                 return Err(Error::InvalidWindow { side, value });
             }
         }
+        if let Some(packed) = self.packed {
+            for (name, value) in [("total_q", packed.total_q), ("total_kv", packed.total_kv)] {
+                if value == 0 {
+                    return Err(Error::ZeroDimension { name });
+                }
+            }
+        }
+        let out = self.strides().out;
+        // Packed sequences share the rows of one batch-free tensor; the offsets keep them apart.
+        let out_batch = if self.packed.is_some() && out.batch == 0 {
+            1
+        } else {
+            self.shape.batch
+        };
+        if !out.is_one_to_one(
+            out_batch,
+            self.shape.heads,
+            self.q_rows(),
+            self.shape.head_dim_v,
+        ) {
+            return Err(Error::OverlappingStrides {
+                tensor: "out",
+                strides: format!("{out:?}"),
+            });
+        }
         if let Some(mask) = self.mask {
             let batch_ok = mask.batch == 1 || mask.batch == self.shape.batch;
             let heads_ok = mask.heads == 1 || mask.heads == self.shape.heads;
@@ -379,17 +660,31 @@ impl AttentionProblem {
         }
     }
 
-    /// Whether query `i` may attend to key `j` under the causal mask alone.
+    /// Whether query `i` may attend to key `j` under the causal mask alone, for a batch of
+    /// dense sequences.
     pub fn causal_allows(&self, i: usize, j: usize) -> bool {
         self.causal
             .last_key(i, self.shape.seq_q, self.shape.seq_kv)
             .is_some_and(|last| j <= last)
     }
 
-    /// Whether query `i` may attend to key `j` under the causal mask and the sliding window.
+    /// Whether query `i` may attend to key `j` under the causal mask and the sliding window, for
+    /// a batch of dense sequences with no key lengths.
     pub fn allows(&self, i: usize, j: usize) -> bool {
-        // The bottom-right diagonal of row i is key i + seq_kv - seq_q, which may be negative.
-        let diagonal = i as i64 + self.shape.seq_kv as i64 - self.shape.seq_q as i64;
+        self.allows_in(&Sequence::dense(&self.shape), i, j)
+    }
+
+    /// Whether query `i` of `sequence` may attend to key `j`: the key exists, and the causal
+    /// mask and the sliding window, placed by the sequence's own lengths, allow it.
+    pub fn allows_in(&self, sequence: &Sequence, i: usize, j: usize) -> bool {
+        if j >= sequence.key_limit {
+            return false;
+        }
+        let causal_ok = self
+            .causal
+            .last_key(i, sequence.rows, sequence.keys)
+            .is_some_and(|last| j <= last);
+        let diagonal = sequence.diagonal(i);
         let j = j as i64;
         let left_ok = self
             .window
@@ -399,7 +694,7 @@ impl AttentionProblem {
             .window
             .right
             .is_none_or(|right| j <= diagonal + right as i64);
-        self.causal_allows(i, j as usize) && left_ok && right_ok
+        causal_ok && left_ok && right_ok
     }
 
     /// Applies soft-capping, when set, to a scaled score.
@@ -410,14 +705,16 @@ impl AttentionProblem {
         }
     }
 
-    /// Floating-point operations of the attention, counted as `4 · B · H · Sq · Skv · D`
-    /// (two matrix products of `2 · Sq · Skv · D` each), halved for causal masking.
+    /// Floating-point operations of the attention, counted as
+    /// `2 · B · H · Sq · Skv · (head_dim + head_dim_v)` (the two matrix products; `4 · … · D`
+    /// when the head dims agree), halved for causal masking. Packed sequences count at the
+    /// longest lengths.
     ///
     /// This is the convention FlashAttention's benchmarks use; it ignores the softmax.
     pub fn flops(&self) -> f64 {
         let s = &self.shape;
-        let full =
-            4.0 * (s.batch * s.heads) as f64 * s.seq_q as f64 * s.seq_kv as f64 * s.head_dim as f64;
+        let dims = (s.head_dim + s.head_dim_v) as f64;
+        let full = 2.0 * (s.batch * s.heads) as f64 * s.seq_q as f64 * s.seq_kv as f64 * dims;
         if self.causal == Causal::None {
             full
         } else {
@@ -429,7 +726,7 @@ impl AttentionProblem {
     /// call.
     pub fn io_bytes(&self) -> u64 {
         let s = &self.shape;
-        let tensors = (2 * s.q_len() + 2 * s.kv_len()) * self.dtype.bytes();
+        let tensors = (s.q_len() + s.out_len() + s.k_len() + s.v_len()) * self.dtype.bytes();
         (tensors + 4 * self.mask_len()) as u64
     }
 
@@ -446,8 +743,19 @@ impl AttentionProblem {
             Causal::TopLeft => label.push_str("_causal-tl"),
             Causal::BottomRight => label.push_str("_causal-br"),
         }
+        if s.head_dim_v != s.head_dim {
+            label.push_str(&format!("_dv{}", s.head_dim_v));
+        }
         if let Some(m) = self.mask {
             label.push_str(&format!("_mask{}x{}", m.batch, m.heads));
+        }
+        if let Some(packed) = self.packed {
+            label.push_str(&format!("_packed{}x{}", packed.total_q, packed.total_kv));
+        }
+        match self.layout {
+            Layout::Bhsd => {}
+            Layout::Bshd => label.push_str("_bshd"),
+            Layout::Strided(_) => label.push_str("_strided"),
         }
         if self.dtype == Dtype::F16 {
             label.push_str("_f16");
@@ -456,40 +764,302 @@ impl AttentionProblem {
     }
 }
 
-/// Host-side inputs of one attention call, each contiguous in the layout of [`AttentionShape`].
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionInputs<'a> {
-    /// Queries, `[batch, heads, seq_q, head_dim]`.
-    pub q: &'a [f32],
-    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`.
-    pub k: &'a [f32],
-    /// Values, `[batch, kv_heads, seq_kv, head_dim]`.
-    pub v: &'a [f32],
-    /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]`, when the problem has one.
-    pub mask: Option<&'a [f32]>,
+/// One batch element's sequence: its lengths and where its rows start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Sequence {
+    /// Query rows; `seq_q` unless the sequences are packed.
+    pub rows: usize,
+    /// Keys that place the bottom-right diagonal; `seq_kv` unless the sequences are packed.
+    pub keys: usize,
+    /// Keys below this index may be attended: `keys`, or the sequence's key length when given
+    /// and smaller.
+    pub key_limit: usize,
+    /// The first row of the sequence in Q and the output; 0 unless packed.
+    pub row_begin: usize,
+    /// The first row of the sequence in K and V; 0 unless packed.
+    pub key_begin: usize,
 }
 
-impl AttentionInputs<'_> {
-    /// Checks every slice length against the problem.
-    pub fn validate(&self, problem: &AttentionProblem) -> Result<()> {
-        let s = &problem.shape;
-        check_len("q", self.q.len(), &s.q_dims())?;
-        check_len("k", self.k.len(), &s.kv_dims())?;
-        check_len("v", self.v.len(), &s.kv_dims())?;
-        check_mask(problem, self.mask.map(<[f32]>::len))
+impl Sequence {
+    /// A dense sequence of the shape's lengths.
+    pub fn dense(shape: &AttentionShape) -> Self {
+        Self {
+            rows: shape.seq_q,
+            keys: shape.seq_kv,
+            key_limit: shape.seq_kv,
+            row_begin: 0,
+            key_begin: 0,
+        }
+    }
+
+    /// The bottom-right diagonal of row `i`: key `i + keys - rows`, which may be negative.
+    pub fn diagonal(&self, i: usize) -> i64 {
+        i as i64 + self.keys as i64 - self.rows as i64
     }
 }
 
-pub(crate) fn check_len(tensor: &'static str, actual: usize, dims: &[usize]) -> Result<()> {
-    let expected = dims.iter().product();
-    if actual == expected {
+/// Host-side inputs of one attention call, in the problem's layout, with elements of type `T`
+/// (`f32`, or [`half::f16`] for [`crate::Context::attention_f16`]).
+///
+/// Build it with [`AttentionInputs::new`] and the `with_*` methods. The optional per-head and
+/// per-sequence tensors are f32 or u32 whatever `T` is.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionInputs<'a, T = f32> {
+    /// Queries: `[batch, heads, seq_q, head_dim]` in the default layout.
+    pub q: &'a [T],
+    /// Keys: `[batch, kv_heads, seq_kv, head_dim]` in the default layout.
+    pub k: &'a [T],
+    /// Values: `[batch, kv_heads, seq_kv, head_dim_v]` in the default layout.
+    pub v: &'a [T],
+    /// Additive mask, `[mask_batch, mask_heads, seq_q, seq_kv]`, when the problem has one.
+    pub mask: Option<&'a [f32]>,
+    /// ALiBi slopes, `[heads]`: query `i` and key `j` get the bias
+    /// `-slope[h] · |j - (i + seq_kv - seq_q)|`, added after soft-capping and before the mask.
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// Sink logits, `[heads]`: each joins its head's softmax denominator as a score with no
+    /// value row, so `lse = ln(exp(sink) + Σ exp(s))`.
+    pub sinks: Option<&'a [f32]>,
+    /// Key lengths, `[batch]`: keys `j >= kv_seq_lens[b]` are masked for batch element `b`.
+    pub kv_seq_lens: Option<&'a [u32]>,
+    /// Offsets of packed query sequences, `[batch + 1]`, non-decreasing, when the problem has
+    /// packed sequences.
+    pub cu_seqlens_q: Option<&'a [u32]>,
+    /// Offsets of packed key sequences, `[batch + 1]`, non-decreasing, when the problem has
+    /// packed sequences.
+    pub cu_seqlens_kv: Option<&'a [u32]>,
+}
+
+impl<'a, T> AttentionInputs<'a, T> {
+    /// Inputs of Q, K and V with no optional tensors.
+    pub fn new(q: &'a [T], k: &'a [T], v: &'a [T]) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            mask: None,
+            alibi_slopes: None,
+            sinks: None,
+            kv_seq_lens: None,
+            cu_seqlens_q: None,
+            cu_seqlens_kv: None,
+        }
+    }
+
+    /// Adds the additive mask declared by [`AttentionProblem::with_mask`].
+    pub fn with_mask(mut self, mask: &'a [f32]) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+
+    /// Adds ALiBi slopes, one per query head.
+    pub fn with_alibi_slopes(mut self, slopes: &'a [f32]) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+
+    /// Adds attention sinks, one logit per query head.
+    pub fn with_sinks(mut self, sinks: &'a [f32]) -> Self {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// Adds key lengths, one per batch element.
+    pub fn with_kv_seq_lens(mut self, lens: &'a [u32]) -> Self {
+        self.kv_seq_lens = Some(lens);
+        self
+    }
+
+    /// Adds the offsets of packed sequences declared by [`AttentionProblem::with_packed`].
+    pub fn with_cu_seqlens(mut self, q: &'a [u32], kv: &'a [u32]) -> Self {
+        self.cu_seqlens_q = Some(q);
+        self.cu_seqlens_kv = Some(kv);
+        self
+    }
+
+    /// The same inputs with Q, K and V replaced, keeping every optional tensor.
+    pub fn with_tensors<U>(&self, q: &'a [U], k: &'a [U], v: &'a [U]) -> AttentionInputs<'a, U> {
+        AttentionInputs {
+            q,
+            k,
+            v,
+            mask: self.mask,
+            alibi_slopes: self.alibi_slopes,
+            sinks: self.sinks,
+            kv_seq_lens: self.kv_seq_lens,
+            cu_seqlens_q: self.cu_seqlens_q,
+            cu_seqlens_kv: self.cu_seqlens_kv,
+        }
+    }
+
+    /// Checks every slice length, and every length and offset, against the problem.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LengthMismatch`] for a slice of the wrong length, [`Error::MaskMismatch`] or
+    /// [`Error::PackedMismatch`] for a tensor given without its declaration in the problem (or
+    /// the reverse), and [`Error::InvalidLengths`] for an offset or length out of range.
+    pub fn validate(&self, problem: &AttentionProblem) -> Result<()> {
+        let s = &problem.shape;
+        let spans = problem.spans();
+        // Named layouts address every element; strided views may be longer than they address.
+        let exact = !matches!(problem.layout, Layout::Strided(_));
+        let [q, k, v, _] = problem.layout_shapes();
+        check_len("q", self.q.len(), spans[0], q, exact)?;
+        check_len("k", self.k.len(), spans[1], k, exact)?;
+        check_len("v", self.v.len(), spans[2], v, exact)?;
+        check_mask(problem, self.mask.map(<[f32]>::len))?;
+        let lens = OptionalLens {
+            alibi_slopes: self.alibi_slopes.map(<[f32]>::len),
+            sinks: self.sinks.map(<[f32]>::len),
+            kv_seq_lens: self.kv_seq_lens.map(<[u32]>::len),
+            cu_seqlens: match (self.cu_seqlens_q, self.cu_seqlens_kv) {
+                (None, None) => None,
+                (q, kv) => Some((q.map_or(0, <[u32]>::len), kv.map_or(0, <[u32]>::len))),
+            },
+        };
+        lens.check(problem, true)?;
+        if let Some(lens) = self.kv_seq_lens {
+            for (index, &value) in lens.iter().enumerate() {
+                if value as usize > s.seq_kv {
+                    return Err(Error::InvalidLengths {
+                        tensor: "kv_seq_lens",
+                        index,
+                        value,
+                        reason: format!("it is over seq_kv = {}", s.seq_kv),
+                        fix: "give each batch element's number of valid keys, at most seq_kv",
+                    });
+                }
+            }
+        }
+        if let (Some(packed), Some(cu_q), Some(cu_kv)) =
+            (problem.packed, self.cu_seqlens_q, self.cu_seqlens_kv)
+        {
+            check_offsets("cu_seqlens_q", cu_q, s.seq_q, packed.total_q)?;
+            check_offsets("cu_seqlens_kv", cu_kv, s.seq_kv, packed.total_kv)?;
+        }
+        Ok(())
+    }
+
+    /// Batch element `b`'s sequence. Call [`AttentionInputs::validate`] first.
+    pub fn sequence(&self, problem: &AttentionProblem, b: usize) -> Sequence {
+        let mut sequence = Sequence::dense(&problem.shape);
+        if let (Some(cu_q), Some(cu_kv)) = (self.cu_seqlens_q, self.cu_seqlens_kv) {
+            sequence.row_begin = cu_q[b] as usize;
+            sequence.key_begin = cu_kv[b] as usize;
+            sequence.rows = (cu_q[b + 1] - cu_q[b]) as usize;
+            sequence.keys = (cu_kv[b + 1] - cu_kv[b]) as usize;
+            sequence.key_limit = sequence.keys;
+        }
+        if let Some(lens) = self.kv_seq_lens {
+            sequence.key_limit = sequence.key_limit.min(lens[b] as usize);
+        }
+        sequence
+    }
+}
+
+/// Lengths of the optional per-head and per-sequence tensors, however they are stored.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct OptionalLens {
+    pub alibi_slopes: Option<usize>,
+    pub sinks: Option<usize>,
+    pub kv_seq_lens: Option<usize>,
+    /// Lengths of `cu_seqlens_q` and `cu_seqlens_kv`; 0 for one that is missing.
+    pub cu_seqlens: Option<(usize, usize)>,
+}
+
+impl OptionalLens {
+    /// Checks each tensor's length (equal to what the problem needs, or at least that when not
+    /// `exact`), and that offsets come exactly with packed sequences.
+    pub fn check(&self, problem: &AttentionProblem, exact: bool) -> Result<()> {
+        let s = &problem.shape;
+        let per_head = [("alibi_slopes", self.alibi_slopes), ("sinks", self.sinks)];
+        for (tensor, len) in per_head {
+            if let Some(len) = len {
+                check_len(tensor, len, s.heads, format!("[{}]", s.heads), exact)?;
+            }
+        }
+        if let Some(len) = self.kv_seq_lens {
+            check_len("kv_seq_lens", len, s.batch, format!("[{}]", s.batch), exact)?;
+        }
+        match (problem.packed, self.cu_seqlens) {
+            (None, None) => Ok(()),
+            (Some(_), Some((q, kv))) => {
+                let offsets = format!("[{}]", s.batch + 1);
+                check_len("cu_seqlens_q", q, s.batch + 1, offsets.clone(), exact)?;
+                check_len("cu_seqlens_kv", kv, s.batch + 1, offsets, exact)
+            }
+            (Some(_), None) => Err(Error::PackedMismatch(
+                "the problem has packed sequences but no cu_seqlens_q and cu_seqlens_kv were \
+                 given; pass both offsets, or remove with_packed",
+            )),
+            (None, Some(_)) => Err(Error::PackedMismatch(
+                "sequence offsets were given but the problem has no packed sequences; call \
+                 AttentionProblem::with_packed with the total query and key rows",
+            )),
+        }
+    }
+}
+
+/// Checks packed offsets: non-decreasing, no sequence over `max_len`, the last within `total`.
+fn check_offsets(
+    tensor: &'static str,
+    offsets: &[u32],
+    max_len: usize,
+    total: usize,
+) -> Result<()> {
+    for (index, pair) in offsets.windows(2).enumerate() {
+        let invalid = |value, reason: String| Error::InvalidLengths {
+            tensor,
+            index,
+            value,
+            reason,
+            fix: "give cumulative sequence offsets: cu[0] = 0 and cu[b + 1] = cu[b] + length of \
+                  sequence b",
+        };
+        if pair[1] < pair[0] {
+            return Err(invalid(
+                pair[0],
+                format!("it is above the next offset {}", pair[1]),
+            ));
+        }
+        let len = (pair[1] - pair[0]) as usize;
+        if len > max_len {
+            return Err(invalid(
+                pair[0],
+                format!("sequence {index} has {len} rows, over the shape's longest, {max_len}"),
+            ));
+        }
+    }
+    let last = offsets.last().copied().unwrap_or(0);
+    if last as usize > total {
+        return Err(Error::InvalidLengths {
+            tensor,
+            index: offsets.len() - 1,
+            value: last,
+            reason: format!("it is past the {total} packed rows"),
+            fix: "make the last offset the total rows, as given to with_packed",
+        });
+    }
+    Ok(())
+}
+
+/// Checks a tensor's length: equal to `expected`, or at least `expected` when not `exact`.
+/// `shape` describes the tensor for the message.
+pub(crate) fn check_len(
+    tensor: &'static str,
+    actual: usize,
+    expected: usize,
+    shape: String,
+    exact: bool,
+) -> Result<()> {
+    if actual == expected || (!exact && actual > expected) {
         Ok(())
     } else {
         Err(Error::LengthMismatch {
             tensor,
             expected,
             actual,
-            shape: format!("{dims:?}"),
+            shape,
         })
     }
 }
@@ -498,7 +1068,13 @@ pub(crate) fn check_len(tensor: &'static str, actual: usize, dims: &[usize]) -> 
 pub(crate) fn check_mask(problem: &AttentionProblem, mask_len: Option<usize>) -> Result<()> {
     match (problem.mask_dims(), mask_len) {
         (None, None) => Ok(()),
-        (Some(dims), Some(len)) => check_len("mask", len, &dims),
+        (Some(dims), Some(len)) => check_len(
+            "mask",
+            len,
+            dims.iter().product(),
+            format!("{dims:?}"),
+            true,
+        ),
         (Some(_), None) => Err(Error::MaskMismatch(
             "the problem has a mask shape but no mask tensor was given; pass the mask or \
              remove the mask shape",

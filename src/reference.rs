@@ -1,30 +1,35 @@
 //! The CPU reference: the semantics every kernel is checked against.
 //!
 //! It computes each output row on its own, in f64, with no tiling, no online softmax and no
-//! speed tricks, following the same steps as the kernels:
+//! speed tricks, following the same steps as the kernels. For query row `i` of batch element
+//! `b` and query head `h`, whose sequence has `rows` queries and `keys` keys (the shape's
+//! lengths, or the packed sequence's own):
 //!
 //! 1. scores: `s[j] = scale · q · k[j]`, soft-capped to `softcap · tanh(s[j] / softcap)` when
-//!    set, then `s[j] += mask[j]`, then `s[j] = -inf` where the causal mask or the sliding window
-//!    forbids key `j`;
-//! 2. softmax: `m = max_j s[j]`, `l = Σ_j exp(s[j] - m)`, `lse = m + ln l`,
-//!    `p[j] = exp(s[j] - lse)`;
+//!    set, plus the ALiBi bias `-slope[h] · |j - (i + keys - rows)|` when slopes are given, plus
+//!    `mask[j]`; then `s[j] = -inf` where the causal mask or the sliding window forbids key `j`,
+//!    or `j` is at or past the key length;
+//! 2. softmax: `m = max(sink, max_j s[j])`, `l = exp(sink - m) + Σ_j exp(s[j] - m)` (the sink
+//!    terms only with sinks), `lse = m + ln l`, `p[j] = exp(s[j] - lse)`;
 //! 3. output: `out = Σ_j p[j] · v[j]`.
 //!
-//! A row whose every score is `-inf` (fully masked) has `lse = -inf`, probabilities 0 and output
-//! 0, never NaN. Masked keys (score `-inf`) are skipped in step 3, so their value rows are never
-//! read. NaN in an input propagates otherwise: a NaN score makes its row's maximum, sum and
-//! output NaN, and a NaN in the value row of an unmasked key makes that output column NaN. A
-//! `+inf` score makes its row NaN, as `exp(inf - inf)` is NaN.
+//! A row whose every score is `-inf` (fully masked) has `lse = -inf` (or the sink, with sinks),
+//! probabilities 0 and output 0, never NaN. Masked keys (score `-inf`) are skipped in step 3, so
+//! their value rows are never read. NaN in an input propagates otherwise: a NaN score makes its
+//! row's maximum, sum and output NaN, and a NaN in the value row of an unmasked key makes that
+//! output column NaN. A `+inf` score makes its row NaN, as `exp(inf - inf)` is NaN.
 
 use crate::error::Result;
-use crate::problem::{AttentionInputs, AttentionProblem};
+use crate::problem::{AttentionInputs, AttentionProblem, Sequence};
 
 /// The reference result of one attention call, in f64.
 #[derive(Clone, Debug)]
 pub struct ReferenceOutput {
-    /// Output, `[batch, heads, seq_q, head_dim]`.
+    /// Output in the problem's output layout (`[batch, heads, seq_q, head_dim_v]` by default);
+    /// elements the layout does not address are 0.
     pub out: Vec<f64>,
-    /// Natural-log log-sum-exp of each row's final scores, `[batch, heads, seq_q]`.
+    /// Natural-log log-sum-exp of each row's final scores, `[batch, heads, seq_q]`, or
+    /// `[heads, total_q]` with packed sequences.
     pub lse: Vec<f64>,
 }
 
@@ -38,11 +43,11 @@ impl ReferenceOutput {
 /// One row of the reference: output, log-sum-exp and probabilities.
 #[derive(Clone, Debug)]
 pub struct ReferenceRow {
-    /// Output row, `head_dim` values.
+    /// Output row, `head_dim_v` values.
     pub out: Vec<f64>,
     /// Log-sum-exp of the row's scores.
     pub lse: f64,
-    /// Softmax probabilities over the `seq_kv` keys.
+    /// Softmax probabilities over the `seq_kv` keys of the row's sequence.
     pub probs: Vec<f64>,
 }
 
@@ -58,14 +63,18 @@ pub fn attention(
     problem.validate()?;
     inputs.validate(problem)?;
     let s = &problem.shape;
-    let mut out = Vec::with_capacity(s.q_len());
-    let mut lse = Vec::with_capacity(s.lse_len());
+    let strides = problem.strides().out;
+    let (lse_batch, lse_head) = problem.lse_strides();
+    let mut out = vec![0.0; problem.spans()[3]];
+    let mut lse = vec![0.0; problem.lse_len()];
     for b in 0..s.batch {
+        let sequence = inputs.sequence(problem, b);
         for h in 0..s.heads {
-            for i in 0..s.seq_q {
-                let row = row_unchecked(problem, inputs, b, h, i);
-                out.extend_from_slice(&row.out);
-                lse.push(row.lse);
+            for i in 0..sequence.rows {
+                let row = row_unchecked(problem, inputs, &sequence, b, h, i);
+                let offset = strides.offset(b, h, sequence.row_begin + i);
+                out[offset..][..s.head_dim_v].copy_from_slice(&row.out);
+                lse[b * lse_batch + h * lse_head + sequence.row_begin + i] = row.lse;
             }
         }
     }
@@ -73,6 +82,7 @@ pub fn attention(
 }
 
 /// Computes one output row `(b, h, i)` on the CPU in f64, for checking large problems by sampling.
+/// With packed sequences `i` counts from the start of sequence `b`.
 ///
 /// # Errors
 ///
@@ -88,7 +98,12 @@ pub fn attention_row(
     problem.validate()?;
     inputs.validate(problem)?;
     let s = &problem.shape;
-    if b >= s.batch || h >= s.heads || i >= s.seq_q {
+    let rows = if b < s.batch {
+        inputs.sequence(problem, b).rows
+    } else {
+        0
+    };
+    if h >= s.heads || i >= rows {
         return Err(crate::Error::LengthMismatch {
             tensor: "q",
             expected: s.q_len(),
@@ -99,42 +114,52 @@ pub fn attention_row(
             ),
         });
     }
-    Ok(row_unchecked(problem, inputs, b, h, i))
+    let sequence = inputs.sequence(problem, b);
+    Ok(row_unchecked(problem, inputs, &sequence, b, h, i))
 }
 
 fn row_unchecked(
     problem: &AttentionProblem,
     inputs: &AttentionInputs<'_>,
+    sequence: &Sequence,
     b: usize,
     h: usize,
     i: usize,
 ) -> ReferenceRow {
     let s = &problem.shape;
-    let d = s.head_dim;
+    let (d, dv) = (s.head_dim, s.head_dim_v);
     let kv_head = h / s.group_size();
-    let q_row = &inputs.q[((b * s.heads + h) * s.seq_q + i) * d..][..d];
-    let kv_base = (b * s.kv_heads + kv_head) * s.seq_kv * d;
+    let strides = problem.strides();
+    let q_row = &inputs.q[strides.q.offset(b, h, sequence.row_begin + i)..][..d];
+    let k_row = |j: usize| &inputs.k[strides.k.offset(b, kv_head, sequence.key_begin + j)..][..d];
+    let v_row = |j: usize| &inputs.v[strides.v.offset(b, kv_head, sequence.key_begin + j)..][..dv];
     let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
     let mask_row = inputs.mask.map(|mask| {
         &mask[b * mask_batch_stride + h * mask_head_stride + i * s.seq_kv..][..s.seq_kv]
     });
+    let slope = inputs.alibi_slopes.map(|slopes| f64::from(slopes[h]));
+    let sink = inputs.sinks.map(|sinks| f64::from(sinks[h]));
     let scale = problem.scale();
 
-    // Step 1: scores, soft-capping, then the additive mask, then the causal mask and window.
-    let mut scores = vec![0.0f64; s.seq_kv];
+    // Step 1: scores, soft-capping, the ALiBi bias, the additive mask, then the causal mask, the
+    // window and the key length. Keys past the sequence's own keys are never read.
+    let keys = sequence.keys.min(s.seq_kv);
+    let mut scores = vec![f64::NEG_INFINITY; keys];
     for (j, score) in scores.iter_mut().enumerate() {
-        let k_row = &inputs.k[kv_base + j * d..][..d];
+        if !problem.allows_in(sequence, i, j) {
+            continue;
+        }
         let dot: f64 = q_row
             .iter()
-            .zip(k_row)
+            .zip(k_row(j))
             .map(|(&a, &b)| a as f64 * b as f64)
             .sum();
         *score = problem.cap(scale * dot);
+        if let Some(slope) = slope {
+            *score -= slope * (j as i64 - sequence.diagonal(i)).abs() as f64;
+        }
         if let Some(mask_row) = mask_row {
             *score += mask_row[j] as f64;
-        }
-        if !problem.allows(i, j) {
-            *score = f64::NEG_INFINITY;
         }
     }
 
@@ -142,26 +167,24 @@ fn row_unchecked(
     let max = scores
         .iter()
         .copied()
+        .chain(sink)
         .fold(f64::NEG_INFINITY, f64_max_propagating_nan);
     let (lse, probs) = if max == f64::NEG_INFINITY {
-        (f64::NEG_INFINITY, vec![0.0; s.seq_kv])
+        (f64::NEG_INFINITY, vec![0.0; keys])
     } else {
-        let sum: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
+        let sum: f64 = scores.iter().chain(&sink).map(|&x| (x - max).exp()).sum();
         let lse = max + sum.ln();
         (lse, scores.iter().map(|&x| (x - lse).exp()).collect())
     };
 
     // Step 3: probabilities times values.
-    let mut out = vec![0.0f64; d];
-    if max != f64::NEG_INFINITY {
-        for (j, &p) in probs.iter().enumerate() {
-            if scores[j] == f64::NEG_INFINITY {
-                continue;
-            }
-            let v_row = &inputs.v[kv_base + j * d..][..d];
-            for (o, &v) in out.iter_mut().zip(v_row) {
-                *o += p * v as f64;
-            }
+    let mut out = vec![0.0f64; dv];
+    for (j, &p) in probs.iter().enumerate() {
+        if scores[j] == f64::NEG_INFINITY {
+            continue;
+        }
+        for (o, &v) in out.iter_mut().zip(v_row(j)) {
+            *o += p * v as f64;
         }
     }
     ReferenceRow { out, lse, probs }

@@ -164,47 +164,60 @@ pub fn naive_f16_attention(
     problem.validate()?;
     inputs.validate(problem)?;
     let s = &problem.shape;
-    let d = s.head_dim;
+    let (d, dv) = (s.head_dim, s.head_dim_v);
     let h16 = |x: f32| f16::from_f32(x).to_f32();
     let scale = h16(problem.scale() as f32);
     let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
-    let mut out = Vec::with_capacity(s.q_len());
+    let strides = problem.strides();
+    let mut out = vec![0.0f32; problem.spans()[3]];
     for b in 0..s.batch {
+        let sequence = inputs.sequence(problem, b);
         for h in 0..s.heads {
-            let kv_base = (b * s.kv_heads + h / s.group_size()) * s.seq_kv * d;
-            for i in 0..s.seq_q {
-                let q_row = &inputs.q[((b * s.heads + h) * s.seq_q + i) * d..][..d];
-                let mut scores = vec![f32::NEG_INFINITY; s.seq_kv];
+            let kv_head = h / s.group_size();
+            let k_row =
+                |j: usize| &inputs.k[strides.k.offset(b, kv_head, sequence.key_begin + j)..][..d];
+            let v_row =
+                |j: usize| &inputs.v[strides.v.offset(b, kv_head, sequence.key_begin + j)..][..dv];
+            let sink = inputs.sinks.map(|sinks| h16(sinks[h]));
+            for i in 0..sequence.rows {
+                let q_row = &inputs.q[strides.q.offset(b, h, sequence.row_begin + i)..][..d];
+                let mut scores = vec![f32::NEG_INFINITY; sequence.keys];
                 for (j, score) in scores.iter_mut().enumerate() {
-                    if !problem.allows(i, j) {
+                    if !problem.allows_in(&sequence, i, j) {
                         continue;
                     }
-                    let k_row = &inputs.k[kv_base + j * d..][..d];
                     let dot = q_row
                         .iter()
-                        .zip(k_row)
+                        .zip(k_row(j))
                         .fold(0.0, |acc, (&a, &b)| h16(acc + h16(h16(a) * h16(b))));
                     *score = h16(problem.cap(f64::from(h16(dot * scale))) as f32);
+                    if let Some(slopes) = inputs.alibi_slopes {
+                        let distance = (j as i64 - sequence.diagonal(i)).abs() as f32;
+                        *score = h16(*score - h16(h16(slopes[h]) * distance));
+                    }
                     if let Some(mask) = inputs.mask {
                         *score = h16(*score
                             + mask
                                 [b * mask_batch_stride + h * mask_head_stride + i * s.seq_kv + j]);
                     }
                 }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut row = vec![0.0f32; d];
+                let max = scores
+                    .iter()
+                    .copied()
+                    .chain(sink)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let row = &mut out[strides.out.offset(b, h, sequence.row_begin + i)..][..dv];
                 if max != f32::NEG_INFINITY {
                     let weights: Vec<f32> = scores.iter().map(|&x| h16((x - max).exp())).collect();
-                    let sum = weights.iter().fold(0.0, |acc, &w| h16(acc + w));
+                    let sink_weight = sink.map_or(0.0, |sink| h16((sink - max).exp()));
+                    let sum = weights.iter().fold(sink_weight, |acc, &w| h16(acc + w));
                     for (j, &w) in weights.iter().enumerate() {
                         let p = h16(w / sum);
-                        let v_row = &inputs.v[kv_base + j * d..][..d];
-                        for (o, &v) in row.iter_mut().zip(v_row) {
+                        for (o, &v) in row.iter_mut().zip(v_row(j)) {
                             *o = h16(*o + h16(p * h16(v)));
                         }
                     }
                 }
-                out.extend_from_slice(&row);
             }
         }
     }

@@ -30,36 +30,12 @@ fn zeros(n: usize) -> Vec<f32> {
 fn slice_length_mismatch() {
     let shape = AttentionShape::new(2, 4, 5, 7, 8).with_kv_heads(2);
     let problem = AttentionProblem::new(shape);
-    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
-    let short = zeros(shape.kv_len() - 1);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
+    let short = zeros(shape.k_len() - 1);
     let cases: [(&str, AttentionInputs<'_>); 3] = [
-        (
-            "q",
-            AttentionInputs {
-                q: &short,
-                k: &kv,
-                v: &kv,
-                mask: None,
-            },
-        ),
-        (
-            "k",
-            AttentionInputs {
-                q: &q,
-                k: &short,
-                v: &kv,
-                mask: None,
-            },
-        ),
-        (
-            "v",
-            AttentionInputs {
-                q: &q,
-                k: &kv,
-                v: &short,
-                mask: None,
-            },
-        ),
+        ("q", AttentionInputs::new(&short, &kv, &kv)),
+        ("k", AttentionInputs::new(&q, &short, &kv)),
+        ("v", AttentionInputs::new(&q, &kv, &short)),
     ];
     for (name, inputs) in cases {
         let error = run(&problem, &inputs);
@@ -75,15 +51,13 @@ fn slice_length_mismatch() {
 fn mask_length_mismatch() {
     let shape = AttentionShape::new(2, 4, 5, 7, 8);
     let problem = AttentionProblem::new(shape).with_mask(2, 1);
-    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
     let mask = zeros(5 * 7);
     let error = run(
         &problem,
         &AttentionInputs {
-            q: &q,
-            k: &kv,
-            v: &kv,
             mask: Some(&mask),
+            ..AttentionInputs::new(&q, &kv, &kv)
         },
     );
     assert!(
@@ -103,9 +77,17 @@ fn mask_length_mismatch() {
 
 #[test]
 fn zero_dimensions() {
-    let names = ["batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim"];
+    let names = [
+        "batch",
+        "heads",
+        "kv_heads",
+        "seq_q",
+        "seq_kv",
+        "head_dim",
+        "head_dim_v",
+    ];
     for (index, name) in names.into_iter().enumerate() {
-        let mut dims = [1usize; 6];
+        let mut dims = [1usize; 7];
         dims[index] = 0;
         let shape = AttentionShape {
             batch: dims[0],
@@ -114,6 +96,7 @@ fn zero_dimensions() {
             seq_q: dims[3],
             seq_kv: dims[4],
             head_dim: dims[5],
+            head_dim_v: dims[6],
         };
         let error = AttentionProblem::new(shape).validate().unwrap_err();
         assert!(
@@ -128,16 +111,8 @@ fn zero_dimensions() {
 fn heads_not_divisible_by_kv_heads() {
     let shape = AttentionShape::new(1, 6, 4, 4, 8).with_kv_heads(4);
     let problem = AttentionProblem::new(shape);
-    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
-    let error = run(
-        &problem,
-        &AttentionInputs {
-            q: &q,
-            k: &kv,
-            v: &kv,
-            mask: None,
-        },
-    );
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
+    let error = run(&problem, &AttentionInputs::new(&q, &kv, &kv));
     assert!(
         matches!(
             error,
@@ -154,22 +129,14 @@ fn heads_not_divisible_by_kv_heads() {
 fn head_dim_over_maximum() {
     let shape = AttentionShape::new(1, 1, 2, 2, wgpu_attention::MAX_HEAD_DIM + 1);
     let problem = AttentionProblem::new(shape);
-    let (q, kv) = (zeros(shape.q_len()), zeros(shape.kv_len()));
-    let error = run(
-        &problem,
-        &AttentionInputs {
-            q: &q,
-            k: &kv,
-            v: &kv,
-            mask: None,
-        },
-    );
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
+    let error = run(&problem, &AttentionInputs::new(&q, &kv, &kv));
     assert!(
         matches!(
             error,
             Error::HeadDimTooLarge {
-                head_dim: 257,
-                max: 256
+                head_dim: 577,
+                max: 576
             }
         ),
         "{error}"
@@ -200,28 +167,18 @@ fn mask_shape_does_not_broadcast() {
 #[test]
 fn mask_given_without_mask_shape_and_reverse() {
     let shape = AttentionShape::new(1, 1, 3, 3, 4);
-    let (q, kv, mask) = (zeros(shape.q_len()), zeros(shape.kv_len()), zeros(9));
+    let (q, kv, mask) = (zeros(shape.q_len()), zeros(shape.k_len()), zeros(9));
     let without_shape = AttentionProblem::new(shape);
     let error = run(
         &without_shape,
         &AttentionInputs {
-            q: &q,
-            k: &kv,
-            v: &kv,
             mask: Some(&mask),
+            ..AttentionInputs::new(&q, &kv, &kv)
         },
     );
     assert!(matches!(error, Error::MaskMismatch(_)), "{error}");
     let with_shape = AttentionProblem::new(shape).with_mask(1, 1);
-    let error = run(
-        &with_shape,
-        &AttentionInputs {
-            q: &q,
-            k: &kv,
-            v: &kv,
-            mask: None,
-        },
-    );
+    let error = run(&with_shape, &AttentionInputs::new(&q, &kv, &kv));
     assert!(matches!(error, Error::MaskMismatch(_)), "{error}");
 }
 
@@ -265,23 +222,28 @@ fn write_fixture(
     let dir = std::env::temp_dir().join(format!("wgpu-attention-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    let bytes: Vec<(&str, Vec<usize>, Vec<u8>)> = tensors
+    // Key lengths are I32, as the fixture format stores them; every other tensor is F32.
+    let bytes: Vec<(&str, Vec<usize>, Vec<u8>, safetensors::Dtype)> = tensors
         .into_iter()
         .map(|(name, dims, data)| {
-            (
-                name,
-                dims,
-                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
+            if name == "kv_seq_lens" {
+                let data = data
+                    .iter()
+                    .flat_map(|&x| (x as i32).to_le_bytes())
+                    .collect();
+                (name, dims, data, safetensors::Dtype::I32)
+            } else {
+                let data = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (name, dims, data, safetensors::Dtype::F32)
+            }
         })
         .collect();
     let views: Vec<_> = bytes
         .iter()
-        .map(|(name, dims, data)| {
+        .map(|(name, dims, data, dtype)| {
             (
                 *name,
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, dims.clone(), data)
-                    .unwrap(),
+                safetensors::tensor::TensorView::new(*dtype, dims.clone(), data).unwrap(),
             )
         })
         .collect();
@@ -352,17 +314,48 @@ fn fixture_unsupported_options_are_named() {
             .contains("unsupported `window_align` = top_left"),
         "{error}"
     );
-    for tensor in ["sinks", "alibi_slopes"] {
+}
+
+#[test]
+fn fixture_variant_tensors_load_and_are_checked() {
+    let base = [("scale", "0.5"), ("causal", "none")];
+    let mut tensors = small_case();
+    tensors.push(("sinks", vec![1], vec![0.5]));
+    tensors.push(("alibi_slopes", vec![1], vec![0.25]));
+    tensors.push(("kv_seq_lens", vec![1], vec![1.0]));
+    let path = write_fixture("variants.safetensors", tensors, &base);
+    let fixture = Fixture::load(&path).unwrap();
+    assert_eq!(fixture.sinks.as_deref(), Some(&[0.5f32][..]));
+    assert_eq!(fixture.alibi_slopes.as_deref(), Some(&[0.25f32][..]));
+    assert_eq!(fixture.kv_seq_lens.as_deref(), Some(&[1u32][..]));
+    let inputs = fixture.inputs();
+    assert!(inputs.sinks.is_some() && inputs.alibi_slopes.is_some());
+
+    for (tensor, dims, data, expected) in [
+        (
+            "sinks",
+            vec![2],
+            vec![0.0, 0.0],
+            "tensor `sinks` has shape [2]; expected [1]",
+        ),
+        (
+            "kv_seq_lens",
+            vec![1],
+            vec![-1.0],
+            "tensor `kv_seq_lens` holds -1; lengths must be at least 0",
+        ),
+        (
+            "kv_seq_lens",
+            vec![1],
+            vec![3.0],
+            "kv_seq_lens[0] = 3 is invalid: it is over seq_kv = 2",
+        ),
+    ] {
         let mut tensors = small_case();
-        tensors.push((tensor, vec![1], vec![0.0]));
-        let path = write_fixture(&format!("{tensor}.safetensors"), tensors, &base);
+        tensors.push((tensor, dims, data));
+        let path = write_fixture(&format!("bad-{tensor}.safetensors"), tensors, &base);
         let error = Fixture::load(&path).unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains(&format!("unsupported tensor `{tensor}`")),
-            "{error}"
-        );
+        assert!(error.to_string().contains(expected), "{error}");
     }
 }
 
@@ -492,7 +485,9 @@ fn fixture_bad_values() {
     );
     let error = Fixture::load(&path).unwrap_err();
     assert!(
-        error.to_string().contains("unsupported value head dim 6"),
+        error
+            .to_string()
+            .contains("tensor `out` has shape [1, 1, 2, 4]; expected [1, 1, 2, 6]"),
         "{error}"
     );
 }

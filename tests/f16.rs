@@ -49,19 +49,15 @@ impl HalfInputs {
 
     fn inputs(&self) -> AttentionInputsF16<'_> {
         AttentionInputsF16 {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
             mask: self.mask.as_deref(),
+            ..AttentionInputs::new(&self.q, &self.k, &self.v)
         }
     }
 
     fn widened(&self) -> AttentionInputs<'_> {
         AttentionInputs {
-            q: &self.q32,
-            k: &self.k32,
-            v: &self.v32,
             mask: self.mask.as_deref(),
+            ..AttentionInputs::new(&self.q32, &self.k32, &self.v32)
         }
     }
 }
@@ -179,14 +175,7 @@ fn f16_buffers_without_shader_f16_are_rejected() {
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let tensors = GpuTensors {
-        q: &buffer,
-        k: &buffer,
-        v: &buffer,
-        mask: None,
-        out: &buffer,
-        lse: None,
-    };
+    let tensors = GpuTensors::new(&buffer, &buffer, &buffer, &buffer);
     let mut encoder = device.create_command_encoder(&Default::default());
     let error = context
         .record(Kernel::Auto, &problem, &mut encoder, &tensors)
@@ -209,12 +198,7 @@ fn f16_problem_with_f32_slices_is_rejected() {
     let shape = AttentionShape::new(1, 1, 2, 2, 4);
     let problem = AttentionProblem::new(shape).with_dtype(Dtype::F16);
     let data = vec![0.0f32; 8];
-    let inputs = AttentionInputs {
-        q: &data,
-        k: &data,
-        v: &data,
-        mask: None,
-    };
+    let inputs = AttentionInputs::new(&data, &data, &data);
     let error = context()
         .attention_with(Kernel::Auto, &problem, &inputs)
         .unwrap_err();

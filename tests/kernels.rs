@@ -84,16 +84,11 @@ macro_rules! kernel_contract {
                 // pattern is the mask drawn in the `Causal` documentation.
                 let shape = AttentionShape::new(1, 1, 3, 5, 5);
                 let q = vec![0.0f32; shape.q_len()];
-                let k = vec![0.0f32; shape.kv_len()];
+                let k = vec![0.0f32; shape.k_len()];
                 let v: Vec<f32> = (0..25)
                     .map(|i| if i % 6 == 0 { 1.0 } else { 0.0 })
                     .collect();
-                let inputs = wgpu_attention::AttentionInputs {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    mask: None,
-                };
+                let inputs = wgpu_attention::AttentionInputs::new(&q, &k, &v);
                 let expected_visible = [
                     (Causal::TopLeft, [1, 2, 3]),
                     (Causal::BottomRight, [3, 4, 5]),

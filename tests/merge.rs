@@ -46,10 +46,8 @@ fn merged_halves_match_full_attention() {
         let v = key_range(&data.v, &shape, begin, end);
         let part_mask = mask_columns(mask, shape.seq_kv, begin, end);
         let inputs = AttentionInputs {
-            q: &data.q,
-            k: &k,
-            v: &v,
             mask: Some(&part_mask),
+            ..AttentionInputs::new(&data.q, &k, &v)
         };
         parts.push(
             context()

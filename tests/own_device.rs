@@ -73,12 +73,9 @@ fn record_into_callers_encoder() {
     let out = output(&device, shape.q_len());
     let lse = output(&device, shape.lse_len());
     let tensors = GpuTensors {
-        q: &q,
-        k: &k,
-        v: &v,
         mask: Some(&mask),
-        out: &out,
         lse: Some(&lse),
+        ..GpuTensors::new(&q, &k, &v, &out)
     };
 
     let mut encoder = device.create_command_encoder(&Default::default());
@@ -102,14 +99,7 @@ fn record_rejects_small_buffer() {
     let problem = AttentionProblem::new(shape);
     let full = storage(device, &vec![0.0; shape.q_len()]);
     let short = output(device, shape.q_len() - 1);
-    let tensors = GpuTensors {
-        q: &full,
-        k: &full,
-        v: &full,
-        mask: None,
-        out: &short,
-        lse: None,
-    };
+    let tensors = GpuTensors::new(&full, &full, &full, &short);
     let mut encoder = device.create_command_encoder(&Default::default());
     let error = context
         .record(Kernel::Auto, &problem, &mut encoder, &tensors)
@@ -133,14 +123,7 @@ fn record_rejects_buffer_without_storage_usage() {
         usage: wgpu::BufferUsages::UNIFORM,
         mapped_at_creation: false,
     });
-    let tensors = GpuTensors {
-        q: &uniform,
-        k: &full,
-        v: &full,
-        mask: None,
-        out: &full,
-        lse: None,
-    };
+    let tensors = GpuTensors::new(&uniform, &full, &full, &full);
     let mut encoder = device.create_command_encoder(&Default::default());
     let error = context
         .record(Kernel::Auto, &problem, &mut encoder, &tensors)

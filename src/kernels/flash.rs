@@ -66,15 +66,22 @@ impl FlashVariant {
         match self {
             FlashVariant::Tiled(tiles) => {
                 let invocations = u64::from(tiles.key_lanes * tiles.row_lanes);
-                let staging = 2 * u64::from(tiles.tile_kv() * tiles.d_pad()).div_ceil(invocations);
+                let k_chunks = u64::from(tiles.d_pad() / tiles.k_chunk);
+                let v_chunks = u64::from(tiles.tile_kv() / tiles.v_keys);
+                let staging = k_chunks
+                    * u64::from(tiles.tile_kv() * tiles.k_chunk).div_ceil(invocations)
+                    + v_chunks * u64::from(tiles.v_keys * tiles.dv_pad()).div_ceil(invocations);
                 let rows = u64::from(FLASH_ROWS);
                 1 + staging
+                    + k_chunks
+                    + v_chunks
                     + u64::from(tiles.d_pad())
                     + rows * u64::from(tiles.key_lanes + tiles.tile_kv())
             }
             FlashVariant::Rows(tiles) => {
-                let staging =
-                    u64::from(tiles.tile_kv * tiles.d4).div_ceil(u64::from(tiles.workgroup));
+                let workgroup = u64::from(tiles.workgroup);
+                let staging = u64::from(tiles.tile_kv * tiles.d4).div_ceil(workgroup)
+                    + u64::from(tiles.tile_kv * tiles.d4v).div_ceil(workgroup);
                 1 + staging + 2 * u64::from(tiles.tile_kv) + 8
             }
         }
@@ -101,6 +108,10 @@ impl FlashVariant {
                     ("WG_Q", tiles.row_lanes),
                     ("KEYS", tiles.keys_per_lane),
                     ("D_COLS", tiles.d_cols),
+                    ("D_COLS_V", tiles.d_cols_v),
+                    ("K_CHUNK", tiles.k_chunk),
+                    ("V_KEYS", tiles.v_keys),
+                    ("KV_TILE", tiles.kv_tile()),
                 ],
             },
             FlashVariant::Rows(tiles) => PipelineKey {
@@ -110,6 +121,7 @@ impl FlashVariant {
                     ("WG", tiles.workgroup),
                     ("TILE_KV", tiles.tile_kv),
                     ("D4", tiles.d4),
+                    ("D4V", tiles.d4v),
                 ],
             },
         }
@@ -178,7 +190,7 @@ pub(crate) fn plan(
         check_binding(
             limits,
             "partial outputs of the key splits",
-            kv_splits as usize * s.q_len(),
+            kv_splits as usize * (s.out_len() + 2 * s.lse_len()),
             4,
         )?;
     }
@@ -191,7 +203,8 @@ pub(crate) fn plan(
 
 /// Builds the error for a fused kernel whose smallest configuration does not fit the device.
 fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits) -> Error {
-    let head_dim = problem.shape.head_dim;
+    let s = &problem.shape;
+    let head_dim = s.head_dim.max(s.head_dim_v);
     if kernel == Kernel::FlashRows && head_dim > crate::kernels::tiling::FLASH_ROWS_MAX_HEAD_DIM {
         return Error::Unsupported {
             kernel: "flash-rows",
@@ -203,7 +216,10 @@ fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits
         key_lanes: 16,
         row_lanes: 1,
         keys_per_lane: 1,
-        d_cols: (head_dim as u32).div_ceil(16),
+        d_cols: (s.head_dim as u32).div_ceil(16),
+        d_cols_v: (s.head_dim_v as u32).div_ceil(16),
+        k_chunk: 16,
+        v_keys: 1,
     };
     Error::ExceedsLimit {
         what: format!("the fused kernel at head_dim {head_dim}"),
@@ -241,18 +257,19 @@ pub(crate) fn record(
         })
     };
     let splits = plan.kv_splits as usize;
-    let partial_out = partial_buffer(
-        "wgpu-attention partial out",
-        if split { splits * s.q_len() } else { 1 },
-    );
-    let partial_stats = partial_buffer(
-        "wgpu-attention partial stats",
-        if split { 2 * splits * s.lse_len() } else { 1 },
+    // The splits' outputs, then their (m, l) pairs.
+    let partial = partial_buffer(
+        "wgpu-attention partial results",
+        if split {
+            splits * (s.out_len() + 2 * s.lse_len())
+        } else {
+            1
+        },
     );
     let base = KernelParams {
         keys_per_split: plan.keys_per_split,
         kv_splits: plan.kv_splits,
-        ..KernelParams::new(problem)
+        ..KernelParams::new(problem, bindings.extras)
     };
 
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -280,8 +297,8 @@ pub(crate) fn record(
             bindings.mask,
             bindings.out,
             bindings.lse,
-            &partial_out,
-            &partial_stats,
+            &partial,
+            bindings.aux,
         ];
         let bind_group = bind_buffers(device, &flash, "wgpu-attention flash", &buffers);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -310,10 +327,10 @@ pub(crate) fn record(
         let params_buffer = uniform(device, "wgpu-attention params", &params);
         let buffers = [
             &params_buffer,
-            &partial_out,
-            &partial_stats,
+            &partial,
             bindings.out,
             bindings.lse,
+            bindings.aux,
         ];
         let bind_group = bind_buffers(device, &combine, "wgpu-attention combine", &buffers);
         pass.set_bind_group(0, &bind_group, &[]);

@@ -34,13 +34,59 @@ pub(crate) struct KernelParams {
     /// Sliding-window bounds, or -1 for an unbounded side.
     pub window_left: i32,
     pub window_right: i32,
+    /// Strides over (batch, head, position), each followed by a scalar as in the WGSL block.
+    pub q_strides: [u32; 3],
+    pub head_dim_v: u32,
+    pub k_strides: [u32; 3],
+    pub lse_batch_stride: u32,
+    pub v_strides: [u32; 3],
+    pub lse_head_stride: u32,
+    pub out_strides: [u32; 3],
+    /// `EXTRA_*` bits: which parts of the `aux` buffer are present.
+    pub extras: u32,
+}
+
+/// Bits of `KernelParams::extras`, as `EXTRA_*` in `shaders/params.wgsl`.
+pub(crate) const EXTRA_ALIBI: u32 = 1;
+pub(crate) const EXTRA_SINKS: u32 = 2;
+pub(crate) const EXTRA_KV_LENS: u32 = 4;
+pub(crate) const EXTRA_PACKED: u32 = 8;
+
+/// Word offsets of the parts of the `aux` buffer, in the order `shaders/params.wgsl` reads them.
+pub(crate) struct AuxLayout {
+    pub alibi: usize,
+    pub sinks: usize,
+    pub kv_lens: usize,
+    pub cu_q: usize,
+    pub cu_kv: usize,
+    /// Words in all.
+    pub len: usize,
+}
+
+impl AuxLayout {
+    pub fn new(heads: usize, batch: usize) -> Self {
+        let cu_q = 2 * heads + batch;
+        Self {
+            alibi: 0,
+            sinks: heads,
+            kv_lens: 2 * heads,
+            cu_q,
+            cu_kv: cu_q + batch + 1,
+            len: cu_q + 2 * (batch + 1),
+        }
+    }
 }
 
 impl KernelParams {
-    /// The parameters of `problem` for a dispatch starting at head 0 with no grid offset.
-    pub fn new(problem: &AttentionProblem) -> Self {
+    /// The parameters of `problem` for a dispatch starting at head 0 with no grid offset, with
+    /// the `aux` parts given by `extras`.
+    pub fn new(problem: &AttentionProblem, extras: u32) -> Self {
         let s = &problem.shape;
         let (mask_batch_stride, mask_head_stride) = problem.mask_strides();
+        let (lse_batch_stride, lse_head_stride) = problem.lse_strides();
+        let strides = problem.strides();
+        // check_binding keeps every span, and so every stride in use, within u32.
+        let triple = |t: crate::problem::Strides| [t.batch as u32, t.head as u32, t.seq as u32];
         Self {
             batch: s.batch as u32,
             heads: s.heads as u32,
@@ -61,6 +107,14 @@ impl KernelParams {
             // Problem::validate keeps both bounds within i32.
             window_left: problem.window.left.map_or(-1, |left| left as i32),
             window_right: problem.window.right.map_or(-1, |right| right as i32),
+            q_strides: triple(strides.q),
+            head_dim_v: s.head_dim_v as u32,
+            k_strides: triple(strides.k),
+            lse_batch_stride: lse_batch_stride as u32,
+            v_strides: triple(strides.v),
+            lse_head_stride: lse_head_stride as u32,
+            out_strides: triple(strides.out),
+            extras,
         }
     }
 }

@@ -35,6 +35,10 @@ pub(crate) struct Bindings<'a> {
     /// Where to copy the attention probabilities, `[batch, heads, seq_q, seq_kv]`, when
     /// requested; only the three-stage kernel has them.
     pub probs: Option<&'a wgpu::Buffer>,
+    /// Per-head and per-sequence values, laid out by `AuxLayout`.
+    pub aux: &'a wgpu::Buffer,
+    /// `EXTRA_*` bits saying which parts of `aux` are present.
+    pub extras: u32,
 }
 
 /// (batch, head) pairs whose score matrices are processed together, given the device limits.
@@ -95,7 +99,7 @@ pub(crate) fn record(
         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
     });
-    let base = KernelParams::new(problem);
+    let base = KernelParams::new(problem, bindings.extras);
     let max_groups = limits.max_compute_workgroups_per_dimension;
     let output_tile = tiles.output_tile();
 
@@ -117,7 +121,7 @@ pub(crate) fn record(
             ],
             [s.seq_q as u32, 1, heads],
             [
-                (s.head_dim as u32).div_ceil(output_tile),
+                (s.head_dim_v as u32).div_ceil(output_tile),
                 (s.seq_q as u32).div_ceil(output_tile),
                 heads,
             ],
@@ -125,10 +129,13 @@ pub(crate) fn record(
         let stages: [(&Pipeline, Vec<&wgpu::Buffer>); 3] = [
             (
                 &scores_pipeline,
-                vec![bindings.q, bindings.k, bindings.mask, &scores],
+                vec![bindings.q, bindings.k, bindings.mask, &scores, bindings.aux],
             ),
-            (&softmax_pipeline, vec![&scores, bindings.lse]),
-            (&probs_v_pipeline, vec![&scores, bindings.v, bindings.out]),
+            (&softmax_pipeline, vec![&scores, bindings.lse, bindings.aux]),
+            (
+                &probs_v_pipeline,
+                vec![&scores, bindings.v, bindings.out, bindings.aux],
+            ),
         ];
         for ((pipeline, buffers), grid) in stages.into_iter().zip(grids) {
             pass.set_pipeline(&pipeline.pipeline);

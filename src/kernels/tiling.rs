@@ -77,8 +77,14 @@ pub(crate) struct FlashTiles {
     pub row_lanes: u32,
     /// Keys per lane per tile (`KEYS`), at most `MAX_KEYS` = 4 of `flash.wgsl`.
     pub keys_per_lane: u32,
-    /// Output columns per invocation (`D_COLS`), `ceil(head_dim / key_lanes)`.
+    /// Query/key head-dim columns per lane (`D_COLS`), `ceil(head_dim / key_lanes)`.
     pub d_cols: u32,
+    /// Output columns per invocation (`D_COLS_V`), `ceil(head_dim_v / key_lanes)`.
+    pub d_cols_v: u32,
+    /// K columns staged per step (`K_CHUNK`), dividing [`FlashTiles::d_pad`].
+    pub k_chunk: u32,
+    /// V keys staged per step (`V_KEYS`), dividing [`FlashTiles::tile_kv`].
+    pub v_keys: u32,
 }
 
 /// Query rows per invocation of the fused kernel (`ROWS` in `flash.wgsl`).
@@ -117,53 +123,88 @@ impl FlashTiles {
         self.key_lanes * self.keys_per_lane
     }
 
-    /// Head dim padded to a multiple of the key lanes.
+    /// Query/key head dim padded to a multiple of the key lanes.
     pub fn d_pad(&self) -> u32 {
         self.key_lanes * self.d_cols
     }
 
-    /// Returns the workgroup memory the kernel declares, in bytes: the Q block, one K/V tile,
-    /// the probability tile and the per-lane row maxima.
+    /// Value head dim padded to a multiple of the key lanes.
+    pub fn dv_pad(&self) -> u32 {
+        self.key_lanes * self.d_cols_v
+    }
+
+    /// Floats of the K/V staging buffer (`KV_TILE`): one K chunk or one V chunk.
+    pub fn kv_tile(&self) -> u32 {
+        (self.tile_kv() * self.k_chunk).max(self.v_keys * self.dv_pad())
+    }
+
+    /// Returns the workgroup memory the kernel declares, in bytes: the Q block, the K/V staging
+    /// buffer, the probability tile and the per-lane row maxima.
     pub fn workgroup_bytes(&self) -> u32 {
+        4 * (self.fixed_floats() + self.kv_tile())
+    }
+
+    /// Floats of workgroup memory besides the K/V staging buffer.
+    fn fixed_floats(&self) -> u32 {
         let block_q = self.block_q();
-        let tile_kv = self.tile_kv();
-        4 * (block_q * self.d_pad()
-            + tile_kv * self.d_pad()
-            + block_q * tile_kv
-            + block_q * self.key_lanes)
+        block_q * self.d_pad() + block_q * self.tile_kv() + block_q * self.key_lanes
+    }
+
+    /// Makes the K and V chunks as large as `bytes` of workgroup memory allows, preferring
+    /// whole tiles; returns `None` when not even 16 columns and one key fit.
+    fn with_chunks(mut self, bytes: u32) -> Option<Self> {
+        let floats = (bytes / 4).checked_sub(self.fixed_floats())?;
+        let (d_cols, tile_kv) = (self.d_cols, self.tile_kv());
+        let k_parts = (1..=d_cols).find(|&n| {
+            d_cols.is_multiple_of(n) && self.tile_kv() * self.key_lanes * (d_cols / n) <= floats
+        })?;
+        self.k_chunk = self.key_lanes * (d_cols / k_parts);
+        let v_parts = (1..=tile_kv)
+            .find(|&n| tile_kv.is_multiple_of(n) && (tile_kv / n) * self.dv_pad() <= floats)?;
+        self.v_keys = tile_kv / v_parts;
+        Some(self)
     }
 
     /// Chooses the sizes, or returns `None` when even the smallest block does not fit the
     /// device's workgroup memory.
     ///
     /// The first of [`FLASH_CANDIDATES`] is taken whose workgroup memory and invocations fit the
-    /// limits, and whose block is not more than one halving taller than the packed query rows
-    /// (query heads per key/value head times `seq_q`): for decoding a tall block only adds idle
-    /// rows. At head dim 64 and 32 KiB of workgroup memory that is 4 row lanes and 4 keys per
-    /// lane (16 rows, 64-key tiles, 25 KiB).
+    /// limits with whole K and V tiles staged at once, and whose block is not more than one
+    /// halving taller than the packed query rows (query heads per key/value head times
+    /// `seq_q`): for decoding a tall block only adds idle rows. At head dim 64 and 32 KiB of
+    /// workgroup memory that is 4 row lanes and 4 keys per lane (16 rows, 64-key tiles,
+    /// 25 KiB). When no candidate fits whole tiles, as at head dim 576, the first that fits
+    /// with K and V staged in chunks is taken.
     pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
         let key_lanes = 16;
-        let d_cols = (problem.shape.head_dim as u32).div_ceil(key_lanes);
-        let packed_rows = (problem.shape.group_size() * problem.shape.seq_q) as u64;
-        FLASH_CANDIDATES
-            .into_iter()
-            .find_map(|(row_lanes, keys_per_lane)| {
-                let tiles = Self {
-                    key_lanes,
-                    row_lanes,
-                    keys_per_lane,
-                    d_cols,
-                };
-                let fits_memory =
-                    tiles.workgroup_bytes() <= limits.max_compute_workgroup_storage_size;
-                let fits_invocations = key_lanes * row_lanes
-                    <= limits.max_compute_invocations_per_workgroup
-                    && row_lanes <= limits.max_compute_workgroup_size_y
-                    && key_lanes <= limits.max_compute_workgroup_size_x;
-                let not_too_tall =
-                    row_lanes == 1 || u64::from((row_lanes / 2) * FLASH_ROWS) < packed_rows;
-                (fits_memory && fits_invocations && not_too_tall).then_some(tiles)
-            })
+        let s = &problem.shape;
+        let d_cols = (s.head_dim as u32).div_ceil(key_lanes);
+        let d_cols_v = (s.head_dim_v as u32).div_ceil(key_lanes);
+        let packed_rows = (s.group_size() * s.seq_q) as u64;
+        let memory = limits.max_compute_workgroup_storage_size;
+        let candidates = FLASH_CANDIDATES.into_iter().filter(|&(row_lanes, _)| {
+            let fits_invocations = key_lanes * row_lanes
+                <= limits.max_compute_invocations_per_workgroup
+                && row_lanes <= limits.max_compute_workgroup_size_y
+                && key_lanes <= limits.max_compute_workgroup_size_x;
+            let not_too_tall =
+                row_lanes == 1 || u64::from((row_lanes / 2) * FLASH_ROWS) < packed_rows;
+            fits_invocations && not_too_tall
+        });
+        let whole = |(row_lanes, keys_per_lane)| Self {
+            key_lanes,
+            row_lanes,
+            keys_per_lane,
+            d_cols,
+            d_cols_v,
+            k_chunk: key_lanes * d_cols,
+            v_keys: key_lanes * keys_per_lane,
+        };
+        candidates
+            .clone()
+            .map(whole)
+            .find(|tiles| tiles.workgroup_bytes() <= memory)
+            .or_else(|| candidates.map(whole).find_map(|t| t.with_chunks(memory)))
     }
 }
 
@@ -174,8 +215,10 @@ pub(crate) struct FlashRowTiles {
     pub workgroup: u32,
     /// Keys staged per tile (`TILE_KV`).
     pub tile_kv: u32,
-    /// vec4 columns of the head dim (`D4`).
+    /// vec4 columns of the query/key head dim (`D4`).
     pub d4: u32,
+    /// vec4 columns of the value head dim (`D4V`).
+    pub d4v: u32,
 }
 
 /// Largest head dim the row-per-invocation kernel takes. On llvmpipe (Mesa 22.3) its loops over
@@ -184,24 +227,26 @@ pub(crate) struct FlashRowTiles {
 pub(crate) const FLASH_ROWS_MAX_HEAD_DIM: usize = 128;
 
 impl FlashRowTiles {
-    /// Chooses the sizes, or returns `None` when the head dim is over
+    /// Chooses the sizes, or returns `None` when a head dim is over
     /// [`FLASH_ROWS_MAX_HEAD_DIM`] or no tile of 8 keys fits the workgroup memory.
     ///
     /// The workgroup covers the packed query rows rounded up to a power of two, from 8 (the
     /// SIMD width of llvmpipe on 256-bit vectors) to 64; decoding gets 8. The tile takes as many
     /// keys as workgroup memory holds, up to 64: at head dim 64 and 32 KiB, 64 keys.
     pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
-        if problem.shape.head_dim > FLASH_ROWS_MAX_HEAD_DIM {
+        let s = &problem.shape;
+        if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
             return None;
         }
-        let d4 = (problem.shape.head_dim as u32).div_ceil(4);
+        let d4 = (s.head_dim as u32).div_ceil(4);
+        let d4v = (s.head_dim_v as u32).div_ceil(4);
         let packed_rows = (problem.shape.group_size() * problem.shape.seq_q).min(64) as u32;
         let workgroup = packed_rows
             .next_power_of_two()
             .clamp(8, 64)
             .min(limits.max_compute_invocations_per_workgroup)
             .min(limits.max_compute_workgroup_size_x);
-        let by_memory = limits.max_compute_workgroup_storage_size / (2 * d4 * 16);
+        let by_memory = limits.max_compute_workgroup_storage_size / ((d4 + d4v) * 16);
         let tile_kv = by_memory.min(64);
         let tile_kv = if tile_kv >= 8 {
             1 << (31 - tile_kv.leading_zeros())
@@ -212,6 +257,7 @@ impl FlashRowTiles {
             workgroup,
             tile_kv,
             d4,
+            d4v,
         })
     }
 }

@@ -454,18 +454,13 @@ impl HostInputs {
                 .collect()
         };
         let q = fill(shape.q_len());
-        let k = fill(shape.kv_len());
-        let v = fill(shape.kv_len());
+        let k = fill(shape.k_len());
+        let v = fill(shape.v_len());
         Self { q, k, v }
     }
 
     fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            mask: None,
-        }
+        AttentionInputs::new(&self.q, &self.k, &self.v)
     }
 }
 
@@ -487,7 +482,7 @@ impl DeviceTensors {
     ) -> wgpu_attention::Result<Self> {
         let device = context.device();
         let max_buffer_size = context.limits().max_buffer_size;
-        for (tensor, elements) in [("q", shape.q_len()), ("k and v", shape.kv_len())] {
+        for (tensor, elements) in [("q", shape.q_len()), ("k and v", shape.k_len())] {
             let bytes = 4 * elements as u64;
             if bytes > max_buffer_size {
                 return Err(Error::ExceedsLimit {
@@ -529,12 +524,8 @@ impl DeviceTensors {
 
     fn tensors(&self) -> GpuTensors<'_> {
         GpuTensors {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            mask: None,
-            out: &self.out,
             lse: Some(&self.lse),
+            ..GpuTensors::new(&self.q, &self.k, &self.v, &self.out)
         }
     }
 }

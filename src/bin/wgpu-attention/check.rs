@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use serde_json::json;
 use wgpu_attention::fixture::{self, Fixture};
 use wgpu_attention::validate::{ErrorStats, Tolerance};
-use wgpu_attention::{AttentionInputsF16, AttentionOutput, Context, Kernel, f16, reference};
+use wgpu_attention::{AttentionOutput, Context, Kernel, f16, reference};
 
 #[derive(clap::Args)]
 pub(crate) struct CheckArgs {
@@ -114,12 +114,7 @@ fn check_file(
     let (gpu, tolerance) = if fixture.f16_inputs {
         let half = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
         let (q, k, v) = (half(&fixture.q), half(&fixture.k), half(&fixture.v));
-        let half_inputs = AttentionInputsF16 {
-            q: &q,
-            k: &k,
-            v: &v,
-            mask: inputs.mask,
-        };
+        let half_inputs = inputs.with_tensors(&q, &k, &v);
         let output = context.attention_f16(args.kernel, &fixture.problem, &half_inputs)?;
         let out = output.out.iter().map(|x| x.to_f32()).collect();
         (

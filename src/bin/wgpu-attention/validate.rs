@@ -25,8 +25,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
 use wgpu_attention::{
-    AttentionInputs, AttentionInputsF16, AttentionProblem, AttentionShape, Causal, Context, Dtype,
-    Error, Kernel, f16, reference,
+    AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, Kernel, f16,
+    reference,
 };
 
 /// Query and key/value lengths of the odd-length part, which uses every pair.
@@ -462,7 +462,7 @@ impl CaseData {
         let mut rng = SplitMix64(seed);
         let s = &problem.shape;
         let mut draw = |len: usize| (0..len).map(|_| rng.symmetric()).collect::<Vec<f32>>();
-        let (mut q, mut k, mut v) = (draw(s.q_len()), draw(s.kv_len()), draw(s.kv_len()));
+        let (mut q, mut k, mut v) = (draw(s.q_len()), draw(s.k_len()), draw(s.v_len()));
         let mask = problem.mask.map(|_| generate_mask(problem, &mut rng));
         let half = (problem.dtype == Dtype::F16).then(|| {
             let round = |values: &mut Vec<f32>| {
@@ -483,10 +483,8 @@ impl CaseData {
 
     fn inputs(&self) -> AttentionInputs<'_> {
         AttentionInputs {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
             mask: self.mask.as_deref(),
+            ..AttentionInputs::new(&self.q, &self.k, &self.v)
         }
     }
 }
@@ -684,10 +682,12 @@ fn naive_f16_head(
         _ => None,
     };
     let inputs = AttentionInputs {
-        q: &data.q[head * q_len..][..q_len],
-        k: &data.k[kv_head * kv_len..][..kv_len],
-        v: &data.v[kv_head * kv_len..][..kv_len],
         mask,
+        ..AttentionInputs::new(
+            &data.q[head * q_len..][..q_len],
+            &data.k[kv_head * kv_len..][..kv_len],
+            &data.v[kv_head * kv_len..][..kv_len],
+        )
     };
     naive_f16_attention(&single, &inputs)
 }
@@ -705,12 +705,7 @@ fn run_kernel(
             Ok((output.out, output.lse))
         }
         Some([q, k, v]) => {
-            let inputs = AttentionInputsF16 {
-                q,
-                k,
-                v,
-                mask: data.mask.as_deref(),
-            };
+            let inputs = data.inputs().with_tensors(q, k, v);
             let output = context.attention_f16(kernel, problem, &inputs)?;
             let out = output.out.iter().map(|x| x.to_f32()).collect();
             Ok((out, output.lse))
