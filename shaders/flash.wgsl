@@ -118,6 +118,10 @@ fn main(
     var row_position: array<u32, ROWS>;
     var row_valid: array<bool, ROWS>;
     var mask_row: array<u32, ROWS>;
+    // Keys each row may attend to (empty past the end), its ALiBi slope and its diagonal.
+    var row_keys: array<vec2<u32>, ROWS>;
+    var row_slope: array<f32, ROWS>;
+    var row_diag: array<i32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let unclamped = packed0 + local_id.y + r * WG_Q;
         let packed = min(unclamped, packed_rows - 1u);
@@ -126,6 +130,9 @@ fn main(
         row_valid[r] = unclamped < packed_rows && row_position[r] < seq.rows;
         mask_row[r] = b * params.mask_batch_stride + row_head[r] * params.mask_head_stride
             + row_position[r] * params.seq_kv;
+        row_keys[r] = select(vec2<u32>(0u), key_range(seq, row_position[r]), row_valid[r]);
+        row_slope[r] = alibi_slope(row_head[r]);
+        row_diag[r] = diagonal(seq, row_position[r]);
     }
 
     // Keys of this split that some row of the block may attend to. A block that spans two query
@@ -194,10 +201,9 @@ fn main(
                     var row_max = neg_inf();
                     for (var kk = 0u; kk < KEYS; kk++) {
                         let key = j0 + lane + kk * WG_KV;
-                        let i = row_position[r];
                         var score = cap_score(params.scale * s[r * MAX_KEYS + kk])
-                            + alibi_bias(seq, row_head[r], i, key);
-                        if !row_valid[r] || key >= key_end || !allows(seq, i, key) {
+                            + alibi_bias(row_slope[r], row_diag[r], key);
+                        if key < row_keys[r].x || key >= min(row_keys[r].y, key_end) {
                             score = neg_inf();
                         } else if params.has_mask != 0u {
                             score += mask[mask_row[r] + key];

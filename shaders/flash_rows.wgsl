@@ -120,6 +120,14 @@ fn main(
         key_end = key_begin;
     }
 
+    // This row's keys, ALiBi slope and diagonal; a row past the end sees no key.
+    var row_keys = key_range(seq, position);
+    if !valid {
+        row_keys = vec2<u32>(0u);
+    }
+    let slope = alibi_slope(h);
+    let diag = diagonal(seq, position);
+
     // The sink joins the first split's sum as a score with no value row.
     var m = neg_inf();
     var l = 0.0;
@@ -159,8 +167,8 @@ fn main(
             }
             let key = j0 + j;
             var score = dot4.x + dot4.y + dot4.z + dot4.w;
-            score = cap_score(score) + alibi_bias(seq, h, position, key);
-            if !valid || key >= key_end || !allows(seq, position, key) {
+            score = cap_score(score) + alibi_bias(slope, diag, key);
+            if key < row_keys.x || key >= min(row_keys.y, key_end) {
                 score = neg_inf();
             } else if params.has_mask != 0u {
                 score += mask[mask_row + key];

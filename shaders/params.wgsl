@@ -120,12 +120,18 @@ fn diagonal(seq: Sequence, i: u32) -> i32 {
     return i32(i) + i32(seq.keys) - i32(seq.rows);
 }
 
-// The additive ALiBi bias of row `i` and key `j` for query head `h`: -slope · |j - diagonal|.
-fn alibi_bias(seq: Sequence, h: u32, i: u32, j: u32) -> f32 {
+// The ALiBi slope of query head `h`, or 0 without ALiBi. Row i and key j get the additive bias
+// -slope · |j - diagonal(i)|.
+fn alibi_slope(h: u32) -> f32 {
     if (params.extras & EXTRA_ALIBI) == 0u {
         return 0.0;
     }
-    return -bitcast<f32>(aux[h]) * f32(abs(i32(j) - diagonal(seq, i)));
+    return bitcast<f32>(aux[h]);
+}
+
+// The ALiBi bias of key `j` for a row with this diagonal and slope.
+fn alibi_bias(slope: f32, diag: i32, j: u32) -> f32 {
+    return -slope * f32(abs(i32(j) - diag));
 }
 
 // The sink logit of query head `h`, or -inf without sinks. It joins each row's softmax
@@ -152,57 +158,42 @@ fn cap_score(s: f32) -> f32 {
     return params.softcap * select(tanh(x), series, abs(x) < 0.125);
 }
 
-// Whether query row `i` may attend to key `j`: the key exists, and the causal mask and the
-// sliding window allow it.
-fn allows(seq: Sequence, i: u32, j: u32) -> bool {
-    if j >= seq.key_limit {
-        return false;
-    }
-    var causal_ok = true;
-    switch params.causal {
-        case 1u: {
-            causal_ok = j <= i;
-        }
-        case 2u: {
-            // j <= i + keys - rows, written without unsigned underflow.
-            causal_ok = j + seq.rows <= i + seq.keys;
-        }
-        default: {}
-    }
+// The keys row `i` may attend to, as [x, y): those that exist and that the causal mask and the
+// sliding window allow. Every constraint bounds one side, so the allowed keys are one range,
+// and both ends grow with `i`. The range is empty (x >= y) for a row that sees no key.
+fn key_range(seq: Sequence, i: u32) -> vec2<u32> {
     let diag = diagonal(seq, i);
-    let left_ok = params.window_left < 0 || i32(j) >= diag - params.window_left;
-    let right_ok = params.window_right < 0 || i32(j) <= diag + params.window_right;
-    return causal_ok && left_ok && right_ok;
-}
-
-// The first key that row `first_row` (and so any later row) may attend to under the window.
-fn window_key_begin(seq: Sequence, first_row: u32) -> u32 {
-    if params.window_left < 0 {
-        return 0u;
-    }
-    let begin = diagonal(seq, first_row) - params.window_left;
-    return u32(clamp(begin, 0, i32(seq.key_limit)));
-}
-
-// One past the last key that any row before `row_end` may attend to under the causal mask, the
-// window and the key limit. Keys from here on are masked for the whole tile and skipped.
-fn block_key_end(seq: Sequence, row_end: u32) -> u32 {
-    if row_end == 0u {
-        return 0u;
-    }
-    let last_row = row_end - 1u;
-    var end = seq.key_limit;
+    let limit = i32(seq.key_limit);
+    var end = limit;
     switch params.causal {
         case 1u: {
-            end = min(end, last_row + 1u);
+            end = min(end, i32(i) + 1);
         }
         case 2u: {
-            end = u32(clamp(diagonal(seq, last_row) + 1, 0, i32(end)));
+            end = min(end, diag + 1);
         }
         default: {}
     }
     if params.window_right >= 0 {
-        end = u32(clamp(diagonal(seq, last_row) + params.window_right + 1, 0, i32(end)));
+        end = min(end, diag + params.window_right + 1);
     }
-    return end;
+    var begin = 0;
+    if params.window_left >= 0 {
+        begin = diag - params.window_left;
+    }
+    return vec2<u32>(u32(clamp(begin, 0, limit)), u32(clamp(end, 0, limit)));
+}
+
+// The first key that row `first_row` (and so any later row) may attend to.
+fn window_key_begin(seq: Sequence, first_row: u32) -> u32 {
+    return key_range(seq, first_row).x;
+}
+
+// One past the last key that any row before `row_end` may attend to. Keys from here on are
+// masked for the whole tile and skipped.
+fn block_key_end(seq: Sequence, row_end: u32) -> u32 {
+    if row_end == 0u {
+        return 0u;
+    }
+    return key_range(seq, row_end - 1u).y;
 }

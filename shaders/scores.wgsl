@@ -107,16 +107,19 @@ fn main(
         if row >= seq.rows {
             continue;
         }
+        let keys = key_range(seq, row);
+        let slope = alibi_slope(h);
+        let diag = diagonal(seq, row);
         for (var cc = 0u; cc < COLS; cc++) {
             let col = col0 + local_id.x + cc * WG_KV;
             if col >= params.seq_kv {
                 continue;
             }
-            var s = cap_score(params.scale * acc[r * COLS + cc]) + alibi_bias(seq, h, row, col);
+            var s = cap_score(params.scale * acc[r * COLS + cc]) + alibi_bias(slope, diag, col);
             if params.has_mask != 0u {
                 s += mask[mask_base + row * params.seq_kv + col];
             }
-            if !allows(seq, row, col) {
+            if col < keys.x || col >= keys.y {
                 s = neg_inf();
             }
             scores[(head_local * params.seq_q + row) * params.seq_kv + col] = s;

@@ -491,3 +491,149 @@ fn fixture_bad_values() {
         "{error}"
     );
 }
+
+#[test]
+fn packed_offsets_must_match_the_problem() {
+    // Two sequences of 3 rows: as long packed as dense, so only the offsets differ.
+    let shape = AttentionShape::new(2, 1, 3, 3, 8);
+    let (q, kv) = (zeros(6 * 8), zeros(6 * 8));
+    let (cu_q, cu_kv) = ([0u32, 2, 6], [0u32, 3, 6]);
+    // Offsets without with_packed, and with_packed without offsets.
+    let dense = AttentionProblem::new(shape);
+    let inputs = AttentionInputs::new(&q, &kv, &kv).with_cu_seqlens(&cu_q, &cu_kv);
+    let error = run(&dense, &inputs);
+    assert!(matches!(error, Error::PackedMismatch(_)), "{error}");
+    assert!(error.to_string().contains("with_packed"), "{error}");
+    let packed = dense.with_packed(6, 6);
+    let error = run(&packed, &AttentionInputs::new(&q, &kv, &kv));
+    assert!(matches!(error, Error::PackedMismatch(_)), "{error}");
+    assert!(error.to_string().contains("cu_seqlens_q"), "{error}");
+}
+
+#[test]
+fn packed_offsets_out_of_range() {
+    let shape = AttentionShape::new(2, 1, 4, 4, 8);
+    let problem = AttentionProblem::new(shape).with_packed(6, 6);
+    let (q, kv) = (zeros(6 * 8), zeros(6 * 8));
+    let good = [0u32, 3, 6];
+    for (offsets, expected) in [
+        (
+            [0u32, 4, 3],
+            "cu_seqlens_q[1] = 4 is invalid: it is above the next offset 3",
+        ),
+        (
+            [0u32, 1, 6],
+            "cu_seqlens_q[1] = 1 is invalid: sequence 1 has 5 rows, over the shape's longest, 4",
+        ),
+        (
+            [0u32, 3, 7],
+            "cu_seqlens_q[2] = 7 is invalid: it is past the 6 packed rows",
+        ),
+    ] {
+        let inputs = AttentionInputs::new(&q, &kv, &kv).with_cu_seqlens(&offsets, &good);
+        let error = run(&problem, &inputs);
+        assert!(matches!(error, Error::InvalidLengths { .. }), "{error}");
+        assert!(error.to_string().contains(expected), "{error}");
+    }
+    let short = [0u32, 3];
+    let inputs = AttentionInputs::new(&q, &kv, &kv).with_cu_seqlens(&good, &short);
+    let error = run(&problem, &inputs);
+    assert!(
+        matches!(
+            error,
+            Error::LengthMismatch {
+                tensor: "cu_seqlens_kv",
+                expected: 3,
+                actual: 2,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn per_head_and_per_sequence_lengths() {
+    let shape = AttentionShape::new(2, 4, 3, 5, 8).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
+    let base = AttentionInputs::new(&q, &kv, &kv);
+    let three = [0.0f32; 3];
+    for (tensor, inputs) in [
+        ("alibi_slopes", base.with_alibi_slopes(&three)),
+        ("sinks", base.with_sinks(&three)),
+    ] {
+        let error = run(&problem, &inputs);
+        assert!(
+            matches!(error, Error::LengthMismatch { tensor: t, expected: 4, actual: 3, .. } if t == tensor),
+            "{error}"
+        );
+    }
+    let error = run(&problem, &base.with_kv_seq_lens(&[5]));
+    assert!(
+        matches!(
+            error,
+            Error::LengthMismatch {
+                tensor: "kv_seq_lens",
+                expected: 2,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = run(&problem, &base.with_kv_seq_lens(&[5, 6]));
+    assert!(
+        error
+            .to_string()
+            .contains("kv_seq_lens[1] = 6 is invalid: it is over seq_kv = 5"),
+        "{error}"
+    );
+}
+
+#[test]
+fn strided_layouts_are_checked() {
+    use wgpu_attention::{Layout, Strides, TensorStrides};
+    let shape = AttentionShape::new(1, 2, 3, 3, 4);
+    let dense = Strides {
+        batch: 24,
+        head: 12,
+        seq: 4,
+    };
+    // Two heads written to the same place.
+    let overlapping = TensorStrides {
+        q: dense,
+        k: dense,
+        v: dense,
+        out: Strides { head: 0, ..dense },
+    };
+    let problem = AttentionProblem::new(shape).with_layout(Layout::Strided(overlapping));
+    let error = problem.validate().unwrap_err();
+    assert!(
+        matches!(error, Error::OverlappingStrides { tensor: "out", .. }),
+        "{error}"
+    );
+    // A strided view may be longer than it addresses, never shorter.
+    let strides = TensorStrides {
+        q: dense,
+        k: dense,
+        v: dense,
+        out: dense,
+    };
+    let problem = AttentionProblem::new(shape).with_layout(Layout::Strided(strides));
+    let (long, short) = (zeros(30), zeros(23));
+    let ok = reference::attention(&problem, &AttentionInputs::new(&long, &long, &long));
+    assert!(ok.is_ok(), "{ok:?}");
+    let error = run(&problem, &AttentionInputs::new(&short, &long, &long));
+    assert!(
+        matches!(
+            error,
+            Error::LengthMismatch {
+                tensor: "q",
+                expected: 24,
+                actual: 23,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}

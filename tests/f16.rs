@@ -22,12 +22,24 @@ struct HalfInputs {
     q32: Vec<f32>,
     k32: Vec<f32>,
     v32: Vec<f32>,
-    mask: Option<Vec<f32>>,
+    /// The mask and the optional per-head and per-sequence tensors.
+    base: RandomInputs,
 }
 
 impl HalfInputs {
     fn new(problem: &AttentionProblem, seed: u64, amplitude: f32) -> Self {
-        let data = RandomInputs::new(problem, seed, 0.1);
+        Self::with(problem, seed, amplitude, |_| {})
+    }
+
+    /// Draws inputs and lets `setup` add optional tensors.
+    fn with(
+        problem: &AttentionProblem,
+        seed: u64,
+        amplitude: f32,
+        setup: impl FnOnce(&mut RandomInputs),
+    ) -> Self {
+        let mut data = RandomInputs::new(problem, seed, 0.1);
+        setup(&mut data);
         let half = |x: &[f32]| {
             x.iter()
                 .map(|&x| f16::from_f32(x * amplitude))
@@ -43,22 +55,18 @@ impl HalfInputs {
             q32,
             k32,
             v32,
-            mask: data.mask,
+            base: data,
         }
     }
 
     fn inputs(&self) -> AttentionInputsF16<'_> {
-        AttentionInputsF16 {
-            mask: self.mask.as_deref(),
-            ..AttentionInputs::new(&self.q, &self.k, &self.v)
-        }
+        self.base.inputs().with_tensors(&self.q, &self.k, &self.v)
     }
 
     fn widened(&self) -> AttentionInputs<'_> {
-        AttentionInputs {
-            mask: self.mask.as_deref(),
-            ..AttentionInputs::new(&self.q32, &self.k32, &self.v32)
-        }
+        self.base
+            .inputs()
+            .with_tensors(&self.q32, &self.k32, &self.v32)
     }
 }
 
@@ -124,6 +132,33 @@ fn f16_matches_reference_both_kernels() {
         for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
             assert_f16_matches(context(), kernel, problem, &data);
         }
+    }
+}
+
+#[test]
+fn f16_with_every_variant() {
+    // Packed BSHD sequences, a 192/128 head, ALiBi, sinks and key lengths, in f16 storage.
+    let shape = AttentionShape::new(3, 4, 40, 96, 96)
+        .with_kv_heads(2)
+        .with_head_dim_v(64);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_layout(wgpu_attention::Layout::Bshd)
+        .with_packed(40 + 1 + 25, 96 + 30 + 50);
+    let data = HalfInputs::with(&problem, 12, 1.0, |data| {
+        data.cu_seqlens = Some((vec![0, 40, 41, 66], vec![0, 96, 126, 176]));
+        data.alibi_slopes = Some(vec![0.25, 0.0625, 0.015625, 0.00390625]);
+        data.sinks = Some(vec![1.0, 0.0, -1.0, 3.0]);
+        data.kv_seq_lens = Some(vec![90, 30, 10]);
+    });
+    for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
+        assert_f16_matches(context(), kernel, &problem, &data);
+    }
+    let wide = AttentionShape::new(1, 2, 5, 70, 576).with_head_dim_v(512);
+    let problem = AttentionProblem::new(wide);
+    let data = HalfInputs::new(&problem, 13, 1.0);
+    for kernel in [Kernel::ThreeStage, Kernel::FlashTiled] {
+        assert_f16_matches(context(), kernel, &problem, &data);
     }
 }
 

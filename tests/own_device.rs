@@ -349,3 +349,103 @@ fn probabilities_over_buffer_limit_are_rejected() {
         "{error}"
     );
 }
+
+#[test]
+fn record_with_variant_buffers() {
+    use wgpu_attention::Layout;
+    let context = common::context();
+    let device = context.device();
+    let small = |data: &[u8]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: data,
+            usage: wgpu::BufferUsages::COPY_SRC,
+        })
+    };
+    let shape = AttentionShape::new(2, 4, 20, 50, 32)
+        .with_kv_heads(2)
+        .with_head_dim_v(24);
+    let (cu_q, cu_kv) = (vec![0u32, 20, 31], vec![0u32, 50, 90]);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_layout(Layout::Bshd)
+        .with_packed(31, 90);
+    let mut data = RandomInputs::new(&problem, 8, 0.0);
+    data.alibi_slopes = Some(vec![0.5, 0.25, 0.125, 0.0625]);
+    data.sinks = Some(vec![0.0, 1.0, -1.0, 2.0]);
+    data.kv_seq_lens = Some(vec![45, 30]);
+    data.cu_seqlens = Some((cu_q.clone(), cu_kv.clone()));
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+
+    let (q, k, v) = (
+        storage(device, &data.q),
+        storage(device, &data.k),
+        storage(device, &data.v),
+    );
+    let alibi = small(bytemuck::cast_slice(data.alibi_slopes.as_ref().unwrap()));
+    let sinks = small(bytemuck::cast_slice(data.sinks.as_ref().unwrap()));
+    let lens = small(bytemuck::cast_slice(data.kv_seq_lens.as_ref().unwrap()));
+    let (cu_q, cu_kv) = (
+        small(bytemuck::cast_slice(&cu_q)),
+        small(bytemuck::cast_slice(&cu_kv)),
+    );
+    for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
+        let out = output(device, problem.spans()[3]);
+        let lse = output(device, problem.lse_len());
+        let tensors = GpuTensors::new(&q, &k, &v, &out)
+            .with_lse(&lse)
+            .with_alibi_slopes(&alibi)
+            .with_sinks(&sinks)
+            .with_kv_seq_lens(&lens)
+            .with_cu_seqlens(&cu_q, &cu_kv);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        context
+            .record(kernel, &problem, &mut encoder, &tensors)
+            .unwrap();
+        context.queue().submit([encoder.finish()]);
+        let out_stats = ErrorStats::compare(&read(device, context.queue(), &out), &expected.out);
+        assert!(
+            out_stats.passes(&Tolerance::F32),
+            "{kernel:?} output: {out_stats}"
+        );
+        let lse_stats = ErrorStats::compare(&read(device, context.queue(), &lse), &expected.lse);
+        assert!(
+            lse_stats.passes(&Tolerance::F32),
+            "{kernel:?} lse: {lse_stats}"
+        );
+    }
+
+    // The small tensors are copied, so they need COPY_SRC; packed offsets need the problem.
+    let out = output(device, problem.spans()[3]);
+    let storage_only = storage(device, &[0.5; 4]);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let error = context
+        .record(
+            Kernel::Auto,
+            &problem,
+            &mut encoder,
+            &GpuTensors::new(&q, &k, &v, &out)
+                .with_sinks(&storage_only)
+                .with_cu_seqlens(&cu_q, &cu_kv),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::BufferUsage {
+                tensor: "sinks",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = context
+        .record(
+            Kernel::Auto,
+            &problem,
+            &mut encoder,
+            &GpuTensors::new(&q, &k, &v, &out),
+        )
+        .unwrap_err();
+    assert!(matches!(error, Error::PackedMismatch(_)), "{error}");
+}

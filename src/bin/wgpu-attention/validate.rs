@@ -9,7 +9,10 @@
 //! - every combination of the masking options (causal, additive mask, soft-capping, sliding
 //!   window), crossed with every grouped-query ratio, on two fixed shapes;
 //! - decoding steps (one query over [`DECODE_SEQ_KV`] keys), crossed with every head dim and
-//!   ratio, with the masking options rotated.
+//!   ratio, with the masking options rotated;
+//! - every combination of the variants that live in the inputs (ALiBi slopes, attention sinks,
+//!   key lengths, packed sequences), crossed with every layout of [`LAYOUTS`] and every head-dim
+//!   pair of [`VARIANT_HEAD_DIMS`], with the masking options, lengths and ratios rotated.
 //!
 //! Each problem runs in f32 and f16. Inputs are drawn from a seed derived from the problem name
 //! (dtype included), so every kernel gets the same inputs, whatever `--quick`, `--kernel` or
@@ -25,8 +28,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
 use wgpu_attention::{
-    AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, Kernel, f16,
-    reference,
+    AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, Kernel,
+    Layout, Strides, TensorStrides, f16, reference,
 };
 
 /// Query and key/value lengths of the odd-length part, which uses every pair.
@@ -61,6 +64,31 @@ const OPTION_COMBINATIONS: usize = CAUSALS.len() * MASKS.len() * SOFTCAPS.len() 
 const PRODUCT_SHAPES: [(usize, usize, usize); 2] = [(17, 113, 59), (113, 17, 40)];
 
 const DTYPES: [Dtype; 2] = [Dtype::F32, Dtype::F16];
+
+/// (head_dim, head_dim_v) pairs of the variant part: equal, 192/128 and 40/72 heads, and the
+/// 576/512 heads of multi-head latent attention.
+const VARIANT_HEAD_DIMS: [(usize, usize); 4] = [(64, 64), (192, 128), (40, 72), (576, 512)];
+
+/// (seq_q, seq_kv) of the variant part, the longest sequence when packed.
+const VARIANT_SEQS: [(usize, usize); 3] = [(17, 113), (40, 40), (1, 203)];
+
+/// Batch elements of the variant part, so that packed sequences and key lengths differ.
+const VARIANT_BATCH: usize = 3;
+
+/// Combinations of ALiBi, sinks, key lengths and packing: one bit each.
+const VARIANT_COMBINATIONS: usize = 16;
+
+/// How the variant part lays out Q, K, V and the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LayoutKind {
+    Bhsd,
+    Bshd,
+    /// BSHD with 3 unused elements after each row and 5 after each batch element, so reads that
+    /// ignore the strides land in the padding.
+    Padded,
+}
+
+const LAYOUTS: [LayoutKind; 3] = [LayoutKind::Bhsd, LayoutKind::Bshd, LayoutKind::Padded];
 
 /// Kernels that `--kernel` selects by default.
 const DEFAULT_KERNELS: &str = "flash-tiled,flash-rows,three-stage";
@@ -269,19 +297,126 @@ fn decode_problems() -> Vec<AttentionProblem> {
     problems
 }
 
-/// Builds every problem of the grid in f32, without repeats.
-fn grid_problems() -> Vec<AttentionProblem> {
-    let mut seen = HashSet::new();
-    let mut problems = odd_length_problems();
-    problems.extend(option_product_problems());
-    problems.extend(decode_problems());
-    problems.retain(|problem| seen.insert(problem_name(problem)));
+/// The variants that live in the inputs rather than in the problem.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Extras {
+    alibi: bool,
+    sinks: bool,
+    kv_lens: bool,
+    /// (query, key) lengths of the packed sequences, when the batch is packed.
+    packed: Option<Vec<(usize, usize)>>,
+}
+
+/// One problem of the grid with the input variants it uses.
+#[derive(Clone, Debug)]
+struct GridProblem {
+    problem: AttentionProblem,
+    extras: Extras,
+}
+
+impl GridProblem {
+    fn plain(problem: AttentionProblem) -> Self {
+        Self {
+            problem,
+            extras: Extras::default(),
+        }
+    }
+}
+
+/// Builds the variant part: every combination of the input variants × every layout × every pair
+/// of [`VARIANT_HEAD_DIMS`]. Lengths, ratios and masking options rotate with coprime steps.
+fn variant_problems() -> Vec<GridProblem> {
+    let mut problems = Vec::new();
+    for combination in 0..VARIANT_COMBINATIONS {
+        for (layout_index, &layout) in LAYOUTS.iter().enumerate() {
+            for (dim_index, &(head_dim, head_dim_v)) in VARIANT_HEAD_DIMS.iter().enumerate() {
+                let index = (combination * LAYOUTS.len() + layout_index) * 4 + dim_index;
+                let (seq_q, seq_kv) = VARIANT_SEQS[index % VARIANT_SEQS.len()];
+                let dims = Dims {
+                    batch: VARIANT_BATCH,
+                    ratio: GQA_RATIOS[(index / VARIANT_SEQS.len()) % GQA_RATIOS.len()],
+                    kv_heads: 1 + (combination / 2) % 2,
+                    seq_q,
+                    seq_kv,
+                    head_dim,
+                };
+                let mut problem = make_problem(dims, Options::from_index(7 * index + combination));
+                problem.shape = problem.shape.with_head_dim_v(head_dim_v);
+                let packed = (combination & 8 != 0).then(|| packed_lengths(seq_q, seq_kv, index));
+                if let Some(lengths) = &packed {
+                    let total = |pick: fn(&(usize, usize)) -> usize| lengths.iter().map(pick).sum();
+                    problem = problem.with_packed(total(|l| l.0), total(|l| l.1));
+                }
+                problem = problem.with_layout(layout_for(layout, &problem));
+                let extras = Extras {
+                    alibi: combination & 1 != 0,
+                    sinks: combination & 2 != 0,
+                    kv_lens: combination & 4 != 0,
+                    packed,
+                };
+                problems.push(GridProblem { problem, extras });
+            }
+        }
+    }
     problems
 }
 
-/// Extends [`AttentionProblem::label`] with soft-capping and the window, then the dtype, so that
-/// every problem of the grid has its own name, e.g. `b2_h8_hkv2_q17_kv113_d59_cap30_win16-0_f16`.
-fn problem_name(problem: &AttentionProblem) -> String {
+/// Lengths of [`VARIANT_BATCH`] packed sequences: the longest, a shorter one, and either one
+/// query or no query at all.
+fn packed_lengths(seq_q: usize, seq_kv: usize, index: usize) -> Vec<(usize, usize)> {
+    let last = if index.is_multiple_of(2) { 0 } else { 1 };
+    vec![
+        (seq_q, seq_kv),
+        (seq_q.div_ceil(2), seq_kv / 3 + 1),
+        (last.min(seq_q), seq_kv / 2 + 1),
+    ]
+}
+
+/// The layout of `kind` for `problem`, whose shape and packing are already set.
+fn layout_for(kind: LayoutKind, problem: &AttentionProblem) -> Layout {
+    match kind {
+        LayoutKind::Bhsd => Layout::Bhsd,
+        LayoutKind::Bshd => Layout::Bshd,
+        LayoutKind::Padded => {
+            let s = &problem.shape;
+            let packed = problem.packed.is_some();
+            let padded = |heads: usize, rows: usize, dim: usize| {
+                let seq = heads * dim + 3;
+                Strides {
+                    batch: if packed { 0 } else { rows * seq + 5 },
+                    head: dim,
+                    seq,
+                }
+            };
+            let (q_rows, kv_rows) = (problem.q_rows(), problem.kv_rows());
+            Layout::Strided(TensorStrides {
+                q: padded(s.heads, q_rows, s.head_dim),
+                k: padded(s.kv_heads, kv_rows, s.head_dim),
+                v: padded(s.kv_heads, kv_rows, s.head_dim_v),
+                out: padded(s.heads, q_rows, s.head_dim_v),
+            })
+        }
+    }
+}
+
+/// Builds every problem of the grid in f32, without repeats.
+fn grid_problems() -> Vec<GridProblem> {
+    let mut seen = HashSet::new();
+    let mut problems: Vec<GridProblem> = odd_length_problems()
+        .into_iter()
+        .chain(option_product_problems())
+        .chain(decode_problems())
+        .map(GridProblem::plain)
+        .collect();
+    problems.extend(variant_problems());
+    problems.retain(|grid| seen.insert(problem_name(&grid.problem, &grid.extras)));
+    problems
+}
+
+/// Extends [`AttentionProblem::label`] with soft-capping, the window and the input variants,
+/// then the dtype, so that every problem of the grid has its own name, e.g.
+/// `b2_h8_hkv2_q17_kv113_d59_cap30_win16-0_f16`.
+fn problem_name(problem: &AttentionProblem, extras: &Extras) -> String {
     let mut name = problem.with_dtype(Dtype::F32).label();
     if let Some(softcap) = problem.softcap {
         name.push_str(&format!("_cap{softcap}"));
@@ -291,6 +426,15 @@ fn problem_name(problem: &AttentionProblem) -> String {
         let side = |bound: Option<usize>| bound.map_or("inf".to_string(), |keys| keys.to_string());
         name.push_str(&format!("_win{}-{}", side(window.left), side(window.right)));
     }
+    for (used, tag) in [
+        (extras.alibi, "_alibi"),
+        (extras.sinks, "_sinks"),
+        (extras.kv_lens, "_kvlens"),
+    ] {
+        if used {
+            name.push_str(tag);
+        }
+    }
     if problem.dtype == Dtype::F16 {
         name.push_str("_f16");
     }
@@ -298,8 +442,14 @@ fn problem_name(problem: &AttentionProblem) -> String {
 }
 
 /// Returns the option values a problem uses, for choosing the quick subset.
-fn features(problem: &AttentionProblem) -> Vec<String> {
+fn features(grid: &GridProblem) -> Vec<String> {
+    let (problem, extras) = (&grid.problem, &grid.extras);
     let s = &problem.shape;
+    let layout = match problem.layout {
+        Layout::Bhsd => "bhsd",
+        Layout::Bshd => "bshd",
+        Layout::Strided(_) => "strided",
+    };
     let mask = match problem.mask {
         None => "none",
         Some(mask) if mask.batch == 1 && mask.heads == 1 => "broadcast",
@@ -317,8 +467,21 @@ fn features(problem: &AttentionProblem) -> Vec<String> {
         format!("mask={mask}"),
         format!("softcap={:?}", problem.softcap),
         format!("window={:?}", problem.window),
-        format!("sampled={}", work(problem) > FULL_CHECK_MAX_WORK),
+        format!("sampled={}", sampled(problem)),
+        format!("head_dim_v={}", s.head_dim_v),
+        format!("layout={layout}"),
+        format!("alibi={}", extras.alibi),
+        format!("sinks={}", extras.sinks),
+        format!("kv_lens={}", extras.kv_lens),
+        format!("packed={}", extras.packed.is_some()),
     ]
+}
+
+/// Whether a problem is compared on sampled rows: a large one in the dense default layout.
+fn sampled(problem: &AttentionProblem) -> bool {
+    work(problem) > FULL_CHECK_MAX_WORK
+        && problem.layout == Layout::Bhsd
+        && problem.packed.is_none()
 }
 
 /// Returns the multiply-adds of one matrix product, `batch · heads · seq_q · seq_kv · head_dim`.
@@ -330,7 +493,7 @@ fn work(problem: &AttentionProblem) -> usize {
 /// Marks a small set of problems that together use every value of [`features`] at least
 /// [`QUICK_COVERAGE`] times: greedily the problem that adds the most missing uses, the cheaper
 /// one on a tie.
-fn quick_subset(problems: &[AttentionProblem]) -> Vec<bool> {
+fn quick_subset(problems: &[GridProblem]) -> Vec<bool> {
     let problem_features: Vec<Vec<String>> = problems.iter().map(features).collect();
     let mut uses: HashMap<&str, usize> = HashMap::new();
     let mut chosen = vec![false; problems.len()];
@@ -343,7 +506,7 @@ fn quick_subset(problems: &[AttentionProblem]) -> Vec<bool> {
         };
         let best = (0..problems.len())
             .filter(|&index| !chosen[index])
-            .max_by_key(|&index| (missing_uses(index), Reverse(work(&problems[index]))));
+            .max_by_key(|&index| (missing_uses(index), Reverse(work(&problems[index].problem))));
         match best {
             Some(index) if missing_uses(index) > 0 => {
                 chosen[index] = true;
@@ -359,6 +522,7 @@ fn quick_subset(problems: &[AttentionProblem]) -> Vec<bool> {
 /// One problem in one dtype, with the kernels selected for it.
 struct CaseGroup {
     problem: AttentionProblem,
+    extras: Extras,
     name: String,
     seed: u64,
     kernels: Vec<Kernel>,
@@ -378,13 +542,13 @@ fn select_cases(args: &ValidateArgs) -> Vec<CaseGroup> {
     let problems = grid_problems();
     let quick = quick_subset(&problems);
     let mut groups = Vec::new();
-    for (problem, in_quick) in problems.iter().zip(quick) {
+    for (grid, in_quick) in problems.iter().zip(quick) {
         if args.quick && !in_quick {
             continue;
         }
         for dtype in DTYPES {
-            let problem = problem.with_dtype(dtype);
-            let name = problem_name(&problem);
+            let problem = grid.problem.with_dtype(dtype);
+            let name = problem_name(&problem, &grid.extras);
             let kernels: Vec<Kernel> = args
                 .kernel
                 .0
@@ -401,6 +565,7 @@ fn select_cases(args: &ValidateArgs) -> Vec<CaseGroup> {
                 let seed = seed_for(&name);
                 groups.push(CaseGroup {
                     problem,
+                    extras: grid.extras.clone(),
                     name,
                     seed,
                     kernels,
@@ -453,17 +618,56 @@ struct CaseData {
     k: Vec<f32>,
     v: Vec<f32>,
     mask: Option<Vec<f32>>,
+    alibi_slopes: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    kv_seq_lens: Option<Vec<u32>>,
+    cu_seqlens: Option<(Vec<u32>, Vec<u32>)>,
     /// Q, K and V in f16, for f16 problems.
     half: Option<[Vec<f16>; 3]>,
 }
 
 impl CaseData {
-    fn generate(problem: &AttentionProblem, seed: u64) -> Self {
+    /// Draws Q, K and V over the span their layout addresses, the mask, and the input variants
+    /// `extras` selects: the ALiBi slopes of a model with this many heads, sinks in [-2, 2), key
+    /// lengths of full, about a third, and none, and the packed offsets.
+    fn generate(problem: &AttentionProblem, extras: &Extras, seed: u64) -> Self {
         let mut rng = SplitMix64(seed);
         let s = &problem.shape;
         let mut draw = |len: usize| (0..len).map(|_| rng.symmetric()).collect::<Vec<f32>>();
-        let (mut q, mut k, mut v) = (draw(s.q_len()), draw(s.k_len()), draw(s.v_len()));
+        let [q_len, k_len, v_len, _] = problem.spans();
+        let (mut q, mut k, mut v) = (draw(q_len), draw(k_len), draw(v_len));
         let mask = problem.mask.map(|_| generate_mask(problem, &mut rng));
+        let alibi_slopes = extras.alibi.then(|| {
+            (0..s.heads)
+                .map(|h| 2f32.powf(-8.0 * (h + 1) as f32 / s.heads as f32))
+                .collect()
+        });
+        let sinks = extras
+            .sinks
+            .then(|| (0..s.heads).map(|_| 2.0 * rng.symmetric()).collect());
+        let kv_seq_lens = extras.kv_lens.then(|| {
+            (0..s.batch)
+                .map(|b| match b % 3 {
+                    0 => s.seq_kv as u32,
+                    1 => (s.seq_kv / 3) as u32,
+                    _ => 0,
+                })
+                .collect()
+        });
+        let offsets = |lengths: &mut dyn Iterator<Item = usize>| {
+            std::iter::once(0)
+                .chain(lengths.scan(0, |total, len| {
+                    *total += len as u32;
+                    Some(*total)
+                }))
+                .collect::<Vec<u32>>()
+        };
+        let cu_seqlens = extras.packed.as_ref().map(|lengths| {
+            (
+                offsets(&mut lengths.iter().map(|l| l.0)),
+                offsets(&mut lengths.iter().map(|l| l.1)),
+            )
+        });
         let half = (problem.dtype == Dtype::F16).then(|| {
             let round = |values: &mut Vec<f32>| {
                 let rounded: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
@@ -477,6 +681,10 @@ impl CaseData {
             k,
             v,
             mask,
+            alibi_slopes,
+            sinks,
+            kv_seq_lens,
+            cu_seqlens,
             half,
         }
     }
@@ -484,6 +692,11 @@ impl CaseData {
     fn inputs(&self) -> AttentionInputs<'_> {
         AttentionInputs {
             mask: self.mask.as_deref(),
+            alibi_slopes: self.alibi_slopes.as_deref(),
+            sinks: self.sinks.as_deref(),
+            kv_seq_lens: self.kv_seq_lens.as_deref(),
+            cu_seqlens_q: self.cu_seqlens.as_ref().map(|(q, _)| q.as_slice()),
+            cu_seqlens_kv: self.cu_seqlens.as_ref().map(|(_, kv)| kv.as_slice()),
             ..AttentionInputs::new(&self.q, &self.k, &self.v)
         }
     }
@@ -539,10 +752,10 @@ impl Expected {
         data: &CaseData,
         seed: u64,
     ) -> wgpu_attention::Result<Self> {
-        if work(problem) <= FULL_CHECK_MAX_WORK {
-            Self::compute_full(problem, data)
-        } else {
+        if sampled(problem) {
             Self::compute_sampled(problem, data, sample_rows(problem, seed))
+        } else {
+            Self::compute_full(problem, data)
         }
     }
 
@@ -644,7 +857,7 @@ fn naive_f16_rows(
     rows: &[usize],
 ) -> wgpu_attention::Result<Vec<f32>> {
     let s = &problem.shape;
-    let d = s.head_dim;
+    let d = s.head_dim_v;
     let mut by_head: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut out = Vec::with_capacity(rows.len() * d);
     for &row in rows {
@@ -669,9 +882,10 @@ fn naive_f16_head(
     let (b, h) = (head / s.heads, head % s.heads);
     let kv_head = b * s.kv_heads + h / s.group_size();
     let q_len = s.seq_q * s.head_dim;
-    let kv_len = s.seq_kv * s.head_dim;
+    let (k_len, v_len) = (s.seq_kv * s.head_dim, s.seq_kv * s.head_dim_v);
     let mut single = *problem;
-    single.shape = AttentionShape::new(1, 1, s.seq_q, s.seq_kv, s.head_dim);
+    single.shape =
+        AttentionShape::new(1, 1, s.seq_q, s.seq_kv, s.head_dim).with_head_dim_v(s.head_dim_v);
     let mask = match (&data.mask, problem.mask) {
         (Some(mask), Some(_)) => {
             single = single.with_mask(1, 1);
@@ -685,8 +899,8 @@ fn naive_f16_head(
         mask,
         ..AttentionInputs::new(
             &data.q[head * q_len..][..q_len],
-            &data.k[kv_head * kv_len..][..kv_len],
-            &data.v[kv_head * kv_len..][..kv_len],
+            &data.k[kv_head * k_len..][..k_len],
+            &data.v[kv_head * v_len..][..v_len],
         )
     };
     naive_f16_attention(&single, &inputs)
@@ -732,7 +946,7 @@ impl Comparison {
         out: &[f32],
         lse: &[f32],
     ) -> Comparison {
-        let d = problem.shape.head_dim;
+        let d = problem.shape.head_dim_v;
         let (out, lse) = match &expected.rows {
             None => (out.to_vec(), lse.to_vec()),
             Some(rows) => {
@@ -869,7 +1083,7 @@ impl Session<'_> {
     /// Generates the inputs and the reference of one group, then runs and reports each kernel.
     fn run_group(&mut self, group: &CaseGroup) {
         self.progress.set_message(group.name.clone());
-        let data = CaseData::generate(&group.problem, group.seed);
+        let data = CaseData::generate(&group.problem, &group.extras, group.seed);
         let expected = Expected::compute(&group.problem, &data, group.seed);
         for &kernel in &group.kernels {
             let outcome = match &expected {
