@@ -39,9 +39,22 @@ fn main(
     let out_base = out_offset(b, h, seq.row_begin + position);
     let lse_index = lse_offset(b, h, seq.row_begin + position);
 
+    // A split that saw a NaN or +inf score wrote m = NaN, which makes the row NaN.
     var max_all = neg_inf();
+    var poisoned = false;
     for (var s = 0u; s < params.kv_splits; s++) {
-        max_all = max(max_all, partial[stats_base + 2u * (s * all_rows + row)]);
+        let m = partial[stats_base + 2u * (s * all_rows + row)];
+        poisoned = poisoned || is_nan(m);
+        max_all = max(max_all, m);
+    }
+    if poisoned {
+        for (var col = local_index; col < d; col += WG) {
+            out[out_base + col] = Storage(nan());
+        }
+        if local_index == 0u {
+            lse[lse_index] = nan();
+        }
+        return;
     }
     if max_all == neg_inf() {
         for (var col = local_index; col < d; col += WG) {

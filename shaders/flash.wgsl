@@ -154,14 +154,18 @@ fn main(
         key_end = key_begin;
     }
 
+    // `poisoned` records a NaN or +inf score in the row, which makes the row NaN as in the
+    // reference; lanes share it through lane_max, where such a lane writes NaN.
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
+    var poisoned: array<bool, ROWS>;
     var acc: array<f32, ROWS * MAX_D_COLS>;
     for (var r = 0u; r < ROWS; r++) {
         m[r] = neg_inf();
         // The sink joins the first split's sum as a score with no value row.
         let sink = sink_logit(row_head[r]);
         if split == 0u && sink != neg_inf() {
+            poisoned[r] = poisons_row(sink);
             m[r] = sink;
             l[r] = 1.0;
         }
@@ -199,6 +203,7 @@ fn main(
                 // keys before the barrier.
                 for (var r = 0u; r < ROWS; r++) {
                     var row_max = neg_inf();
+                    var lane_poisoned = false;
                     for (var kk = 0u; kk < KEYS; kk++) {
                         let key = j0 + lane + kk * WG_KV;
                         var score = cap_score(params.scale * s[r * MAX_KEYS + kk])
@@ -209,9 +214,11 @@ fn main(
                             score += mask[mask_row[r] + key];
                         }
                         s[r * MAX_KEYS + kk] = score;
+                        lane_poisoned = lane_poisoned || poisons_row(score);
                         row_max = max(row_max, score);
                     }
-                    lane_max[(local_id.y + r * WG_Q) * WG_KV + lane] = row_max;
+                    lane_max[(local_id.y + r * WG_Q) * WG_KV + lane] =
+                        select(row_max, nan(), lane_poisoned);
                 }
             }
             // Every read of this K chunk ends here, before the next chunk or V is staged.
@@ -225,7 +232,12 @@ fn main(
             let local_row = local_id.y + r * WG_Q;
             var tile_max = neg_inf();
             for (var x = 0u; x < WG_KV; x++) {
-                tile_max = max(tile_max, lane_max[local_row * WG_KV + x]);
+                let lane_value = lane_max[local_row * WG_KV + x];
+                if is_nan(lane_value) {
+                    poisoned[r] = true;
+                } else {
+                    tile_max = max(tile_max, lane_value);
+                }
             }
             let new_max = max(m[r], tile_max);
             // Until a row has seen a key, new_max is -inf and exp(-inf - -inf) would be NaN.
@@ -262,10 +274,14 @@ fn main(
                     p[r] = p_tile[(local_id.y + r * WG_Q) * tile_kv + v0 + j];
                     l[r] += p[r];
                 }
+                // A key of probability 0, such as a masked one, leaves the accumulator as it
+                // is, so a NaN or infinity in its value row cannot reach the output.
                 for (var c = 0u; c < D_COLS_V; c++) {
                     let value = kv_tile[j * dv_pad + lane + c * WG_KV];
                     for (var r = 0u; r < ROWS; r++) {
-                        acc[r * MAX_D_COLS + c] = fma(p[r], value, acc[r * MAX_D_COLS + c]);
+                        let old = acc[r * MAX_D_COLS + c];
+                        // The ordered test p == 0.0 keeps a NaN p, which must propagate.
+                        acc[r * MAX_D_COLS + c] = select(fma(p[r], value, old), old, p[r] == 0.0);
                     }
                 }
             }
@@ -283,17 +299,22 @@ fn main(
         let inv_sum = select(1.0 / l[r], 0.0, fully_masked);
         let h = row_head[r];
         let position = row_position[r];
+        if poisoned[r] {
+            m[r] = nan();
+            l[r] = nan();
+        }
         if params.kv_splits == 1u {
             let out_base = out_offset(b, h, seq.row_begin + position);
             for (var c = 0u; c < D_COLS_V; c++) {
                 let col = lane + c * WG_KV;
                 if col < dv {
-                    out[out_base + col] = Storage(acc[r * MAX_D_COLS + c] * inv_sum);
+                    let value = select(acc[r * MAX_D_COLS + c] * inv_sum, nan(), poisoned[r]);
+                    out[out_base + col] = Storage(value);
                 }
             }
             if lane == 0u {
                 lse[lse_offset(b, h, seq.row_begin + position)] =
-                    select(m[r] + log(l[r]), neg_inf(), fully_masked);
+                    select(select(m[r] + log(l[r]), neg_inf(), fully_masked), nan(), poisoned[r]);
             }
         } else {
             let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;

@@ -129,12 +129,15 @@ fn main(
     let diag = diagonal(seq, position);
 
     // The sink joins the first split's sum as a score with no value row.
+    // `poisoned` records a NaN or +inf score, which makes the row NaN as in the reference.
     var m = neg_inf();
     var l = 0.0;
+    var poisoned = false;
     let sink = sink_logit(h);
     if split == 0u && sink != neg_inf() {
         m = sink;
         l = 1.0;
+        poisoned = poisons_row(sink);
     }
     var acc: array<vec4<f32>, MAX_D4>;
     for (var j0 = key_begin; j0 < key_end; j0 += TILE_KV) {
@@ -174,6 +177,7 @@ fn main(
                 score += mask[mask_row + key];
             }
             s[j] = score;
+            poisoned = poisoned || poisons_row(score);
             tile_max = max(tile_max, score);
         }
 
@@ -187,11 +191,15 @@ fn main(
         for (var c4 = 0u; c4 < D4V; c4++) {
             acc[c4] *= alpha;
         }
+        // A key of probability 0, such as a masked one, leaves the accumulator as it is, so a
+        // NaN or infinity in its value row cannot reach the output.
         for (var j = 0u; j < TILE_KV; j++) {
             let p = select(0.0, exp(s[j] - new_max), seen);
             l += p;
             for (var c4 = 0u; c4 < D4V; c4++) {
-                acc[c4] = fma(vec4<f32>(p), v_tile[j * D4V + c4], acc[c4]);
+                let sum = fma(vec4<f32>(p), v_tile[j * D4V + c4], acc[c4]);
+                // p == 0.0, not p != 0.0: the ordered test keeps a NaN p, which must propagate.
+                acc[c4] = select(sum, acc[c4], p == 0.0);
             }
         }
         m = new_max;
@@ -204,18 +212,22 @@ fn main(
     let fully_masked = m == neg_inf();
     let inv_sum = select(1.0 / l, 0.0, fully_masked);
     let dv = params.head_dim_v;
+    if poisoned {
+        m = nan();
+        l = nan();
+    }
     if params.kv_splits == 1u {
         let out_base = out_offset(b, h, seq.row_begin + position);
         for (var c4 = 0u; c4 < D4V; c4++) {
             for (var e = 0u; e < 4u; e++) {
                 let col = 4u * c4 + e;
                 if col < dv {
-                    out[out_base + col] = Storage(acc[c4][e] * inv_sum);
+                    out[out_base + col] = Storage(select(acc[c4][e] * inv_sum, nan(), poisoned));
                 }
             }
         }
         lse[lse_offset(b, h, seq.row_begin + position)] =
-            select(m + log(l), neg_inf(), fully_masked);
+            select(select(m + log(l), neg_inf(), fully_masked), nan(), poisoned);
     } else {
         let all_rows = params.batch * params.heads * params.seq_q;
         let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;

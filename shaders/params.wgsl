@@ -61,6 +61,23 @@ fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
 
+// A quiet NaN, built the same way.
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+// Whether `x` is NaN. The test reads the bits, because WGSL lets compilers assume that floats
+// are never NaN and fold a float comparison such as x != x.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// Whether a score makes its whole row NaN, as in the reference: NaN, or +inf (whose softmax
+// needs exp(inf - inf)). A score of -inf is a masked key.
+fn poisons_row(s: f32) -> bool {
+    return is_nan(s) || bitcast<u32>(s) == 0x7f800000u;
+}
+
 // One batch element's sequence.
 struct Sequence {
     // Query rows, and the key count that places the bottom-right diagonal: seq_q and seq_kv, or

@@ -83,10 +83,15 @@ fn main(
             for (var r = 0u; r < ROWS; r++) {
                 p_values[r] = p_tile[(local_id.y + r * WG_Q) * TILE_KV + j];
             }
+            // A key of probability 0, such as a masked one, leaves the accumulator as it is, so
+            // a NaN or infinity in its value row cannot reach the output.
             for (var cc = 0u; cc < COLS; cc++) {
                 let v_value = v_tile[j * tile_d + local_id.x + cc * WG_D];
                 for (var r = 0u; r < ROWS; r++) {
-                    acc[r * COLS + cc] = fma(p_values[r], v_value, acc[r * COLS + cc]);
+                    let old = acc[r * COLS + cc];
+                    // The ordered test p == 0.0 keeps a NaN p, which must propagate.
+                    let sum = fma(p_values[r], v_value, old);
+                    acc[r * COLS + cc] = select(sum, old, p_values[r] == 0.0);
                 }
             }
         }

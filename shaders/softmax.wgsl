@@ -18,9 +18,11 @@ override WG: u32 = 256u;
 // Per-head and per-sequence values; see params.wgsl.
 @group(0) @binding(3) var<storage, read> aux: array<u32>;
 
-// Partial maxima and sums of the invocations: 2 · WG · 4 bytes (2 KiB at the default).
+// Partial maxima and sums of the invocations, and whether each saw a score that makes the row
+// NaN: 3 · WG · 4 bytes (3 KiB at the default).
 var<workgroup> partial_max: array<f32, WG>;
 var<workgroup> partial_sum: array<f32, WG>;
+var<workgroup> partial_poisoned: array<u32, WG>;
 
 // Merges the running (max, sum) pair (m, l) with the pair (m2, l2) of a disjoint set of scores.
 fn merge(m: f32, l: f32, m2: f32, l2: f32) -> vec2<f32> {
@@ -57,13 +59,18 @@ fn main(
     // from the sink. Masked (-inf) scores add nothing.
     var m = neg_inf();
     var l = 0.0;
+    var poisoned = 0u;
     let sink = sink_logit(h);
     if local_index == 0u && sink != neg_inf() {
         m = sink;
         l = 1.0;
+        poisoned = u32(poisons_row(sink));
     }
     for (var j = local_index; j < params.seq_kv; j += WG) {
         let s = scores[row_base + j];
+        if poisons_row(s) {
+            poisoned = 1u;
+        }
         if s == neg_inf() {
             continue;
         }
@@ -77,6 +84,7 @@ fn main(
     }
     partial_max[local_index] = m;
     partial_sum[local_index] = l;
+    partial_poisoned[local_index] = poisoned;
     workgroupBarrier();
 
     // Tree reduction of the (max, sum) pairs.
@@ -90,21 +98,25 @@ fn main(
             );
             partial_max[local_index] = merged.x;
             partial_sum[local_index] = merged.y;
+            partial_poisoned[local_index] |= partial_poisoned[local_index + width];
         }
         workgroupBarrier();
     }
     let row_max = partial_max[0];
     let row_sum = partial_sum[0];
     let fully_masked = row_max == neg_inf();
+    let row_poisoned = partial_poisoned[0] != 0u;
 
-    // Pass 2: probabilities, 0 for every key of a fully masked row.
+    // Pass 2: probabilities, 0 for every key of a fully masked row and NaN for every key of a
+    // poisoned one.
     let inv_sum = select(1.0 / row_sum, 0.0, fully_masked);
     let safe_max = select(row_max, 0.0, fully_masked);
     for (var j = local_index; j < params.seq_kv; j += WG) {
         let s = scores[row_base + j];
-        scores[row_base + j] = exp(s - safe_max) * inv_sum;
+        scores[row_base + j] = select(exp(s - safe_max) * inv_sum, nan(), row_poisoned);
     }
     if local_index == 0u {
-        lse[lse_offset(b, h, seq.row_begin + row)] = row_max + log(row_sum);
+        lse[lse_offset(b, h, seq.row_begin + row)] =
+            select(row_max + log(row_sum), nan(), row_poisoned);
     }
 }

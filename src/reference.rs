@@ -14,10 +14,19 @@
 //! 3. output: `out = Σ_j p[j] · v[j]`.
 //!
 //! A row whose every score is `-inf` (fully masked) has `lse = -inf` (or the sink, with sinks),
-//! probabilities 0 and output 0, never NaN. Masked keys (score `-inf`) are skipped in step 3, so
-//! their value rows are never read. NaN in an input propagates otherwise: a NaN score makes its
-//! row's maximum, sum and output NaN, and a NaN in the value row of an unmasked key makes that
-//! output column NaN. A `+inf` score makes its row NaN, as `exp(inf - inf)` is NaN.
+//! probabilities 0 and output 0, never NaN.
+//!
+//! NaN and infinity propagate as follows, and every kernel follows the same rules:
+//!
+//! - a score that is NaN or `+inf` (from NaN or infinity in `q`, an attended key's `k`, the mask
+//!   or the slopes, or a NaN or `+inf` sink) makes its row's log-sum-exp, probabilities and every
+//!   output column NaN, as `exp(inf - inf)` is NaN; a score of `-inf` is a masked key;
+//! - a NaN or infinity in the value row of a key with nonzero probability reaches that output
+//!   column (NaN where infinities of both signs meet);
+//! - the value row of a key with probability 0 is never read: masked keys, keys past the key
+//!   length or outside the causal mask and window, and keys whose probability underflows to 0.
+//!   The kernels compute probabilities in f32, where that underflow comes sooner, so a key with
+//!   a probability below about 1e-38 and a NaN value may give NaN here and not on the GPU.
 
 use crate::error::Result;
 use crate::problem::{AttentionInputs, AttentionProblem, Sequence};
@@ -180,7 +189,7 @@ fn row_unchecked(
     // Step 3: probabilities times values.
     let mut out = vec![0.0f64; dv];
     for (j, &p) in probs.iter().enumerate() {
-        if scores[j] == f64::NEG_INFINITY {
+        if scores[j] == f64::NEG_INFINITY || p == 0.0 {
             continue;
         }
         for (o, &v) in out.iter_mut().zip(v_row(j)) {

@@ -196,3 +196,129 @@ fn check_runs_f16_fixture() {
         assert_eq!(object["tolerance"]["nmse"], 5e-4, "{object}");
     }
 }
+
+/// The fixture format's formula for `out`, written out directly for the variant tensors: scores,
+/// ALiBi bias, key lengths, then a softmax whose denominator includes the sink.
+#[allow(clippy::too_many_arguments)]
+fn variant_expected(
+    dims: [usize; 6],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f64,
+    slopes: &[f32],
+    sinks: &[f32],
+    lens: &[i32],
+) -> Vec<f32> {
+    let [batch, heads, seq_q, seq_kv, dk, dv] = dims;
+    let mut out = Vec::new();
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..seq_q {
+                let q_row = &q[((b * heads + h) * seq_q + i) * dk..][..dk];
+                let mut weights = Vec::new();
+                for j in 0..seq_kv.min(lens[b] as usize) {
+                    let k_row = &k[((b * heads + h) * seq_kv + j) * dk..][..dk];
+                    let dot: f64 = q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(&a, &c)| f64::from(a * c))
+                        .sum();
+                    let distance = (j as f64 - (i + seq_kv - seq_q) as f64).abs();
+                    weights.push((j, scale * dot - f64::from(slopes[h]) * distance));
+                }
+                let denominator: f64 =
+                    f64::from(sinks[h]).exp() + weights.iter().map(|&(_, s)| s.exp()).sum::<f64>();
+                for c in 0..dv {
+                    let sum: f64 = weights
+                        .iter()
+                        .map(|&(j, s)| {
+                            s.exp() / denominator
+                                * f64::from(v[((b * heads + h) * seq_kv + j) * dv + c])
+                        })
+                        .sum();
+                    out.push(sum as f32);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn check_reads_variant_tensors() {
+    let dims = [2, 2, 3, 4, 3, 2];
+    let [batch, heads, seq_q, seq_kv, dk, dv] = dims;
+    let values = |len: usize, offset: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + offset) * 37) % 17) as f32 / 8.0 - 1.0)
+            .collect()
+    };
+    let q = values(batch * heads * seq_q * dk, 0);
+    let k = values(batch * heads * seq_kv * dk, 5);
+    let v = values(batch * heads * seq_kv * dv, 11);
+    let (slopes, sinks, lens) = ([0.5f32, 0.125], [0.25f32, -1.0], [4i32, 2]);
+    let out = variant_expected(dims, &q, &k, &v, 0.7, &slopes, &sinks, &lens);
+    // The same file with `out` computed without the sinks must fail, or the sinks went unread.
+    let no_sinks = variant_expected(
+        dims,
+        &q,
+        &k,
+        &v,
+        0.7,
+        &slopes,
+        &[f32::NEG_INFINITY; 2],
+        &lens,
+    );
+
+    let dir = scratch_dir("variants");
+    for (name, expected, passes) in [("variants", &out, true), ("no-sinks", &no_sinks, false)] {
+        let bytes = |x: &[f32]| x.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let lens_bytes: Vec<u8> = lens.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let data = [
+            ("q", vec![batch, heads, seq_q, dk], bytes(&q)),
+            ("k", vec![batch, heads, seq_kv, dk], bytes(&k)),
+            ("v", vec![batch, heads, seq_kv, dv], bytes(&v)),
+            ("out", vec![batch, heads, seq_q, dv], bytes(expected)),
+            ("alibi_slopes", vec![heads], bytes(&slopes)),
+            ("sinks", vec![heads], bytes(&sinks)),
+        ];
+        let mut tensors: Vec<(&str, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(name, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    data,
+                );
+                (*name, view.unwrap())
+            })
+            .collect();
+        let lens_view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![batch], &lens_bytes);
+        tensors.push(("kv_seq_lens", lens_view.unwrap()));
+        let metadata = std::collections::HashMap::from([
+            ("scale".to_string(), "0.7".to_string()),
+            ("causal".to_string(), "none".to_string()),
+            ("layout".to_string(), "BHSD".to_string()),
+        ]);
+        let path = dir.join(format!("{name}.safetensors"));
+        std::fs::write(
+            &path,
+            safetensors::serialize(tensors, Some(metadata)).unwrap(),
+        )
+        .unwrap();
+        for kernel in ["flash-tiled", "flash-rows", "three-stage"] {
+            let output = binary()
+                .args(["check", "--json", "--kernel", kernel])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert_eq!(output.status.success(), passes, "{name} {kernel}: {stdout}");
+            let object: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            let status = if passes { "pass" } else { "fail" };
+            assert_eq!(object["status"], status, "{name} {kernel}: {object}");
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! NaN and infinity in the inputs reach the same outputs on every kernel as in the reference: a
+//! NaN or infinite score makes its row NaN, a NaN in an attended key's value row makes that
+//! column NaN, and the value rows of masked keys are never used.
+
+mod common;
+
+use common::{RandomInputs, context};
+use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Kernel, reference};
+
+const KERNELS: [Kernel; 3] = [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows];
+
+/// Asserts that `got` is NaN exactly where `expected` is, equal where it is infinite, and
+/// within 1e-5 (relative above 1) elsewhere.
+fn assert_same(name: &str, got: &[f32], expected: &[f64]) {
+    assert_eq!(got.len(), expected.len(), "{name}");
+    for (index, (&got, &want)) in got.iter().zip(expected).enumerate() {
+        let got = f64::from(got);
+        let same = if want.is_nan() {
+            got.is_nan()
+        } else if want.is_infinite() {
+            got == want
+        } else {
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0)
+        };
+        assert!(same, "{name}[{index}]: {got} vs {want}");
+    }
+}
+
+fn check(name: &str, problem: &AttentionProblem, data: &RandomInputs, nan_rows: &[usize]) {
+    let expected = reference::attention(problem, &data.inputs()).unwrap();
+    // The case must put NaN where it means to, and nowhere else.
+    let d = problem.shape.head_dim_v;
+    for row in 0..expected.lse.len() {
+        let any_nan = expected.out[row * d..][..d].iter().any(|x| x.is_nan());
+        assert_eq!(
+            any_nan,
+            nan_rows.contains(&row),
+            "{name}: reference row {row}"
+        );
+    }
+    for kernel in KERNELS {
+        let gpu = context()
+            .attention_with(kernel, problem, &data.inputs())
+            .unwrap();
+        let label = format!("{name} {}", kernel.name());
+        assert_same(&format!("{label} out"), &gpu.out, &expected.out);
+        assert_same(&format!("{label} lse"), &gpu.lse, &expected.lse);
+    }
+}
+
+fn causal_problem() -> AttentionProblem {
+    AttentionProblem::new(AttentionShape::new(1, 1, 40, 40, 16)).with_causal(Causal::TopLeft)
+}
+
+#[test]
+fn nan_value_of_a_masked_key_is_not_used() {
+    // Key 30 is masked for rows 0 to 29, which share its key tile in every kernel.
+    let problem = causal_problem();
+    let mut data = RandomInputs::new(&problem, 1, 0.0);
+    data.v[30 * 16 + 3] = f32::NAN;
+    data.v[31 * 16] = f32::INFINITY;
+    check("nan value", &problem, &data, &(30..40).collect::<Vec<_>>());
+}
+
+#[test]
+fn nan_key_makes_attending_rows_nan() {
+    let problem = causal_problem();
+    let mut data = RandomInputs::new(&problem, 2, 0.0);
+    data.k[10 * 16 + 5] = f32::NAN;
+    check("nan key", &problem, &data, &(10..40).collect::<Vec<_>>());
+}
+
+#[test]
+fn infinite_query_makes_its_row_nan() {
+    let problem = causal_problem();
+    let mut data = RandomInputs::new(&problem, 3, 0.0);
+    data.q[5 * 16] = f32::INFINITY;
+    check("infinite query", &problem, &data, &[5]);
+}
+
+#[test]
+fn nan_in_the_mask_makes_its_row_nan() {
+    let problem = AttentionProblem::new(AttentionShape::new(1, 2, 12, 30, 16)).with_mask(1, 1);
+    let mut data = RandomInputs::new(&problem, 4, 0.1);
+    data.mask.as_mut().unwrap()[7 * 30 + 3] = f32::NAN;
+    check("nan mask", &problem, &data, &[7, 12 + 7]);
+}
+
+#[test]
+fn padding_past_the_key_lengths_is_never_read() {
+    let shape = AttentionShape::new(2, 2, 9, 50, 16);
+    let problem = AttentionProblem::new(shape);
+    let mut data = RandomInputs::new(&problem, 5, 0.0);
+    data.kv_seq_lens = Some(vec![20, 50]);
+    // Batch element 0, both heads: garbage from key 20 on.
+    for head in 0..2 {
+        let start = (head * 50 + 20) * 16;
+        data.k[start..start + 30 * 16].fill(f32::NAN);
+        data.v[start..start + 30 * 16].fill(f32::INFINITY);
+    }
+    check("padding", &problem, &data, &[]);
+}
+
+#[test]
+fn nan_crosses_merged_key_splits() {
+    // 3,000 keys for one query: the fused kernels split the keys and merge the parts.
+    let shape = AttentionShape::new(1, 2, 1, 3000, 32);
+    let problem = AttentionProblem::new(shape).with_window(Some(1500), None);
+    let mut data = RandomInputs::new(&problem, 6, 0.0);
+    // Head 0: a NaN key in the last split. Head 1: a NaN value outside the window.
+    data.k[2500 * 32 + 1] = f32::NAN;
+    data.v[(3000 + 100) * 32 + 7] = f32::NAN;
+    check("split", &problem, &data, &[0]);
+}
