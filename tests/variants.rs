@@ -236,6 +236,44 @@ macro_rules! variant_contract {
             }
 
             #[test]
+            fn raw_scores_of_1e5_stay_exact() {
+                // Integer inputs make every score exact in f32, up to ±160,000 here, so any
+                // error comes from the softmax, not from rounding the products.
+                let shape = AttentionShape::new(1, 2, 9, 50, 4);
+                let problem = AttentionProblem::new(shape)
+                    .with_scale(1.0)
+                    .with_causal(Causal::BottomRight);
+                let mut data = RandomInputs::new(&problem, 17, 0.0);
+                let mut rng = Rng::new(18);
+                let mut integers = |values: &mut Vec<f32>| {
+                    for x in values.iter_mut() {
+                        *x = (rng.uniform() * 200.0).round();
+                    }
+                };
+                integers(&mut data.q);
+                integers(&mut data.k);
+                // Head 1 sees only scores of -125,000 and below, and a sink just under them.
+                for x in &mut data.q[9 * 4..] {
+                    *x = 250.0;
+                }
+                for x in &mut data.k[50 * 4..] {
+                    *x = -125.0 - (*x).abs() / 8.0;
+                }
+                data.sinks = Some(vec![f32::NEG_INFINITY, -125_003.0]);
+                let expected = wgpu_attention::reference::attention(&problem, &data.inputs());
+                let largest = expected
+                    .unwrap()
+                    .lse
+                    .iter()
+                    .fold(0.0f64, |a, &b| a.max(b.abs()));
+                assert!(
+                    largest > 1e5,
+                    "the scores must reach 1e5, lse up to {largest}"
+                );
+                assert_matches_reference(KERNEL, &problem, &data.inputs());
+            }
+
+            #[test]
             fn long_rows_with_every_option() {
                 // Long enough that the fused kernels split the keys and merge the splits.
                 let shape = AttentionShape::new(1, 8, 3, 4000, 64).with_kv_heads(2);
@@ -357,6 +395,61 @@ fn hand_computed_values() {
                     "{} {name}: {got} vs {want}",
                     kernel.name()
                 );
+            }
+        }
+    }
+}
+
+/// The three-stage kernel's probabilities with every variant: each row matches the reference's,
+/// sums to less than 1 with a sink, and padding rows and keys of packed sequences read as 0.
+#[test]
+fn probabilities_with_every_variant() {
+    use wgpu_attention::{AttentionShape, Causal, reference};
+
+    let lengths = [(7, 30), (12, 12), (0, 5)];
+    let shape = AttentionShape::new(3, 4, 12, 30, 24)
+        .with_kv_heads(2)
+        .with_head_dim_v(16);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_softcap(8.0)
+        .with_layout(Layout::Bshd);
+    let (problem, mut data) = packed(problem, &lengths, 31);
+    data.alibi_slopes = Some(alibi_slopes(4));
+    data.sinks = Some(vec![0.0, 1.0, -2.0, f32::NEG_INFINITY]);
+    data.kv_seq_lens = Some(vec![25, 12, 5]);
+    let inputs = data.inputs();
+    let (output, probs) = common::context()
+        .attention_probs(&problem, &inputs)
+        .unwrap();
+    let expected = reference::attention(&problem, &inputs).unwrap();
+    let out = wgpu_attention::validate::ErrorStats::compare(&output.out, &expected.out);
+    assert!(
+        out.passes(&wgpu_attention::validate::Tolerance::F32),
+        "{out}"
+    );
+    let (seq_q, seq_kv) = (12, 30);
+    for (b, &(rows, keys)) in lengths.iter().enumerate() {
+        for h in 0..4 {
+            for i in 0..seq_q {
+                let row = &probs[((b * 4 + h) * seq_q + i) * seq_kv..][..seq_kv];
+                if i >= rows as usize {
+                    assert!(row.iter().all(|&p| p == 0.0), "padding row {b} {h} {i}");
+                    continue;
+                }
+                let want = reference::attention_row(&problem, &inputs, b, h, i).unwrap();
+                assert_eq!(want.probs.len(), keys as usize);
+                for (j, &p) in row.iter().enumerate() {
+                    let expected = want.probs.get(j).copied().unwrap_or(0.0);
+                    assert!(
+                        (f64::from(p) - expected).abs() < 1e-6,
+                        "row {b} {h} {i} key {j}: {p} vs {expected}"
+                    );
+                }
+                let total: f32 = row.iter().sum();
+                if h < 3 {
+                    assert!(total < 0.999, "a sink leaves less than 1: {total}");
+                }
             }
         }
     }
