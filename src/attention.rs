@@ -129,7 +129,7 @@ pub struct AttentionOutput {
 /// `with_*` methods.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTensors<'a> {
-    /// Queries in the problem's layout, f32 or f16 as the problem's dtype says.
+    /// Queries in the problem's layout and dtype (f32 or f16).
     pub q: &'a wgpu::Buffer,
     /// Keys in the problem's layout and dtype.
     pub k: &'a wgpu::Buffer,
@@ -597,7 +597,7 @@ impl Context {
     }
 
     /// Copies the optional small tensors into one scratch buffer in the order of `aux` in
-    /// `shaders/params.wgsl`, and returns it with the `extras` bits that say which are present.
+    /// `shaders/params.wgsl`, and returns it with the `extras` bits that mark which are present.
     fn gather_aux(
         &self,
         problem: &AttentionProblem,

@@ -118,9 +118,9 @@ pub enum Error {
         index: usize,
         /// Its value.
         value: u32,
-        /// What is wrong with it.
+        /// The reason it is invalid.
         reason: String,
-        /// What to change.
+        /// The change that fixes it.
         fix: &'static str,
     },
 

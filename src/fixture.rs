@@ -1,6 +1,6 @@
 //! Attention test cases stored as safetensors files, and GPU outputs written in the same format.
 //!
-//! A fixture holds `q`, `k`, `v` (`[B, H, Sq, Dk]`, `[B, H_kv, Skv, Dk]` and
+//! A fixture contains `q`, `k`, `v` (`[B, H, Sq, Dk]`, `[B, H_kv, Skv, Dk]` and
 //! `[B, H_kv, Skv, Dv]`), the expected `out` (`[B, H, Sq, Dv]`), optionally an additive `mask`
 //! (`[B, 1 or H, Sq, Skv]`), the expected `probs` and `lse`, and a string metadata map with at
 //! least `scale`, `causal` (`none`, `top_left` or `bottom_right`) and `layout` (`BHSD`). Tensors

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 /// Merges two attention results over disjoint key ranges of the same queries into the result
 /// over both ranges, exact up to rounding.
 ///
-/// Each input holds outputs `[rows, head_dim]` (`head_dim` is the value head dim) and
+/// Each input contains outputs `[rows, head_dim]` (`head_dim` is the value head dim) and
 /// log-sum-exps `[rows]`, as [`crate::Context::attention_with`] returns them for the default
 /// BHSD layout, packed or not; other layouts order their output rows unlike the log-sum-exp.
 /// With sinks, give them to one of the two calls only, or they count twice. With `m = max(lse_a, lse_b)` and weights

@@ -286,7 +286,7 @@ pub struct AttentionProblem {
     /// `None`. The window's diagonal is aligned bottom-right, as FlashAttention places it, and
     /// combines with the causal mask and the additive mask.
     pub window: Window,
-    /// How Q, K, V and the output lie in memory.
+    /// Memory layout of Q, K, V and the output.
     pub layout: Layout,
     /// Packed variable-length sequences, when the batch stores no padding.
     pub packed: Option<Packed>,
@@ -321,7 +321,7 @@ impl Strides {
         self.offset(batch - 1, heads - 1, rows - 1) + dim
     }
 
-    /// Whether every (batch, head, row, column) has an element of its own.
+    /// Returns whether every (batch, head, row, column) has an element of its own.
     fn is_one_to_one(&self, batch: usize, heads: usize, rows: usize, dim: usize) -> bool {
         // Sorted by stride, each dimension must step past everything the smaller ones cover.
         let mut dims = [
@@ -358,7 +358,7 @@ pub struct TensorStrides {
     pub out: Strides,
 }
 
-/// How Q, K, V and the output lie in memory. The kernels read and write them in place.
+/// Memory layout of Q, K, V and the output, which the kernels read and write in place.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Layout {
     /// `[batch, heads, seq, head_dim]`, contiguous; with packed sequences
@@ -435,7 +435,7 @@ impl AttentionProblem {
         self.packed.map_or(self.shape.seq_kv, |p| p.total_kv)
     }
 
-    /// The strides in effect for Q, K, V and the output.
+    /// Returns the strides in effect for Q, K, V and the output.
     pub fn strides(&self) -> TensorStrides {
         let s = &self.shape;
         let (q_rows, kv_rows) = (self.q_rows(), self.kv_rows());
@@ -674,7 +674,7 @@ impl AttentionProblem {
         self.allows_in(&Sequence::dense(&self.shape), i, j)
     }
 
-    /// Whether query `i` of `sequence` may attend to key `j`: the key exists, and the causal
+    /// Returns whether query `i` of `sequence` may attend to key `j`: the key exists, and the causal
     /// mask and the sliding window, placed by the sequence's own lengths, allow it.
     pub fn allows_in(&self, sequence: &Sequence, i: usize, j: usize) -> bool {
         if j >= sequence.key_limit {
@@ -781,7 +781,7 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// A dense sequence of the shape's lengths.
+    /// Returns a dense sequence of the shape's lengths.
     pub fn dense(shape: &AttentionShape) -> Self {
         Self {
             rows: shape.seq_q,
@@ -792,7 +792,7 @@ impl Sequence {
         }
     }
 
-    /// The bottom-right diagonal of row `i`: key `i + keys - rows`, which may be negative.
+    /// Returns the bottom-right diagonal of row `i`: key `i + keys - rows`, which may be negative.
     pub fn diagonal(&self, i: usize) -> i64 {
         i as i64 + self.keys as i64 - self.rows as i64
     }
@@ -876,7 +876,7 @@ impl<'a, T> AttentionInputs<'a, T> {
         self
     }
 
-    /// The same inputs with Q, K and V replaced, keeping every optional tensor.
+    /// Returns the same inputs with Q, K and V replaced, keeping every optional tensor.
     pub fn with_tensors<U>(&self, q: &'a [U], k: &'a [U], v: &'a [U]) -> AttentionInputs<'a, U> {
         AttentionInputs {
             q,

@@ -6,9 +6,9 @@
 //! lengths, or the packed sequence's own):
 //!
 //! 1. scores: `s[j] = scale · q · k[j]`, soft-capped to `softcap · tanh(s[j] / softcap)` when
-//!    set, plus the ALiBi bias `-slope[h] · |j - (i + keys - rows)|` when slopes are given, plus
-//!    `mask[j]`; then `s[j] = -inf` where the causal mask or the sliding window forbids key `j`,
-//!    or `j` is at or past the key length;
+//!    set. The ALiBi bias `-slope[h] · |j - (i + keys - rows)|` is added when slopes are given,
+//!    then `mask[j]`. Last, `s[j] = -inf` where the causal mask or the sliding window forbids
+//!    key `j`, or where `j` is at or past the key length;
 //! 2. softmax: `m = max(sink, max_j s[j])`, `l = exp(sink - m) + Σ_j exp(s[j] - m)` (the sink
 //!    terms only with sinks), `lse = m + ln l`, `p[j] = exp(s[j] - lse)`;
 //! 3. output: `out = Σ_j p[j] · v[j]`.

@@ -329,7 +329,8 @@ fn fixture_variant_tensors_load_and_are_checked() {
     assert_eq!(fixture.alibi_slopes.as_deref(), Some(&[0.25f32][..]));
     assert_eq!(fixture.kv_seq_lens.as_deref(), Some(&[1u32][..]));
     let inputs = fixture.inputs();
-    assert!(inputs.sinks.is_some() && inputs.alibi_slopes.is_some());
+    assert!(inputs.sinks.is_some());
+    assert!(inputs.alibi_slopes.is_some());
 
     for (tensor, dims, data, expected) in [
         (

@@ -1,6 +1,6 @@
-//! NaN and infinity in the inputs reach the same outputs on every kernel as in the reference: a
-//! NaN or infinite score makes its row NaN, a NaN in an attended key's value row makes that
-//! column NaN, and the value rows of masked keys are never used.
+//! NaN and infinity in the inputs reach the same outputs on every kernel as in the reference.
+//! A NaN or infinite score makes its row NaN, and a NaN in an attended key's value row makes
+//! that column NaN. The value rows of masked keys are never used.
 
 mod common;
 
@@ -53,7 +53,7 @@ fn causal_problem() -> AttentionProblem {
 }
 
 #[test]
-fn nan_value_of_a_masked_key_is_not_used() {
+fn masked_nan_value_unused() {
     // Key 30 is masked for rows 0 to 29, which share its key tile in every kernel.
     let problem = causal_problem();
     let mut data = RandomInputs::new(&problem, 1, 0.0);

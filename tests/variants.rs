@@ -7,7 +7,7 @@ mod common;
 use common::{RandomInputs, Rng};
 use wgpu_attention::{AttentionProblem, Layout, Strides, TensorStrides};
 
-/// The ALiBi slopes of a model with `heads` heads: `2^(-8 (h + 1) / heads)`.
+/// Returns the ALiBi slopes of a model with `heads` heads: `2^(-8 (h + 1) / heads)`.
 fn alibi_slopes(heads: usize) -> Vec<f32> {
     (0..heads)
         .map(|h| 2f32.powf(-8.0 * (h + 1) as f32 / heads as f32))
@@ -24,7 +24,7 @@ fn offsets(lengths: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// A packed problem of sequences with these (query, key) lengths, and its random inputs.
+/// Builds a packed problem of sequences with these (query, key) lengths, and its random inputs.
 fn packed(
     problem: AttentionProblem,
     lengths: &[(u32, u32)],
@@ -94,7 +94,7 @@ macro_rules! variant_contract {
             }
 
             #[test]
-            fn sink_of_a_fully_masked_row_is_its_lse() {
+            fn sink_is_lse_of_masked_row() {
                 // Rows 0 and 1 see no key under bottom-right causal masking with seq_q > seq_kv.
                 let shape = AttentionShape::new(1, 2, 5, 3, 16);
                 let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
@@ -172,7 +172,7 @@ macro_rules! variant_contract {
 
             #[test]
             fn strided_views_of_a_fused_projection() {
-                // One [batch, seq, 3, heads, dim] buffer holds Q, K and V; the output is BSHD.
+                // One [batch, seq, 3, heads, dim] buffer contains Q, K and V, and the output is BSHD.
                 let (batch, heads, seq, dim) = (2, 3, 41, 32);
                 let row = 3 * heads * dim;
                 let view = Strides {
@@ -252,7 +252,7 @@ macro_rules! variant_contract {
                 };
                 integers(&mut data.q);
                 integers(&mut data.k);
-                // Head 1 sees only scores of -125,000 and below, and a sink just under them.
+                // Head 1 gets only scores of -125,000 and below, and a sink just under them.
                 for x in &mut data.q[9 * 4..] {
                     *x = 250.0;
                 }
@@ -363,7 +363,7 @@ fn hand_computed_values() {
             vec![0.0, 2f64.ln()],
         ),
         (
-            // Top-left causal places each sequence's own diagonal: sequence 1 sees key 0 only.
+            // Top-left causal places each sequence's own diagonal: sequence 1 attends to key 0 only.
             "packed causal",
             packed.with_causal(Causal::TopLeft),
             packed_inputs,

@@ -78,8 +78,8 @@ impl AuxLayout {
 }
 
 impl KernelParams {
-    /// The parameters of `problem` for a dispatch starting at head 0 with no grid offset, with
-    /// the `aux` parts given by `extras`.
+    /// Returns the parameters of `problem` for a dispatch starting at head 0 with no grid
+    /// offset, with the `aux` parts given by `extras`.
     pub fn new(problem: &AttentionProblem, extras: u32) -> Self {
         let s = &problem.shape;
         let (mask_batch_stride, mask_head_stride) = problem.mask_strides();

@@ -150,8 +150,8 @@ impl FlashTiles {
         block_q * self.d_pad() + block_q * self.tile_kv() + block_q * self.key_lanes
     }
 
-    /// Makes the K and V chunks as large as `bytes` of workgroup memory allows, preferring
-    /// whole tiles; returns `None` when not even 16 columns and one key fit.
+    /// Sizes the K and V chunks as large as `bytes` of workgroup memory allows, preferring
+    /// whole tiles. Returns `None` when not even 16 columns and one key fit.
     fn with_chunks(mut self, bytes: u32) -> Option<Self> {
         let floats = (bytes / 4).checked_sub(self.fixed_floats())?;
         let (d_cols, tile_kv) = (self.d_cols, self.tile_kv());
@@ -169,12 +169,12 @@ impl FlashTiles {
     /// device's workgroup memory.
     ///
     /// The first of [`FLASH_CANDIDATES`] is taken whose workgroup memory and invocations fit the
-    /// limits with whole K and V tiles staged at once, and whose block is not more than one
+    /// limits with whole K and V tiles staged at once. Its block must also be at most one
     /// halving taller than the packed query rows (query heads per key/value head times
-    /// `seq_q`): for decoding a tall block only adds idle rows. At head dim 64 and 32 KiB of
-    /// workgroup memory that is 4 row lanes and 4 keys per lane (16 rows, 64-key tiles,
-    /// 25 KiB). When no candidate fits whole tiles, as at head dim 576, the first that fits
-    /// with K and V staged in chunks is taken.
+    /// `seq_q`), because for decoding a tall block only adds idle rows. At head dim 64 and
+    /// 32 KiB of workgroup memory that is 4 row lanes and 4 keys per lane (16 rows, 64-key
+    /// tiles, 25 KiB). When no candidate fits whole tiles, as at head dim 576, the first that
+    /// fits with K and V staged in chunks is taken.
     pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
         let key_lanes = 16;
         let s = &problem.shape;

@@ -78,7 +78,7 @@ const VARIANT_BATCH: usize = 3;
 /// Combinations of ALiBi, sinks, key lengths and packing: one bit each.
 const VARIANT_COMBINATIONS: usize = 16;
 
-/// How the variant part lays out Q, K, V and the output.
+/// Memory layouts of Q, K, V and the output in the variant part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LayoutKind {
     Bhsd,
@@ -372,7 +372,7 @@ fn packed_lengths(seq_q: usize, seq_kv: usize, index: usize) -> Vec<(usize, usiz
     ]
 }
 
-/// The layout of `kind` for `problem`, whose shape and packing are already set.
+/// Returns the layout of `kind` for `problem`, whose shape and packing are already set.
 fn layout_for(kind: LayoutKind, problem: &AttentionProblem) -> Layout {
     match kind {
         LayoutKind::Bhsd => Layout::Bhsd,
@@ -477,7 +477,8 @@ fn features(grid: &GridProblem) -> Vec<String> {
     ]
 }
 
-/// Whether a problem is compared on sampled rows: a large one in the dense default layout.
+/// Returns whether a problem is compared on sampled rows: a large one in the dense default
+/// layout.
 fn sampled(problem: &AttentionProblem) -> bool {
     work(problem) > FULL_CHECK_MAX_WORK
         && problem.layout == Layout::Bhsd
@@ -628,8 +629,8 @@ struct CaseData {
 
 impl CaseData {
     /// Draws Q, K and V over the span their layout addresses, the mask, and the input variants
-    /// `extras` selects: the ALiBi slopes of a model with this many heads, sinks in [-2, 2), key
-    /// lengths of full, about a third, and none, and the packed offsets.
+    /// that `extras` selects. These are the ALiBi slopes of a model with this many heads, sinks
+    /// in [-2, 2), key lengths of full, about a third and none, and the packed offsets.
     fn generate(problem: &AttentionProblem, extras: &Extras, seed: u64) -> Self {
         let mut rng = SplitMix64(seed);
         let s = &problem.shape;
