@@ -13,12 +13,14 @@
 //! let k = vec![0.25f32; shape.k_len()];
 //! let v = vec![1.0f32; shape.v_len()];
 //! let out = context.attention(&problem, &AttentionInputs::new(&q, &k, &v))?;
-//! assert_eq!(out.len(), shape.q_len());
+//! assert_eq!(out.len(), shape.out_len());
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! The layout is `[batch, heads, seq, head_dim]`, contiguous f32 or f16. [`mod@reference`]
+//! The default layout is `[batch, heads, seq, head_dim]`, f32 or f16; [`Layout`] selects BSHD or
+//! any strides, and [`AttentionProblem::with_packed`] packed variable-length sequences. ALiBi,
+//! attention sinks and key lengths come with the inputs ([`AttentionInputs`]). [`mod@reference`]
 //! defines the semantics, and [`validate`] contains the error metrics and tolerances for checking
 //! any result against it. [`Context::record`] runs on the caller's own buffers and encoder, and
 //! [`Context::from_device`] on the caller's own device.
