@@ -105,19 +105,21 @@ pub type AttentionInputsF16<'a> = AttentionInputs<'a, f16>;
 /// Output of [`Context::attention_f16`].
 #[derive(Clone, Debug)]
 pub struct AttentionOutputF16 {
-    /// Attention output, `[batch, heads, seq_q, head_dim]`, rounded to f16.
+    /// Attention output in the problem's layout (`[batch, heads, seq_q, head_dim_v]` by
+    /// default), rounded to f16.
     pub out: Vec<f16>,
-    /// Natural-log log-sum-exp of each row, `[batch, heads, seq_q]`, in f32.
+    /// Natural-log log-sum-exp of each row in f32, laid out as in [`AttentionOutput`].
     pub lse: Vec<f32>,
 }
 
 /// Output of a host-slice call.
 #[derive(Clone, Debug)]
 pub struct AttentionOutput {
-    /// Attention output, `[batch, heads, seq_q, head_dim]`.
+    /// Attention output in the problem's layout: `[batch, heads, seq_q, head_dim_v]` by default.
+    /// Elements the layout skips, and rows outside every packed sequence, are 0.
     pub out: Vec<f32>,
-    /// Natural-log log-sum-exp of each row's scaled, masked scores, `[batch, heads, seq_q]`;
-    /// `-inf` for a fully masked row.
+    /// Natural-log log-sum-exp of each row's final scores, `[batch, heads, seq_q]`, or
+    /// `[heads, total_q]` with packed sequences; `-inf` for a fully masked row.
     pub lse: Vec<f32>,
 }
 
@@ -216,12 +218,13 @@ impl<'a> GpuTensors<'a> {
 }
 
 impl Context {
-    /// Computes attention on the GPU from host slices and returns the output,
-    /// `[batch, heads, seq_q, head_dim]`.
+    /// Computes attention on the GPU from host slices and returns the output in the problem's
+    /// layout (`[batch, heads, seq_q, head_dim_v]` by default).
     ///
-    /// Supports head dims 1 to [`crate::MAX_HEAD_DIM`], grouped-query attention, both causal
-    /// alignments and an additive mask broadcast over batch and heads. Blocks until the result is
-    /// read back.
+    /// Supports every option of [`AttentionProblem`] and [`AttentionInputs`]: head dims up to
+    /// [`crate::MAX_HEAD_DIM`], grouped-query attention, both causal alignments, additive masks,
+    /// soft-capping, sliding windows, ALiBi, sinks, key lengths, strided layouts and packed
+    /// sequences. Blocks until the result is read back.
     ///
     /// # Errors
     ///

@@ -34,9 +34,14 @@ pub enum Error {
         kv_heads: usize,
     },
 
-    /// The head dimension is larger than the kernels support.
-    #[error("head_dim = {head_dim} is larger than the supported maximum of {max}")]
+    /// A head dimension is larger than the kernels support.
+    #[error(
+        "{name} = {head_dim} is larger than the supported maximum of {max}; no kernel takes \
+         longer heads"
+    )]
     HeadDimTooLarge {
+        /// Which head dimension: `head_dim` or `head_dim_v`.
+        name: &'static str,
         /// Requested head dimension.
         head_dim: usize,
         /// Largest supported head dimension.
@@ -124,9 +129,17 @@ pub enum Error {
         fix: &'static str,
     },
 
+    /// The sizes or strides of a tensor address more elements than `usize` counts.
+    #[error("the sizes of {what} overflow usize; use smaller dimensions or strides")]
+    SizeOverflow {
+        /// The tensor or product that overflows.
+        what: String,
+    },
+
     /// The output's strides map two elements to the same place.
     #[error(
-        "the strides of `{tensor}` ({strides}) make different elements overlap; give each          (batch, head, position, column) its own element, for example with Layout::Bhsd"
+        "the strides of `{tensor}` ({strides}) make different elements overlap; give each \
+         (batch, head, position, column) its own element, for example with Layout::Bhsd"
     )]
     OverlappingStrides {
         /// Which tensor.

@@ -24,6 +24,9 @@ pub fn merge_partials(
     first: &AttentionOutput,
     second: &AttentionOutput,
 ) -> Result<AttentionOutput> {
+    if head_dim == 0 {
+        return Err(Error::ZeroDimension { name: "head_dim" });
+    }
     let rows = first.lse.len();
     let check = |tensor: &'static str, actual: usize, expected: usize| {
         if actual == expected {

@@ -143,13 +143,27 @@ impl AttentionShape {
                 kv_heads: self.kv_heads,
             });
         }
-        for head_dim in [self.head_dim, self.head_dim_v] {
+        for (name, head_dim) in [("head_dim", self.head_dim), ("head_dim_v", self.head_dim_v)] {
             if head_dim > MAX_HEAD_DIM {
                 return Err(Error::HeadDimTooLarge {
+                    name,
                     head_dim,
                     max: MAX_HEAD_DIM,
                 });
             }
+        }
+        // Every later size is a product of these; checking the largest once keeps them in range.
+        let score_elements = [self.batch, self.heads, self.seq_q, self.seq_kv]
+            .iter()
+            .try_fold(1usize, |product, &dim| product.checked_mul(dim));
+        let tensor_elements = [self.batch, self.heads.max(self.kv_heads)]
+            .iter()
+            .chain(&[self.seq_q.max(self.seq_kv), MAX_HEAD_DIM])
+            .try_fold(1usize, |product, &dim| product.checked_mul(dim));
+        if score_elements.is_none() || tensor_elements.is_none() {
+            return Err(Error::SizeOverflow {
+                what: format!("the shape {self:?}"),
+            });
         }
         Ok(())
     }
@@ -314,11 +328,19 @@ impl Strides {
     }
 
     /// Elements from the first to one past the last element of a tensor with these strides.
-    fn span(&self, batch: usize, heads: usize, rows: usize, dim: usize) -> usize {
+    /// Returns `None` when the count overflows `usize`.
+    fn span(&self, batch: usize, heads: usize, rows: usize, dim: usize) -> Option<usize> {
         if batch == 0 || heads == 0 || rows == 0 || dim == 0 {
-            return 0;
+            return Some(0);
         }
-        self.offset(batch - 1, heads - 1, rows - 1) + dim
+        let steps = [
+            (batch - 1, self.batch),
+            (heads - 1, self.head),
+            (rows - 1, self.seq),
+        ];
+        steps.iter().try_fold(dim, |total, &(count, stride)| {
+            total.checked_add(count.checked_mul(stride)?)
+        })
     }
 
     /// Returns whether every (batch, head, row, column) has an element of its own.
@@ -471,7 +493,13 @@ impl AttentionProblem {
     }
 
     /// Elements each of Q, K, V and the output must have: the span their strides address.
+    /// A span that overflows `usize` reads as `usize::MAX`; [`AttentionProblem::validate`]
+    /// rejects such problems.
     pub fn spans(&self) -> [usize; 4] {
+        self.checked_spans().map(|span| span.unwrap_or(usize::MAX))
+    }
+
+    fn checked_spans(&self) -> [Option<usize>; 4] {
         let s = &self.shape;
         let t = self.strides();
         let (q_rows, kv_rows) = (self.q_rows(), self.kv_rows());
@@ -601,6 +629,13 @@ impl AttentionProblem {
                 if value == 0 {
                     return Err(Error::ZeroDimension { name });
                 }
+            }
+        }
+        for (tensor, span) in ["q", "k", "v", "out"].iter().zip(self.checked_spans()) {
+            if span.is_none() {
+                return Err(Error::SizeOverflow {
+                    what: format!("tensor `{tensor}` with strides {:?}", self.strides()),
+                });
             }
         }
         let out = self.strides().out;
@@ -1008,26 +1043,30 @@ fn check_offsets(
     total: usize,
 ) -> Result<()> {
     for (index, pair) in offsets.windows(2).enumerate() {
-        let invalid = |value, reason: String| Error::InvalidLengths {
-            tensor,
-            index,
-            value,
-            reason,
-            fix: "give cumulative sequence offsets: cu[0] = 0 and cu[b + 1] = cu[b] + length of \
-                  sequence b",
-        };
         if pair[1] < pair[0] {
-            return Err(invalid(
-                pair[0],
-                format!("it is above the next offset {}", pair[1]),
-            ));
+            return Err(Error::InvalidLengths {
+                tensor,
+                index,
+                value: pair[0],
+                reason: format!("it is above the next offset {}", pair[1]),
+                fix: "give cumulative sequence offsets, cu[b + 1] = cu[b] + the length of \
+                      sequence b",
+            });
         }
         let len = (pair[1] - pair[0]) as usize;
         if len > max_len {
-            return Err(invalid(
-                pair[0],
-                format!("sequence {index} has {len} rows, over the shape's longest, {max_len}"),
-            ));
+            // The offset that ends the sequence is the one to report.
+            return Err(Error::InvalidLengths {
+                tensor,
+                index: index + 1,
+                value: pair[1],
+                reason: format!(
+                    "it ends sequence {index} after {len} rows, longer than the shape's \
+                     longest sequence, {max_len}"
+                ),
+                fix: "set the shape's seq_q (for queries) or seq_kv (for keys) to the longest \
+                      sequence",
+            });
         }
     }
     let last = offsets.last().copied().unwrap_or(0);

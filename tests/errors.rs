@@ -135,6 +135,7 @@ fn head_dim_over_maximum() {
         matches!(
             error,
             Error::HeadDimTooLarge {
+                name: "head_dim",
                 head_dim: 577,
                 max: 576
             }
@@ -524,7 +525,8 @@ fn packed_offsets_out_of_range() {
         ),
         (
             [0u32, 1, 6],
-            "cu_seqlens_q[1] = 1 is invalid: sequence 1 has 5 rows, over the shape's longest, 4",
+            "cu_seqlens_q[2] = 6 is invalid: it ends sequence 1 after 5 rows, longer than the \
+             shape's longest sequence, 4",
         ),
         (
             [0u32, 3, 7],
@@ -637,4 +639,48 @@ fn strided_layouts_are_checked() {
         ),
         "{error}"
     );
+}
+
+#[test]
+fn value_head_dim_over_maximum() {
+    let shape = AttentionShape::new(1, 1, 2, 2, 4).with_head_dim_v(1000);
+    let error = AttentionProblem::new(shape).validate().unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::HeadDimTooLarge {
+                name: "head_dim_v",
+                head_dim: 1000,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().starts_with("head_dim_v = 1000"),
+        "{error}"
+    );
+}
+
+#[test]
+fn overflowing_sizes_are_rejected() {
+    use wgpu_attention::{Layout, Strides};
+    // Element counts past usize: no slice can hold them, and no product may wrap.
+    let huge = AttentionProblem::new(AttentionShape::new(1 << 33, 1 << 31, 1, 1, 1));
+    let error = run(&huge, &AttentionInputs::new(&[], &[], &[]));
+    assert!(matches!(error, Error::SizeOverflow { .. }), "{error}");
+
+    let shape = AttentionShape::new(3, 1, 1, 1, 4);
+    let problem = AttentionProblem::new(shape);
+    let mut strides = problem.strides();
+    strides.q = Strides {
+        batch: usize::MAX / 2,
+        head: 0,
+        seq: 0,
+    };
+    let strided = problem.with_layout(Layout::Strided(strides));
+    let data = zeros(12);
+    let error = run(&strided, &AttentionInputs::new(&data, &data, &data));
+    assert!(matches!(error, Error::SizeOverflow { .. }), "{error}");
+    assert!(error.to_string().contains("tensor `q`"), "{error}");
 }

@@ -115,8 +115,8 @@ const MASKED_FRACTION: f64 = 0.1;
 #[derive(clap::Args)]
 pub(crate) struct ValidateArgs {
     /// Run only the quick subset: a few problems that together use every sequence length, head
-    /// dim, ratio, causal mode, mask kind, softcap and window of the grid at least twice, in both
-    /// dtypes.
+    /// dim, ratio, causal mode, mask kind, softcap, window, layout, ALiBi, sink, key-length and
+    /// packing option of the grid at least twice, in both dtypes.
     #[arg(long)]
     quick: bool,
     /// Kernels to validate, comma-separated: flash-tiled, flash-rows, three-stage, flash (the
