@@ -5,11 +5,12 @@ use wgpu::util::DeviceExt;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, OptionalLens};
 use crate::kernels::{
     AuxLayout, EXTRA_ALIBI, EXTRA_KV_LENS, EXTRA_PACKED, EXTRA_SINKS, check_binding, flash,
     three_stage,
 };
-use crate::problem::{AttentionInputs, AttentionProblem, Dtype, OptionalLens};
+use crate::problem::{AttentionProblem, Dtype};
 use half::f16;
 
 /// Largest `seq_q` for which [`Kernel::Auto`] picks the fused kernel when the score matrix fits.

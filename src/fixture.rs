@@ -16,27 +16,17 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::problem::{AttentionInputs, AttentionProblem, AttentionShape, Causal};
+use crate::inputs::{AttentionInputs, OwnedInputs};
+use crate::problem::{AttentionProblem, AttentionShape, Causal};
 
 /// One attention case read from a safetensors file.
 #[derive(Clone, Debug)]
 pub struct Fixture {
     /// The problem the file describes.
     pub problem: AttentionProblem,
-    /// Queries, `[batch, heads, seq_q, head_dim]`.
-    pub q: Vec<f32>,
-    /// Keys, `[batch, kv_heads, seq_kv, head_dim]`.
-    pub k: Vec<f32>,
-    /// Values, `[batch, kv_heads, seq_kv, head_dim_v]`.
-    pub v: Vec<f32>,
-    /// Additive mask, when the file has one.
-    pub mask: Option<Vec<f32>>,
-    /// ALiBi slopes, `[heads]`, when the file has them.
-    pub alibi_slopes: Option<Vec<f32>>,
-    /// Sink logits, `[heads]`, when the file has them.
-    pub sinks: Option<Vec<f32>>,
-    /// Key lengths, `[batch]`, when the file has them.
-    pub kv_seq_lens: Option<Vec<u32>>,
+    /// Q, K and V (`[batch, heads, seq, head_dim]`, widened to f32), and the mask, ALiBi
+    /// slopes, sinks and key lengths the file has.
+    pub tensors: OwnedInputs,
     /// Expected output.
     pub out: Vec<f32>,
     /// Expected softmax probabilities, `[batch, heads, seq_q, seq_kv]`, when the file has them.
@@ -170,8 +160,7 @@ impl Fixture {
         let alibi_slopes = optional_tensor(&tensors, &names, "alibi_slopes", &[heads])?;
         let sinks = optional_tensor(&tensors, &names, "sinks", &[heads])?;
         let kv_seq_lens = read_lengths(&tensors, &names, "kv_seq_lens", batch)?;
-        let fixture = Self {
-            problem,
+        let tensors = OwnedInputs {
             q,
             k,
             v,
@@ -179,6 +168,11 @@ impl Fixture {
             alibi_slopes,
             sinks,
             kv_seq_lens,
+            cu_seqlens: None,
+        };
+        let fixture = Self {
+            problem,
+            tensors,
             out,
             probs,
             lse,
@@ -194,13 +188,7 @@ impl Fixture {
 
     /// The inputs as slices for [`crate::Context::attention`] and [`crate::reference::attention`].
     pub fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs {
-            mask: self.mask.as_deref(),
-            alibi_slopes: self.alibi_slopes.as_deref(),
-            sinks: self.sinks.as_deref(),
-            kv_seq_lens: self.kv_seq_lens.as_deref(),
-            ..AttentionInputs::new(&self.q, &self.k, &self.v)
-        }
+        self.tensors.inputs()
     }
 }
 
@@ -223,7 +211,7 @@ pub fn save_output(
     let out_dims = s.out_dims().to_vec();
     let lse_dims = vec![s.batch, s.heads, s.seq_q];
     let describe = |dims: &[usize]| format!("{dims:?}");
-    let check = crate::problem::check_len;
+    let check = crate::inputs::check_len;
     check("out", out.len(), s.out_len(), describe(&out_dims), true)?;
     let mut tensors = vec![("out", out_dims, bytemuck::cast_slice::<f32, u8>(out))];
     if let Some(lse) = lse {

@@ -31,6 +31,7 @@ mod attention;
 mod context;
 mod error;
 pub mod fixture;
+mod inputs;
 mod kernels;
 mod merge;
 mod problem;
@@ -48,10 +49,11 @@ pub use context::{
 pub use error::{Error, INSTALL_HINT, Result};
 /// The f16 type of the `half` crate, used by [`Context::attention_f16`].
 pub use half::f16;
+pub use inputs::{AttentionInputs, OwnedInputs};
 pub use merge::merge_partials;
 pub use problem::{
-    AttentionInputs, AttentionProblem, AttentionShape, Causal, Dtype, Layout, MAX_HEAD_DIM,
-    MaskShape, Packed, Sequence, Strides, TensorStrides, Window,
+    AttentionProblem, AttentionShape, Causal, Dtype, Layout, MAX_HEAD_DIM, MaskShape, Packed,
+    Sequence, Strides, TensorStrides, Window,
 };
 /// The `wgpu` this crate is built with, for callers' own devices, buffers and encoders.
 pub use wgpu;

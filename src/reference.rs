@@ -29,7 +29,8 @@
 //!   a probability below about 1e-38 and a NaN value may give NaN here and not on the GPU.
 
 use crate::error::Result;
-use crate::problem::{AttentionInputs, AttentionProblem, Sequence};
+use crate::inputs::AttentionInputs;
+use crate::problem::{AttentionProblem, Sequence};
 
 /// The reference result of one attention call, in f64.
 #[derive(Clone, Debug)]

@@ -5,7 +5,8 @@ use std::fmt;
 use half::f16;
 
 use crate::error::Result;
-use crate::problem::{AttentionInputs, AttentionProblem};
+use crate::inputs::AttentionInputs;
+use crate::problem::AttentionProblem;
 
 /// How far an output is from the expected one.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -326,9 +326,12 @@ fn fixture_variant_tensors_load_and_are_checked() {
     tensors.push(("kv_seq_lens", vec![1], vec![1.0]));
     let path = write_fixture("variants.safetensors", tensors, &base);
     let fixture = Fixture::load(&path).unwrap();
-    assert_eq!(fixture.sinks.as_deref(), Some(&[0.5f32][..]));
-    assert_eq!(fixture.alibi_slopes.as_deref(), Some(&[0.25f32][..]));
-    assert_eq!(fixture.kv_seq_lens.as_deref(), Some(&[1u32][..]));
+    assert_eq!(fixture.tensors.sinks.as_deref(), Some(&[0.5f32][..]));
+    assert_eq!(
+        fixture.tensors.alibi_slopes.as_deref(),
+        Some(&[0.25f32][..])
+    );
+    assert_eq!(fixture.tensors.kv_seq_lens.as_deref(), Some(&[1u32][..]));
     let inputs = fixture.inputs();
     assert!(inputs.sinks.is_some());
     assert!(inputs.alibi_slopes.is_some());

@@ -38,7 +38,7 @@ impl HalfInputs {
         amplitude: f32,
         setup: impl FnOnce(&mut RandomInputs),
     ) -> Self {
-        let mut data = RandomInputs::new(problem, seed, 0.1);
+        let mut data = crate::common::random_inputs(problem, seed, 0.1);
         setup(&mut data);
         let half = |x: &[f32]| {
             x.iter()

@@ -9,7 +9,7 @@ mod common;
 macro_rules! kernel_contract {
     ($module:ident, $kernel:expr, $max_head_dim:expr) => {
         mod $module {
-            use crate::common::{RandomInputs, assert_matches_reference, context};
+            use crate::common::{assert_matches_reference, context};
             use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Kernel};
 
             const KERNEL: Kernel = $kernel;
@@ -23,7 +23,7 @@ macro_rules! kernel_contract {
                     for (m, &seq_kv) in lengths.iter().enumerate() {
                         let shape = AttentionShape::new(2, 3, seq_q, seq_kv, 40);
                         let problem = AttentionProblem::new(shape);
-                        let data = RandomInputs::new(&problem, (n * 10 + m) as u64, 0.0);
+                        let data = crate::common::random_inputs(&problem, (n * 10 + m) as u64, 0.0);
                         assert_matches_reference(KERNEL, &problem, &data.inputs());
                     }
                 }
@@ -37,7 +37,7 @@ macro_rules! kernel_contract {
                 {
                     let shape = AttentionShape::new(1, 2, 17, 113, head_dim);
                     let problem = AttentionProblem::new(shape);
-                    let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    let data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     if head_dim <= MAX_HEAD_DIM {
                         assert_matches_reference(KERNEL, &problem, &data.inputs());
                     } else {
@@ -52,7 +52,11 @@ macro_rules! kernel_contract {
                 for (heads, kv_heads) in [(8, 8), (8, 4), (8, 2), (8, 1), (12, 3)] {
                     let shape = AttentionShape::new(2, heads, 17, 113, 64).with_kv_heads(kv_heads);
                     let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
-                    let data = RandomInputs::new(&problem, (heads * 100 + kv_heads) as u64, 0.0);
+                    let data = crate::common::random_inputs(
+                        &problem,
+                        (heads * 100 + kv_heads) as u64,
+                        0.0,
+                    );
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
                 }
             }
@@ -72,7 +76,7 @@ macro_rules! kernel_contract {
                     for (seed, (seq_q, seq_kv)) in cases.into_iter().enumerate() {
                         let shape = AttentionShape::new(1, 2, seq_q, seq_kv, 59);
                         let problem = AttentionProblem::new(shape).with_causal(causal);
-                        let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                        let data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                         assert_matches_reference(KERNEL, &problem, &data.inputs());
                     }
                 }
@@ -117,8 +121,11 @@ macro_rules! kernel_contract {
                 for (mask_batch, mask_heads) in [(1, 1), (2, 1), (1, 4), (2, 4)] {
                     let shape = AttentionShape::new(2, 4, 17, 113, 32).with_kv_heads(2);
                     let problem = AttentionProblem::new(shape).with_mask(mask_batch, mask_heads);
-                    let data =
-                        RandomInputs::new(&problem, (mask_batch * 10 + mask_heads) as u64, 0.3);
+                    let data = crate::common::random_inputs(
+                        &problem,
+                        (mask_batch * 10 + mask_heads) as u64,
+                        0.3,
+                    );
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
                 }
             }
@@ -129,7 +136,7 @@ macro_rules! kernel_contract {
                 let problem = AttentionProblem::new(shape)
                     .with_causal(Causal::TopLeft)
                     .with_mask(1, 2);
-                let data = RandomInputs::new(&problem, 7, 0.2);
+                let data = crate::common::random_inputs(&problem, 7, 0.2);
                 assert_matches_reference(KERNEL, &problem, &data.inputs());
             }
 
@@ -142,7 +149,7 @@ macro_rules! kernel_contract {
                     let problem = AttentionProblem::new(shape)
                         .with_softcap(5.0)
                         .with_causal(causal);
-                    let mut data = RandomInputs::new(&problem, 50 + seed as u64, 0.0);
+                    let mut data = crate::common::random_inputs(&problem, 50 + seed as u64, 0.0);
                     data.q.iter_mut().for_each(|x| *x *= 8.0);
                     data.k.iter_mut().for_each(|x| *x *= 8.0);
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
@@ -150,7 +157,7 @@ macro_rules! kernel_contract {
                 let with_mask = AttentionProblem::new(shape)
                     .with_softcap(30.0)
                     .with_mask(1, 1);
-                let data = RandomInputs::new(&with_mask, 52, 0.3);
+                let data = crate::common::random_inputs(&with_mask, 52, 0.3);
                 assert_matches_reference(KERNEL, &with_mask, &data.inputs());
             }
 
@@ -170,7 +177,8 @@ macro_rules! kernel_contract {
                             let problem = AttentionProblem::new(shape)
                                 .with_window(left, right)
                                 .with_causal(causal);
-                            let data = RandomInputs::new(&problem, (n * 10 + m) as u64, 0.0);
+                            let data =
+                                crate::common::random_inputs(&problem, (n * 10 + m) as u64, 0.0);
                             assert_matches_reference(KERNEL, &problem, &data.inputs());
                         }
                     }
@@ -184,7 +192,7 @@ macro_rules! kernel_contract {
                     .with_window(Some(20), Some(0))
                     .with_causal(Causal::BottomRight)
                     .with_mask(2, 1);
-                let mut data = RandomInputs::new(&problem, 60, 0.0);
+                let mut data = crate::common::random_inputs(&problem, 60, 0.0);
                 // Pad the last 30 keys of batch 1, as a key-padding mask does.
                 let mask = data.mask.as_mut().unwrap();
                 for row in mask[90 * 90..].chunks_mut(90) {
@@ -199,7 +207,7 @@ macro_rules! kernel_contract {
                 // diagonals fall before key 0, so they see no key at all.
                 let shape = AttentionShape::new(1, 1, 20, 5, 8);
                 let problem = AttentionProblem::new(shape).with_window(Some(0), Some(0));
-                let data = RandomInputs::new(&problem, 61, 0.0);
+                let data = crate::common::random_inputs(&problem, 61, 0.0);
                 let gpu = context()
                     .attention_with(KERNEL, &problem, &data.inputs())
                     .unwrap();
@@ -214,7 +222,7 @@ macro_rules! kernel_contract {
             fn fully_masked_rows_are_zero() {
                 let shape = AttentionShape::new(1, 2, 17, 113, 32);
                 let problem = AttentionProblem::new(shape).with_mask(1, 2);
-                let mut data = RandomInputs::new(&problem, 11, 0.0);
+                let mut data = crate::common::random_inputs(&problem, 11, 0.0);
                 let mask = data.mask.as_mut().unwrap();
                 // Row 0 of head 0 and row 16 of head 1 see no key.
                 let masked_rows = [(0, 0), (1, 16)];
@@ -242,7 +250,7 @@ macro_rules! kernel_contract {
                 // With seq_q > seq_kv the first seq_q - seq_kv rows see no key under bottom-right alignment.
                 let shape = AttentionShape::new(1, 1, 20, 5, 8);
                 let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
-                let data = RandomInputs::new(&problem, 3, 0.0);
+                let data = crate::common::random_inputs(&problem, 3, 0.0);
                 let gpu = context()
                     .attention_with(KERNEL, &problem, &data.inputs())
                     .unwrap();
@@ -258,7 +266,7 @@ macro_rules! kernel_contract {
                 // Models add f32::MIN (not -inf) for padding keys; the sum stays finite and exp underflows.
                 let shape = AttentionShape::new(1, 1, 9, 9, 16);
                 let problem = AttentionProblem::new(shape).with_mask(1, 1);
-                let mut data = RandomInputs::new(&problem, 5, 0.0);
+                let mut data = crate::common::random_inputs(&problem, 5, 0.0);
                 let mask = data.mask.as_mut().unwrap();
                 for row in mask.chunks_mut(9) {
                     row.fill(0.0);
@@ -272,7 +280,7 @@ macro_rules! kernel_contract {
                 let shape = AttentionShape::new(1, 2, 17, 33, 16);
                 for (seed, scale) in [0.01, 1.0, 3.5].into_iter().enumerate() {
                     let problem = AttentionProblem::new(shape).with_scale(scale);
-                    let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    let data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
                 }
             }
@@ -281,7 +289,7 @@ macro_rules! kernel_contract {
             fn long_rows_and_large_batch() {
                 let shape = AttentionShape::new(3, 5, 40, 2000, 64).with_kv_heads(1);
                 let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
-                let data = RandomInputs::new(&problem, 99, 0.0);
+                let data = crate::common::random_inputs(&problem, 99, 0.0);
                 assert_matches_reference(KERNEL, &problem, &data.inputs());
             }
 
@@ -289,7 +297,7 @@ macro_rules! kernel_contract {
             fn auto_matches_reference() {
                 let shape = AttentionShape::new(2, 4, 33, 65, 48).with_kv_heads(2);
                 let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
-                let data = RandomInputs::new(&problem, 21, 0.0);
+                let data = crate::common::random_inputs(&problem, 21, 0.0);
                 assert_matches_reference(Kernel::Auto, &problem, &data.inputs());
                 let out = context().attention(&problem, &data.inputs()).unwrap();
                 let expected = context()
@@ -307,7 +315,7 @@ kernel_contract!(flash_tiled, Kernel::FlashTiled, 256);
 kernel_contract!(flash_rows, Kernel::FlashRows, 128);
 
 mod choice_and_memory {
-    use crate::common::{RandomInputs, context};
+    use crate::common::context;
     use wgpu_attention::validate::{ErrorStats, Tolerance};
     use wgpu_attention::{AttentionProblem, AttentionShape, Error, Kernel, reference};
 
@@ -339,7 +347,7 @@ mod choice_and_memory {
     #[test]
     fn flash_rows_rejects_head_dim_over_128() {
         let problem = AttentionProblem::new(AttentionShape::new(1, 1, 4, 4, 129));
-        let data = RandomInputs::new(&problem, 129, 0.0);
+        let data = crate::common::random_inputs(&problem, 129, 0.0);
         let error = context()
             .attention_with(Kernel::FlashRows, &problem, &data.inputs())
             .unwrap_err();
@@ -367,7 +375,7 @@ mod choice_and_memory {
         // it would silently stop.
         let shape = AttentionShape::new(1, 2, 64, 16384, 64);
         let problem = AttentionProblem::new(shape).with_mask(1, 1);
-        let data = RandomInputs::new(&problem, 16384, 0.1);
+        let data = crate::common::random_inputs(&problem, 16384, 0.1);
         for kernel in [Kernel::FlashTiled, Kernel::FlashRows] {
             let gpu = context()
                 .attention_with(kernel, &problem, &data.inputs())
@@ -395,7 +403,7 @@ mod choice_and_memory {
         let is_llvmpipe = context().adapter_info().name.contains("llvmpipe");
         let shape = AttentionShape::new(1, 1, 4, 65536, 8);
         let problem = AttentionProblem::new(shape);
-        let data = RandomInputs::new(&problem, 65536, 0.0);
+        let data = crate::common::random_inputs(&problem, 65536, 0.0);
         let result = context().attention_with(Kernel::ThreeStage, &problem, &data.inputs());
         if is_llvmpipe {
             let error = result.unwrap_err();

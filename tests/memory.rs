@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{RandomInputs, context};
+use common::context;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{AttentionProblem, AttentionShape, Error, Kernel, reference};
 
@@ -13,7 +13,7 @@ fn flash_runs_32k_by_32k() {
     // while the fused kernel needs Q, K, V, the output and its split partials (about 40 MiB).
     let shape = AttentionShape::new(1, 1, 32768, 32768, 64);
     let problem = AttentionProblem::new(shape);
-    let data = RandomInputs::new(&problem, 32768, 0.0);
+    let data = crate::common::random_inputs(&problem, 32768, 0.0);
 
     let error = context()
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{RandomInputs, context};
+use common::context;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{
     AttentionInputs, AttentionOutput, AttentionProblem, AttentionShape, Causal, Error, Kernel,
@@ -29,7 +29,7 @@ fn mask_columns(mask: &[f32], seq_kv: usize, begin: usize, end: usize) -> Vec<f3
 fn merged_halves_match_full_attention() {
     let shape = AttentionShape::new(2, 4, 37, 150, 48).with_kv_heads(2);
     let full = AttentionProblem::new(shape).with_mask(2, 1);
-    let data = RandomInputs::new(&full, 1, 0.2);
+    let data = crate::common::random_inputs(&full, 1, 0.2);
     let mask = data.mask.as_ref().unwrap();
 
     let split = 61;
@@ -70,7 +70,7 @@ fn merge_with_empty_part_keeps_rows() {
     // 0 and lse -inf; merging it must return the other part unchanged.
     let shape = AttentionShape::new(1, 1, 8, 8, 4);
     let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
-    let data = RandomInputs::new(&problem, 2, 0.0);
+    let data = crate::common::random_inputs(&problem, 2, 0.0);
     let whole = context()
         .attention_with(Kernel::Auto, &problem, &data.inputs())
         .unwrap();

@@ -27,10 +27,14 @@ fn fixtures_describe_minilm_batch() {
         let dims = [s.batch, s.heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim];
         assert_eq!(dims, [2, 12, 12, 9, 9, 32], "{}", path.display());
         assert_eq!(fixture.problem.causal, Causal::None, "{}", path.display());
-        assert!(fixture.mask.is_some(), "{} has no mask", path.display());
+        assert!(
+            fixture.tensors.mask.is_some(),
+            "{} has no mask",
+            path.display()
+        );
         assert!(fixture.lse.is_some(), "{} has no lse", path.display());
         // The second sentence has 7 tokens: keys 7 and 8 of batch 1 are padding.
-        let mask = fixture.mask.as_ref().unwrap();
+        let mask = fixture.tensors.mask.as_ref().unwrap();
         assert_eq!(mask[81 + 7], f32::MIN, "{}", path.display());
         assert_eq!(mask[81 + 6], 0.0, "{}", path.display());
     }

@@ -56,7 +56,7 @@ fn causal_problem() -> AttentionProblem {
 fn masked_nan_value_unused() {
     // Key 30 is masked for rows 0 to 29, which share its key tile in every kernel.
     let problem = causal_problem();
-    let mut data = RandomInputs::new(&problem, 1, 0.0);
+    let mut data = crate::common::random_inputs(&problem, 1, 0.0);
     data.v[30 * 16 + 3] = f32::NAN;
     data.v[31 * 16] = f32::INFINITY;
     check("nan value", &problem, &data, &(30..40).collect::<Vec<_>>());
@@ -65,7 +65,7 @@ fn masked_nan_value_unused() {
 #[test]
 fn nan_key_makes_attending_rows_nan() {
     let problem = causal_problem();
-    let mut data = RandomInputs::new(&problem, 2, 0.0);
+    let mut data = crate::common::random_inputs(&problem, 2, 0.0);
     data.k[10 * 16 + 5] = f32::NAN;
     check("nan key", &problem, &data, &(10..40).collect::<Vec<_>>());
 }
@@ -73,7 +73,7 @@ fn nan_key_makes_attending_rows_nan() {
 #[test]
 fn infinite_query_makes_its_row_nan() {
     let problem = causal_problem();
-    let mut data = RandomInputs::new(&problem, 3, 0.0);
+    let mut data = crate::common::random_inputs(&problem, 3, 0.0);
     data.q[5 * 16] = f32::INFINITY;
     check("infinite query", &problem, &data, &[5]);
 }
@@ -81,7 +81,7 @@ fn infinite_query_makes_its_row_nan() {
 #[test]
 fn nan_in_the_mask_makes_its_row_nan() {
     let problem = AttentionProblem::new(AttentionShape::new(1, 2, 12, 30, 16)).with_mask(1, 1);
-    let mut data = RandomInputs::new(&problem, 4, 0.1);
+    let mut data = crate::common::random_inputs(&problem, 4, 0.1);
     data.mask.as_mut().unwrap()[7 * 30 + 3] = f32::NAN;
     check("nan mask", &problem, &data, &[7, 12 + 7]);
 }
@@ -90,7 +90,7 @@ fn nan_in_the_mask_makes_its_row_nan() {
 fn padding_past_the_key_lengths_is_never_read() {
     let shape = AttentionShape::new(2, 2, 9, 50, 16);
     let problem = AttentionProblem::new(shape);
-    let mut data = RandomInputs::new(&problem, 5, 0.0);
+    let mut data = crate::common::random_inputs(&problem, 5, 0.0);
     data.kv_seq_lens = Some(vec![20, 50]);
     // Batch element 0, both heads: garbage from key 20 on.
     for head in 0..2 {
@@ -106,7 +106,7 @@ fn nan_crosses_merged_key_splits() {
     // 3,000 keys for one query: the fused kernels split the keys and merge the parts.
     let shape = AttentionShape::new(1, 2, 1, 3000, 32);
     let problem = AttentionProblem::new(shape).with_window(Some(1500), None);
-    let mut data = RandomInputs::new(&problem, 6, 0.0);
+    let mut data = crate::common::random_inputs(&problem, 6, 0.0);
     // Head 0: a NaN key in the last split. Head 1: a NaN value outside the window.
     data.k[2500 * 32 + 1] = f32::NAN;
     data.v[(3000 + 100) * 32 + 7] = f32::NAN;

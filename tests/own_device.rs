@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{RandomInputs, device_with_limits};
+use common::device_with_limits;
 use wgpu::util::DeviceExt;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{
@@ -63,7 +63,7 @@ fn record_into_callers_encoder() {
     let problem = AttentionProblem::new(shape)
         .with_causal(Causal::TopLeft)
         .with_mask(2, 1);
-    let data = RandomInputs::new(&problem, 1, 0.1);
+    let data = crate::common::random_inputs(&problem, 1, 0.1);
     let (q, k, v) = (
         storage(&device, &data.q),
         storage(&device, &data.k),
@@ -146,7 +146,7 @@ fn small_dispatch_limit_splits_grids() {
     let problem = AttentionProblem::new(shape)
         .with_causal(Causal::BottomRight)
         .with_mask(1, 3);
-    let data = RandomInputs::new(&problem, 2, 0.1);
+    let data = crate::common::random_inputs(&problem, 2, 0.1);
     let gpu = context
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
         .unwrap();
@@ -164,7 +164,7 @@ fn small_binding_limit_chunks_heads() {
     let context = Context::from_device(device, queue);
     let shape = AttentionShape::new(2, 4, 90, 90, 16).with_kv_heads(2);
     let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
-    let data = RandomInputs::new(&problem, 3, 0.0);
+    let data = crate::common::random_inputs(&problem, 3, 0.0);
     let gpu = context
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
         .unwrap();
@@ -180,7 +180,7 @@ fn score_matrix_over_binding_limit_is_rejected() {
     let context = Context::from_device(device, queue);
     let shape = AttentionShape::new(1, 1, 200, 200, 8);
     let problem = AttentionProblem::new(shape);
-    let data = RandomInputs::new(&problem, 4, 0.0);
+    let data = crate::common::random_inputs(&problem, 4, 0.0);
     let error = context
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
         .unwrap_err();
@@ -213,7 +213,7 @@ fn tensor_over_binding_limit_is_rejected() {
     // q holds 4 · 64 · 256 f32 values = 256 KiB, four times the limit.
     let shape = AttentionShape::new(1, 4, 64, 8, 256);
     let problem = AttentionProblem::new(shape);
-    let data = RandomInputs::new(&problem, 5, 0.0);
+    let data = crate::common::random_inputs(&problem, 5, 0.0);
     let error = context
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
         .unwrap_err();
@@ -230,7 +230,7 @@ fn flash_runs_where_three_stage_exceeds_binding() {
     let context = Context::from_device(device, queue);
     let shape = AttentionShape::new(1, 2, 200, 200, 8);
     let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
-    let data = RandomInputs::new(&problem, 6, 0.0);
+    let data = crate::common::random_inputs(&problem, 6, 0.0);
     let error = context
         .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
         .unwrap_err();
@@ -261,7 +261,7 @@ fn callers_device_keeps_adapter_guards() {
 
     let shape = AttentionShape::new(1, 1, 4, 65536, 8);
     let problem = AttentionProblem::new(shape);
-    let data = RandomInputs::new(&problem, 65536, 0.0);
+    let data = crate::common::random_inputs(&problem, 65536, 0.0);
     assert_eq!(
         Kernel::Auto.resolve(&problem, &context),
         Kernel::Auto.resolve(&problem, common::context())
@@ -306,7 +306,7 @@ fn probabilities_across_head_chunks() {
         .with_window(Some(30), None)
         .with_softcap(20.0)
         .with_mask(2, 1);
-    let mut data = RandomInputs::new(&problem, 7, 0.1);
+    let mut data = crate::common::random_inputs(&problem, 7, 0.1);
     // Row 5 of batch 1 sees no key.
     data.mask.as_mut().unwrap()[90 * 90 + 5 * 90..][..90].fill(f32::NEG_INFINITY);
     let (_, probs) = context.attention_probs(&problem, &data.inputs()).unwrap();
@@ -330,7 +330,7 @@ fn probabilities_over_buffer_limit_are_rejected() {
     let context = Context::from_device(device, queue);
     let shape = AttentionShape::new(1, 2, 100, 100, 4);
     let problem = AttentionProblem::new(shape);
-    let data = RandomInputs::new(&problem, 8, 0.0);
+    let data = crate::common::random_inputs(&problem, 8, 0.0);
     let error = context
         .attention_probs(&problem, &data.inputs())
         .unwrap_err();
@@ -370,7 +370,7 @@ fn record_with_variant_buffers() {
         .with_causal(Causal::BottomRight)
         .with_layout(Layout::Bshd)
         .with_packed(31, 90);
-    let mut data = RandomInputs::new(&problem, 8, 0.0);
+    let mut data = crate::common::random_inputs(&problem, 8, 0.0);
     data.alibi_slopes = Some(vec![0.5, 0.25, 0.125, 0.0625]);
     data.sinks = Some(vec![0.0, 1.0, -1.0, 2.0]);
     data.kv_seq_lens = Some(vec![45, 30]);

@@ -36,7 +36,7 @@ fn packed(
         *cu_q.last().unwrap() as usize,
         *cu_kv.last().unwrap() as usize,
     );
-    let mut data = RandomInputs::new(&problem, seed, 0.0);
+    let mut data = crate::common::random_inputs(&problem, seed, 0.0);
     data.cu_seqlens = Some((cu_q, cu_kv));
     (problem, data)
 }
@@ -45,7 +45,7 @@ macro_rules! variant_contract {
     ($module:ident, $kernel:expr, $max_head_dim:expr) => {
         mod $module {
             use super::*;
-            use crate::common::{RandomInputs, assert_matches_reference, context};
+            use crate::common::{assert_matches_reference, context};
             use wgpu_attention::{AttentionShape, Causal, Kernel};
 
             const KERNEL: Kernel = $kernel;
@@ -64,7 +64,7 @@ macro_rules! variant_contract {
                     let problem = AttentionProblem::new(shape)
                         .with_causal(causal)
                         .with_window(window, None);
-                    let mut data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    let mut data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     data.alibi_slopes = Some(alibi_slopes(4));
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
                 }
@@ -76,7 +76,7 @@ macro_rules! variant_contract {
                 let problem = AttentionProblem::new(shape)
                     .with_softcap(5.0)
                     .with_mask(2, 1);
-                let mut data = RandomInputs::new(&problem, 7, 0.2);
+                let mut data = crate::common::random_inputs(&problem, 7, 0.2);
                 data.alibi_slopes = Some(vec![0.5, 0.0, 2.0]);
                 assert_matches_reference(KERNEL, &problem, &data.inputs());
             }
@@ -86,7 +86,7 @@ macro_rules! variant_contract {
                 for (seed, causal) in [Causal::None, Causal::BottomRight].into_iter().enumerate() {
                     let shape = AttentionShape::new(2, 4, 33, 97, 64).with_kv_heads(1);
                     let problem = AttentionProblem::new(shape).with_causal(causal);
-                    let mut data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    let mut data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     // Large, small, -inf (no sink) and one far above every score.
                     data.sinks = Some(vec![1.5, -3.0, f32::NEG_INFINITY, 40.0]);
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
@@ -98,7 +98,7 @@ macro_rules! variant_contract {
                 // Rows 0 and 1 see no key under bottom-right causal masking with seq_q > seq_kv.
                 let shape = AttentionShape::new(1, 2, 5, 3, 16);
                 let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
-                let mut data = RandomInputs::new(&problem, 3, 0.0);
+                let mut data = crate::common::random_inputs(&problem, 3, 0.0);
                 data.sinks = Some(vec![0.25, -2.0]);
                 let output = context()
                     .attention_with(KERNEL, &problem, &data.inputs())
@@ -118,7 +118,7 @@ macro_rules! variant_contract {
                 let shape = AttentionShape::new(4, 4, 23, 150, 48).with_kv_heads(2);
                 for (seed, causal) in [Causal::None, Causal::BottomRight].into_iter().enumerate() {
                     let problem = AttentionProblem::new(shape).with_causal(causal);
-                    let mut data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    let mut data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     // Full, partial, a single key and none at all.
                     data.kv_seq_lens = Some(vec![150, 77, 1, 0]);
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
@@ -129,7 +129,7 @@ macro_rules! variant_contract {
             fn key_lengths_with_padding_mask_and_sinks() {
                 let shape = AttentionShape::new(2, 2, 9, 64, 32);
                 let problem = AttentionProblem::new(shape).with_mask(2, 1);
-                let mut data = RandomInputs::new(&problem, 11, 0.3);
+                let mut data = crate::common::random_inputs(&problem, 11, 0.3);
                 data.kv_seq_lens = Some(vec![40, 0]);
                 data.sinks = Some(vec![0.0, 1.0]);
                 assert_matches_reference(KERNEL, &problem, &data.inputs());
@@ -150,7 +150,7 @@ macro_rules! variant_contract {
                         .with_kv_heads(2)
                         .with_head_dim_v(head_dim_v);
                     let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
-                    let data = RandomInputs::new(&problem, seed as u64, 0.0);
+                    let data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     if head_dim.max(head_dim_v) <= MAX_HEAD_DIM {
                         assert_matches_reference(KERNEL, &problem, &data.inputs());
                     } else {
@@ -166,7 +166,7 @@ macro_rules! variant_contract {
                 let problem = AttentionProblem::new(shape)
                     .with_causal(Causal::TopLeft)
                     .with_layout(Layout::Bshd);
-                let data = RandomInputs::new(&problem, 5, 0.0);
+                let data = crate::common::random_inputs(&problem, 5, 0.0);
                 assert_matches_reference(KERNEL, &problem, &data.inputs());
             }
 
@@ -243,7 +243,7 @@ macro_rules! variant_contract {
                 let problem = AttentionProblem::new(shape)
                     .with_scale(1.0)
                     .with_causal(Causal::BottomRight);
-                let mut data = RandomInputs::new(&problem, 17, 0.0);
+                let mut data = crate::common::random_inputs(&problem, 17, 0.0);
                 let mut rng = Rng::new(18);
                 let mut integers = |values: &mut Vec<f32>| {
                     for x in values.iter_mut() {
@@ -281,7 +281,7 @@ macro_rules! variant_contract {
                     .with_causal(Causal::BottomRight)
                     .with_window(Some(3000), None)
                     .with_layout(Layout::Bshd);
-                let mut data = RandomInputs::new(&problem, 4, 0.0);
+                let mut data = crate::common::random_inputs(&problem, 4, 0.0);
                 data.alibi_slopes = Some(vec![0.001; 8]);
                 data.sinks = Some(vec![2.0; 8]);
                 data.kv_seq_lens = Some(vec![3500]);

@@ -43,62 +43,39 @@ impl Rng {
 }
 
 use wgpu_attention::validate::{ErrorStats, Tolerance};
-use wgpu_attention::{AttentionInputs, AttentionProblem, Kernel, reference};
+use wgpu_attention::{AttentionInputs, AttentionProblem, Kernel, OwnedInputs, reference};
 
-/// Random inputs for `problem`, values in [-1, 1), and a mask when the problem has one. The
-/// optional per-head and per-sequence tensors start empty; tests set the ones they need.
-#[derive(Default)]
-pub struct RandomInputs {
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub mask: Option<Vec<f32>>,
-    pub alibi_slopes: Option<Vec<f32>>,
-    pub sinks: Option<Vec<f32>>,
-    pub kv_seq_lens: Option<Vec<u32>>,
-    pub cu_seqlens: Option<(Vec<u32>, Vec<u32>)>,
-}
+/// Random inputs for the tests; the optional tensors start empty and tests set the ones they
+/// need.
+pub type RandomInputs = OwnedInputs;
 
-impl RandomInputs {
-    /// Draws inputs; mask entries are -inf with probability `masked_fraction`, else in [-1, 1).
-    pub fn new(problem: &AttentionProblem, seed: u64, masked_fraction: f32) -> Self {
-        let mut rng = Rng::new(seed);
-        // Every element the layout spans, including gaps of strided views.
-        let [q_len, k_len, v_len, _] = problem.spans();
-        let q = rng.vec(q_len, 1.0);
-        let k = rng.vec(k_len, 1.0);
-        let v = rng.vec(v_len, 1.0);
-        let mask = problem.mask.map(|_| {
-            (0..problem.mask_len())
-                .map(|_| {
-                    let masked = (rng.uniform() + 1.0) / 2.0 < masked_fraction;
-                    if masked {
-                        f32::NEG_INFINITY
-                    } else {
-                        rng.uniform()
-                    }
-                })
-                .collect()
-        });
-        Self {
-            q,
-            k,
-            v,
-            mask,
-            ..Self::default()
-        }
-    }
-
-    pub fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs {
-            mask: self.mask.as_deref(),
-            alibi_slopes: self.alibi_slopes.as_deref(),
-            sinks: self.sinks.as_deref(),
-            kv_seq_lens: self.kv_seq_lens.as_deref(),
-            cu_seqlens_q: self.cu_seqlens.as_ref().map(|(q, _)| q.as_slice()),
-            cu_seqlens_kv: self.cu_seqlens.as_ref().map(|(_, kv)| kv.as_slice()),
-            ..AttentionInputs::new(&self.q, &self.k, &self.v)
-        }
+/// Draws inputs for `problem` with values in [-1, 1), over every element the layout spans
+/// (gaps of strided views included), and a mask when the problem has one: its entries are
+/// -inf with probability `masked_fraction`, else in [-1, 1).
+pub fn random_inputs(problem: &AttentionProblem, seed: u64, masked_fraction: f32) -> OwnedInputs {
+    let mut rng = Rng::new(seed);
+    let [q_len, k_len, v_len, _] = problem.spans();
+    let q = rng.vec(q_len, 1.0);
+    let k = rng.vec(k_len, 1.0);
+    let v = rng.vec(v_len, 1.0);
+    let mask = problem.mask.map(|_| {
+        (0..problem.mask_len())
+            .map(|_| {
+                let masked = (rng.uniform() + 1.0) / 2.0 < masked_fraction;
+                if masked {
+                    f32::NEG_INFINITY
+                } else {
+                    rng.uniform()
+                }
+            })
+            .collect()
+    });
+    OwnedInputs {
+        q,
+        k,
+        v,
+        mask,
+        ..OwnedInputs::default()
     }
 }
 

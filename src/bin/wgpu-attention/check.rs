@@ -113,7 +113,11 @@ fn check_file(
     // Files with f16 inputs run with f16 storage and are judged by the f16 tolerance.
     let (gpu, tolerance) = if fixture.f16_inputs {
         let half = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
-        let (q, k, v) = (half(&fixture.q), half(&fixture.k), half(&fixture.v));
+        let (q, k, v) = (
+            half(&fixture.tensors.q),
+            half(&fixture.tensors.k),
+            half(&fixture.tensors.v),
+        );
         let half_inputs = inputs.with_tensors(&q, &k, &v);
         let output = context.attention_f16(args.kernel, &fixture.problem, &half_inputs)?;
         let out = output.out.iter().map(|x| x.to_f32()).collect();

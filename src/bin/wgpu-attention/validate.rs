@@ -29,7 +29,7 @@ use serde_json::json;
 use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
 use wgpu_attention::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, Kernel,
-    Layout, Strides, TensorStrides, f16, reference,
+    Layout, OwnedInputs, Strides, TensorStrides, f16, reference,
 };
 
 /// Query and key/value lengths of the odd-length part, which uses every pair.
@@ -615,14 +615,7 @@ impl SplitMix64 {
 /// The inputs of one case group. For f16, `q`, `k` and `v` contain the f16 values widened to
 /// f32, so that the reference gets exactly the kernel's inputs.
 struct CaseData {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    mask: Option<Vec<f32>>,
-    alibi_slopes: Option<Vec<f32>>,
-    sinks: Option<Vec<f32>>,
-    kv_seq_lens: Option<Vec<u32>>,
-    cu_seqlens: Option<(Vec<u32>, Vec<u32>)>,
+    tensors: OwnedInputs,
     /// Q, K and V in f16, for f16 problems.
     half: Option<[Vec<f16>; 3]>,
 }
@@ -677,7 +670,7 @@ impl CaseData {
             };
             [round(&mut q), round(&mut k), round(&mut v)]
         });
-        Self {
+        let tensors = OwnedInputs {
             q,
             k,
             v,
@@ -686,20 +679,12 @@ impl CaseData {
             sinks,
             kv_seq_lens,
             cu_seqlens,
-            half,
-        }
+        };
+        Self { tensors, half }
     }
 
     fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs {
-            mask: self.mask.as_deref(),
-            alibi_slopes: self.alibi_slopes.as_deref(),
-            sinks: self.sinks.as_deref(),
-            kv_seq_lens: self.kv_seq_lens.as_deref(),
-            cu_seqlens_q: self.cu_seqlens.as_ref().map(|(q, _)| q.as_slice()),
-            cu_seqlens_kv: self.cu_seqlens.as_ref().map(|(_, kv)| kv.as_slice()),
-            ..AttentionInputs::new(&self.q, &self.k, &self.v)
-        }
+        self.tensors.inputs()
     }
 }
 
@@ -887,7 +872,7 @@ fn naive_f16_head(
     let mut single = *problem;
     single.shape =
         AttentionShape::new(1, 1, s.seq_q, s.seq_kv, s.head_dim).with_head_dim_v(s.head_dim_v);
-    let mask = match (&data.mask, problem.mask) {
+    let mask = match (&data.tensors.mask, problem.mask) {
         (Some(mask), Some(_)) => {
             single = single.with_mask(1, 1);
             let (batch_stride, head_stride) = problem.mask_strides();
@@ -899,9 +884,9 @@ fn naive_f16_head(
     let inputs = AttentionInputs {
         mask,
         ..AttentionInputs::new(
-            &data.q[head * q_len..][..q_len],
-            &data.k[kv_head * k_len..][..k_len],
-            &data.v[kv_head * v_len..][..v_len],
+            &data.tensors.q[head * q_len..][..q_len],
+            &data.tensors.k[kv_head * k_len..][..k_len],
+            &data.tensors.v[kv_head * v_len..][..v_len],
         )
     };
     naive_f16_attention(&single, &inputs)
