@@ -1,12 +1,13 @@
 //! Attention test cases stored as safetensors files, and GPU outputs written in the same format.
 //!
-//! A fixture contains `q`, `k`, `v` (`[B, H, Sq, Dk]`, `[B, H_kv, Skv, Dk]` and
-//! `[B, H_kv, Skv, Dv]`), the expected `out` (`[B, H, Sq, Dv]`), optionally an additive `mask`
-//! (`[B, 1 or H, Sq, Skv]`), the expected `probs` and `lse`, and a string metadata map with at
-//! least `scale`, `causal` (`none`, `top_left` or `bottom_right`) and `layout` (`BHSD`). Tensors
-//! are F32, or F16 when the metadata's `input_dtype` is `f16`; F16 inputs are widened to f32
-//! exactly. Optional metadata `softcap`, `window_left`, `window_right` and `window_align` (only
-//! `bottom_right`) select soft-capping and a sliding window, and optional tensors `sinks` and
+//! A fixture contains `q`, `k` and `v` (`[B, H, Sq, Dk]`, `[B, H_kv, Skv, Dk]` and
+//! `[B, H_kv, Skv, Dv]`) and the expected `out` (`[B, H, Sq, Dv]`). It may add an additive
+//! `mask` (`[B, 1 or H, Sq, Skv]`) and the expected `probs` and `lse`. Its string metadata map
+//! has at least `scale`, `causal` (`none`, `top_left` or `bottom_right`) and `layout` (`BHSD`).
+//!
+//! Tensors are F32, or F16 when the metadata's `input_dtype` is `f16`; F16 inputs are widened to
+//! f32 exactly. Optional metadata `softcap`, `window_left`, `window_right` and `window_align`
+//! (only `bottom_right`) select soft-capping and a sliding window. Optional tensors `sinks` and
 //! `alibi_slopes` (F32 `[H]`) and `kv_seq_lens` (I32 `[B]`) select attention sinks, ALiBi and
 //! key lengths.
 
