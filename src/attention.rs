@@ -513,6 +513,7 @@ impl Context {
                 fix: "convert the tensors to f32, or call attention_f16, which converts on the host",
             });
         }
+        check_aliases(tensors)?;
         let element = problem.dtype.bytes();
         let spans = problem.spans();
         let [q_shape, k_shape, v_shape, out_shape] = problem.layout_shapes();
@@ -673,6 +674,34 @@ impl Context {
         check_binding(limits, "mask", problem.mask_len(), 4)?;
         Ok(())
     }
+}
+
+/// Rejects a written buffer (`out`, `lse`) that is also bound as another tensor, which wgpu
+/// would report as a usage conflict.
+fn check_aliases(tensors: &GpuTensors<'_>) -> Result<()> {
+    let bound = [
+        ("q", Some(tensors.q)),
+        ("k", Some(tensors.k)),
+        ("v", Some(tensors.v)),
+        ("mask", tensors.mask),
+        ("alibi_slopes", tensors.alibi_slopes),
+        ("sinks", tensors.sinks),
+        ("kv_seq_lens", tensors.kv_seq_lens),
+        ("cu_seqlens_q", tensors.cu_seqlens_q),
+        ("cu_seqlens_kv", tensors.cu_seqlens_kv),
+        ("out", Some(tensors.out)),
+        ("lse", tensors.lse),
+    ];
+    for (written, buffer) in [("out", Some(tensors.out)), ("lse", tensors.lse)] {
+        let Some(buffer) = buffer else { continue };
+        let alias = bound
+            .iter()
+            .find(|(other, candidate)| *other != written && *candidate == Some(buffer));
+        if let Some(&(other, _)) = alias {
+            return Err(Error::BufferAlias { written, other });
+        }
+    }
+    Ok(())
 }
 
 /// Raw views of inputs of any element type, for uploading.

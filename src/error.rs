@@ -179,6 +179,38 @@ pub enum Error {
         missing: wgpu::BufferUsages,
     },
 
+    /// A row index passed to [`crate::reference::attention_row`] is outside the problem.
+    #[error(
+        "row (b = {b}, h = {h}, i = {i}) is outside the problem: batch {batch}, heads {heads}, \
+         {rows} rows in that sequence; pass indices below those"
+    )]
+    RowOutOfRange {
+        /// Batch index given.
+        b: usize,
+        /// Query head given.
+        h: usize,
+        /// Row given.
+        i: usize,
+        /// Batch elements of the problem.
+        batch: usize,
+        /// Query heads of the problem.
+        heads: usize,
+        /// Rows of the sequence of `b` (0 when `b` is out of range).
+        rows: usize,
+    },
+
+    /// A buffer the kernels write is also bound as another tensor.
+    #[error(
+        "buffer `{written}` is also given as `{other}`; the kernels write `{written}` while they \
+         use `{other}`, so give `{written}` a buffer of its own"
+    )]
+    BufferAlias {
+        /// The written tensor: `out` or `lse`.
+        written: &'static str,
+        /// The other tensor bound to the same buffer.
+        other: &'static str,
+    },
+
     /// The problem exceeds a device limit and cannot be split to fit.
     #[error("{what} needs {value} but the device limit `{limit_name}` is {limit}; {fix}")]
     ExceedsLimit {

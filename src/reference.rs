@@ -96,8 +96,8 @@ pub fn attention(
 ///
 /// # Errors
 ///
-/// Returns the errors of [`attention`]; an index out of range is reported as a zero-size problem
-/// is, through [`crate::Error::LengthMismatch`] on `q`.
+/// Returns the errors of [`attention`], and [`crate::Error::RowOutOfRange`] for an index outside
+/// the problem.
 pub fn attention_row(
     problem: &AttentionProblem,
     inputs: &AttentionInputs<'_>,
@@ -114,14 +114,13 @@ pub fn attention_row(
         0
     };
     if h >= s.heads || i >= rows {
-        return Err(crate::Error::LengthMismatch {
-            tensor: "q",
-            expected: s.q_len(),
-            actual: ((b * s.heads + h) * s.seq_q + i) * s.head_dim,
-            shape: format!(
-                "{:?} (row index (b={b}, h={h}, i={i}) is out of range)",
-                s.q_dims()
-            ),
+        return Err(crate::Error::RowOutOfRange {
+            b,
+            h,
+            i,
+            batch: s.batch,
+            heads: s.heads,
+            rows,
         });
     }
     let sequence = inputs.sequence(problem, b);

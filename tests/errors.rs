@@ -687,3 +687,19 @@ fn overflowing_sizes_are_rejected() {
     assert!(matches!(error, Error::SizeOverflow { .. }), "{error}");
     assert!(error.to_string().contains("tensor `q`"), "{error}");
 }
+
+#[test]
+fn reference_row_out_of_range() {
+    let shape = AttentionShape::new(2, 3, 4, 5, 8);
+    let problem = AttentionProblem::new(shape);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
+    let inputs = AttentionInputs::new(&q, &kv, &kv);
+    for (b, h, i) in [(2, 0, 0), (0, 3, 0), (0, 0, 4)] {
+        let error = reference::attention_row(&problem, &inputs, b, h, i).unwrap_err();
+        assert!(
+            matches!(error, Error::RowOutOfRange { b: eb, h: eh, i: ei, .. } if (eb, eh, ei) == (b, h, i)),
+            "{error}"
+        );
+    }
+    assert!(reference::attention_row(&problem, &inputs, 1, 2, 3).is_ok());
+}

@@ -123,7 +123,8 @@ fn record_rejects_buffer_without_storage_usage() {
         usage: wgpu::BufferUsages::UNIFORM,
         mapped_at_creation: false,
     });
-    let tensors = GpuTensors::new(&uniform, &full, &full, &full);
+    let out = output(device, shape.q_len());
+    let tensors = GpuTensors::new(&uniform, &full, &full, &out);
     let mut encoder = device.create_command_encoder(&Default::default());
     let error = context
         .record(Kernel::Auto, &problem, &mut encoder, &tensors)
@@ -448,4 +449,34 @@ fn record_with_variant_buffers() {
         )
         .unwrap_err();
     assert!(matches!(error, Error::PackedMismatch(_)), "{error}");
+}
+
+#[test]
+fn record_rejects_aliased_output() {
+    let context = common::context();
+    let device = context.device();
+    let shape = AttentionShape::new(1, 2, 8, 8, 16);
+    let problem = AttentionProblem::new(shape);
+    let q = output(device, shape.q_len());
+    let kv = output(device, shape.k_len());
+    let lse = output(device, problem.lse_len());
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let cases = [
+        (GpuTensors::new(&q, &kv, &kv, &q), "out", "q"),
+        (GpuTensors::new(&q, &kv, &kv, &kv), "out", "k"),
+        (
+            GpuTensors::new(&q, &kv, &lse, &lse).with_lse(&lse),
+            "out",
+            "v",
+        ),
+    ];
+    for (tensors, written, other) in cases {
+        let error = context
+            .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+            .unwrap_err();
+        assert!(
+            matches!(error, Error::BufferAlias { written: w, other: o } if w == written && o == other),
+            "{error}"
+        );
+    }
 }
