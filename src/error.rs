@@ -40,7 +40,7 @@ pub enum Error {
          longer heads"
     )]
     HeadDimTooLarge {
-        /// Which head dimension: `head_dim` or `head_dim_v`.
+        /// The head dimension's name: `head_dim` or `head_dim_v`.
         name: &'static str,
         /// Requested head dimension.
         head_dim: usize,

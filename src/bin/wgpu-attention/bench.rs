@@ -783,7 +783,8 @@ struct Table {
 }
 
 impl Table {
-    const KERNEL_WIDTH: usize = 11;
+    /// Fits `flash (flash-tiled)`, the longest requested and resolved pair.
+    const KERNEL_WIDTH: usize = 21;
 
     fn new(cases: &[AttentionProblem]) -> Self {
         let case_width = cases
@@ -810,10 +811,17 @@ impl Table {
     }
 
     fn print_row(&self, row: &Row<'_>) {
+        // `auto` and `flash` show the kernel they resolved to, so repeated rows stay apart.
+        let requested = row.requested.name();
+        let kernel = if requested == row.kernel_name {
+            requested.to_string()
+        } else {
+            format!("{requested} ({})", row.kernel_name)
+        };
         let prefix = format!(
             "{:<cw$}  {:<kw$}",
             row.problem.label(),
-            row.kernel_name,
+            kernel,
             cw = self.case_width,
             kw = Self::KERNEL_WIDTH,
         );
