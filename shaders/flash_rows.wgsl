@@ -43,30 +43,6 @@ override D4V: u32 = 16u;
 var<workgroup> k_tile: array<vec4<f32>, TILE_KV * D4>;
 var<workgroup> v_tile: array<vec4<f32>, TILE_KV * D4V>;
 
-// Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim.
-fn load_k(base: u32, c4: u32) -> vec4<f32> {
-    var value = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        let col = 4u * c4 + e;
-        if col < params.head_dim {
-            value[e] = f32(k[base + col]);
-        }
-    }
-    return value;
-}
-
-// Reads four consecutive elements of V at `base + 4 · c4`, zero past head_dim_v.
-fn load_v(base: u32, c4: u32) -> vec4<f32> {
-    var value = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        let col = 4u * c4 + e;
-        if col < params.head_dim_v {
-            value[e] = f32(v[base + col]);
-        }
-    }
-    return value;
-}
-
 @compute @workgroup_size(WG, 1, 1)
 fn main(
     @builtin(workgroup_id) workgroup_id: vec3<u32>,

@@ -33,13 +33,17 @@ pub enum Kernel {
     Auto,
     /// One fused pass: scores, online softmax and output per block of query rows, with keys and
     /// values streamed through workgroup memory, and a merge pass when the key range is split.
-    /// Memory grows with the inputs only. Runs [`Kernel::FlashRows`] on CPU adapters where it
-    /// supports the head dim, [`Kernel::FlashTiled`] otherwise.
+    /// Memory grows with the inputs only. Runs [`Kernel::FlashDecode`] or [`Kernel::FlashRows`]
+    /// on CPU adapters where they support the head dim, [`Kernel::FlashTiled`] otherwise.
     Flash,
     /// The fused kernel's tiled program: blocks of key lanes × row lanes sharing a Q block.
     FlashTiled,
     /// The fused kernel's row program: one query row per invocation, head dims up to 128.
     FlashRows,
+    /// The fused kernel's decoding program: invocations take turns over the keys of up to 4
+    /// packed rows (query heads of one key/value head, times positions), head dims up to 128.
+    /// [`Kernel::Flash`] picks it on CPU adapters for so few rows, as in decoding.
+    FlashDecode,
     /// Scores, softmax and output as three dispatches, with the score matrix in memory. Memory
     /// grows with `seq_q × seq_kv`, bounded per dispatch by processing heads in chunks.
     ThreeStage,
@@ -53,6 +57,7 @@ impl Kernel {
             Kernel::Flash => "flash",
             Kernel::FlashTiled => "flash-tiled",
             Kernel::FlashRows => "flash-rows",
+            Kernel::FlashDecode => "flash-decode",
             Kernel::ThreeStage => "three-stage",
         }
     }
@@ -64,6 +69,7 @@ impl Kernel {
             "flash" => Some(Kernel::Flash),
             "flash-tiled" => Some(Kernel::FlashTiled),
             "flash-rows" => Some(Kernel::FlashRows),
+            "flash-decode" => Some(Kernel::FlashDecode),
             "three-stage" => Some(Kernel::ThreeStage),
             _ => None,
         }
@@ -79,6 +85,7 @@ impl Kernel {
                 .ok()
                 .map(|plan| match plan.variant {
                     flash::FlashVariant::Rows(_) => Kernel::FlashRows,
+                    flash::FlashVariant::Decode(_) => Kernel::FlashDecode,
                     flash::FlashVariant::Tiled(_) => Kernel::FlashTiled,
                 })
         };
@@ -585,7 +592,10 @@ impl Context {
             extras,
         };
         match kernel.resolve(problem, self) {
-            kernel @ (Kernel::Flash | Kernel::FlashTiled | Kernel::FlashRows) => {
+            kernel @ (Kernel::Flash
+            | Kernel::FlashTiled
+            | Kernel::FlashRows
+            | Kernel::FlashDecode) => {
                 if probs.is_some() {
                     return Err(Error::Unsupported {
                         kernel: kernel.name(),

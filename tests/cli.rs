@@ -308,7 +308,7 @@ fn check_reads_variant_tensors() {
             safetensors::serialize(tensors, Some(metadata)).unwrap(),
         )
         .unwrap();
-        for kernel in ["flash-tiled", "flash-rows", "three-stage"] {
+        for kernel in ["flash-tiled", "flash-rows", "flash-decode", "three-stage"] {
             let output = binary()
                 .args(["check", "--json", "--kernel", kernel])
                 .arg(&path)

@@ -313,6 +313,7 @@ macro_rules! kernel_contract {
 kernel_contract!(three_stage, Kernel::ThreeStage, 256);
 kernel_contract!(flash_tiled, Kernel::FlashTiled, 256);
 kernel_contract!(flash_rows, Kernel::FlashRows, 128);
+kernel_contract!(flash_decode, Kernel::FlashDecode, 128);
 
 mod choice_and_memory {
     use crate::common::context;
@@ -323,14 +324,24 @@ mod choice_and_memory {
     fn auto_picks_flash_for_decoding() {
         let decode =
             AttentionProblem::new(AttentionShape::new(1, 32, 1, 1024, 128).with_kv_heads(8));
+        let on_cpu = context().adapter_info().device_type == wgpu::DeviceType::Cpu;
+        // On CPU adapters four rows per key/value head take the decoding program.
+        let decoder = if on_cpu {
+            Kernel::FlashDecode
+        } else {
+            Kernel::FlashTiled
+        };
+        assert_eq!(Kernel::Auto.resolve(&decode, context()), decoder);
+        // Eight rows per key/value head fill the row program's lanes.
+        let wider =
+            AttentionProblem::new(AttentionShape::new(1, 32, 1, 1024, 128).with_kv_heads(4));
         assert!(matches!(
-            Kernel::Auto.resolve(&decode, context()),
+            Kernel::Auto.resolve(&wider, context()),
             Kernel::FlashRows | Kernel::FlashTiled
         ));
         // For prefill the choice depends on the device: the fused kernel on CPU adapters, where
         // it measured faster, and the three-stage kernel on GPUs.
         let prefill = AttentionProblem::new(AttentionShape::new(1, 8, 512, 512, 64));
-        let on_cpu = context().adapter_info().device_type == wgpu::DeviceType::Cpu;
         // Kernel::Flash resolves to its row program on CPU adapters and its tiled one on GPUs.
         let fused = if on_cpu {
             Kernel::FlashRows
@@ -425,7 +436,7 @@ mod choice_and_memory {
         }
         assert!(matches!(
             Kernel::Auto.resolve(&problem, context()),
-            Kernel::FlashRows | Kernel::FlashTiled
+            Kernel::FlashRows | Kernel::FlashDecode | Kernel::FlashTiled
         ));
         let gpu = context()
             .attention_with(Kernel::Auto, &problem, &data.inputs())

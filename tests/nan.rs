@@ -7,7 +7,12 @@ mod common;
 use common::{RandomInputs, context};
 use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Kernel, reference};
 
-const KERNELS: [Kernel; 3] = [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows];
+const KERNELS: [Kernel; 4] = [
+    Kernel::ThreeStage,
+    Kernel::FlashTiled,
+    Kernel::FlashRows,
+    Kernel::FlashDecode,
+];
 
 /// Asserts that `got` is NaN exactly where `expected` is, equal where it is infinite, and
 /// within 1e-5 (relative above 1) elsewhere.

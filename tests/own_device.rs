@@ -390,7 +390,12 @@ fn record_with_variant_buffers() {
         small(bytemuck::cast_slice(&cu_q)),
         small(bytemuck::cast_slice(&cu_kv)),
     );
-    for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
+    for kernel in [
+        Kernel::ThreeStage,
+        Kernel::FlashTiled,
+        Kernel::FlashRows,
+        Kernel::FlashDecode,
+    ] {
         let out = output(device, problem.spans()[3]);
         let lse = output(device, problem.lse_len());
         let tensors = GpuTensors::new(&q, &k, &v, &out)

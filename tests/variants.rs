@@ -294,6 +294,7 @@ macro_rules! variant_contract {
 variant_contract!(three_stage, wgpu_attention::Kernel::ThreeStage, 576);
 variant_contract!(flash_tiled, wgpu_attention::Kernel::FlashTiled, 576);
 variant_contract!(flash_rows, wgpu_attention::Kernel::FlashRows, 128);
+variant_contract!(flash_decode, wgpu_attention::Kernel::FlashDecode, 128);
 
 /// A case's name, problem, inputs, and expected output and log-sum-exp.
 type HandCase<'a> = (
@@ -384,7 +385,12 @@ fn hand_computed_values() {
                 "reference {name}: {got} vs {want}"
             );
         }
-        for kernel in [Kernel::ThreeStage, Kernel::FlashTiled, Kernel::FlashRows] {
+        for kernel in [
+            Kernel::ThreeStage,
+            Kernel::FlashTiled,
+            Kernel::FlashRows,
+            Kernel::FlashDecode,
+        ] {
             let gpu = common::context()
                 .attention_with(kernel, &problem, &inputs)
                 .unwrap();

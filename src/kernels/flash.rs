@@ -12,12 +12,21 @@ use crate::attention::Kernel;
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
-use crate::kernels::tiling::{FLASH_ROWS, FlashRowTiles, FlashTiles};
+use crate::kernels::tiling::{
+    FLASH_DECODE_MAX_ROWS, FLASH_ROWS, FlashDecodeTiles, FlashRowTiles, FlashTiles,
+};
 use crate::kernels::{KernelParams, bind_buffers, check_binding, compile, split_grid, uniform};
 use crate::problem::AttentionProblem;
 
 const FLASH_WGSL: &str = include_str!("../../shaders/flash.wgsl");
-const FLASH_ROWS_WGSL: &str = include_str!("../../shaders/flash_rows.wgsl");
+const FLASH_ROWS_WGSL: &str = concat!(
+    include_str!("../../shaders/load_rows.wgsl"),
+    include_str!("../../shaders/flash_rows.wgsl")
+);
+const FLASH_DECODE_WGSL: &str = concat!(
+    include_str!("../../shaders/load_rows.wgsl"),
+    include_str!("../../shaders/flash_decode.wgsl")
+);
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
 
 /// Workgroups below which the key range is split for parallelism, when each split keeps at
@@ -34,6 +43,8 @@ pub(crate) enum FlashVariant {
     Tiled(FlashTiles),
     /// `flash_rows.wgsl`: one query row per invocation.
     Rows(FlashRowTiles),
+    /// `flash_decode.wgsl`: invocations take turns over the keys of a few rows.
+    Decode(FlashDecodeTiles),
 }
 
 impl FlashVariant {
@@ -42,6 +53,7 @@ impl FlashVariant {
         match self {
             FlashVariant::Tiled(tiles) => tiles.block_q(),
             FlashVariant::Rows(tiles) => tiles.workgroup,
+            FlashVariant::Decode(_) => 1,
         }
     }
 
@@ -50,6 +62,7 @@ impl FlashVariant {
         match self {
             FlashVariant::Tiled(tiles) => tiles.tile_kv(),
             FlashVariant::Rows(tiles) => tiles.tile_kv,
+            FlashVariant::Decode(tiles) => tiles.workgroup,
         }
     }
 
@@ -84,6 +97,9 @@ impl FlashVariant {
                     + u64::from(tiles.tile_kv * tiles.d4v).div_ceil(workgroup);
                 1 + staging + 2 * u64::from(tiles.tile_kv) + 8
             }
+            // One step of the key loop per invocation, whose inner loops run at most 32 times
+            // and are unrolled; 2 leaves a margin.
+            FlashVariant::Decode(_) => 2,
         }
     }
 
@@ -95,6 +111,8 @@ impl FlashVariant {
                 u64::from(tiles.block_q() * tiles.d_pad()).div_ceil(invocations)
             }
             FlashVariant::Rows(_) => 0,
+            // The merge: a loop over the vec4 columns, with the loops over invocations inside.
+            FlashVariant::Decode(tiles) => u64::from(tiles.d4v.div_ceil(tiles.workgroup)) + 8,
         }
     }
 
@@ -124,6 +142,15 @@ impl FlashVariant {
                     ("D4V", tiles.d4v),
                 ],
             },
+            FlashVariant::Decode(tiles) => PipelineKey {
+                shader: "flash_decode.wgsl",
+                dtype: problem.dtype,
+                constants: vec![
+                    ("WG", tiles.workgroup),
+                    ("D4", tiles.d4),
+                    ("D4V", tiles.d4v),
+                ],
+            },
         }
     }
 
@@ -131,6 +158,7 @@ impl FlashVariant {
         match self {
             FlashVariant::Tiled(_) => FLASH_WGSL,
             FlashVariant::Rows(_) => FLASH_ROWS_WGSL,
+            FlashVariant::Decode(_) => FLASH_DECODE_WGSL,
         }
     }
 }
@@ -148,8 +176,9 @@ pub(crate) struct FlashPlan {
 /// Plans `kernel` (one of the fused kernels) for `problem`, or returns the error that explains
 /// why it cannot run.
 ///
-/// [`Kernel::Flash`] takes the row program on CPU adapters at head dims it supports, and the
-/// tiled program elsewhere.
+/// [`Kernel::Flash`] takes, on CPU adapters at head dims up to 128, the decoding program for
+/// at most [`FLASH_DECODE_MAX_ROWS`] packed rows per key/value head and the row program
+/// otherwise, and the tiled program elsewhere.
 pub(crate) fn plan(
     context: &Context,
     kernel: Kernel,
@@ -160,9 +189,13 @@ pub(crate) fn plan(
     let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let rows = || FlashRowTiles::choose(problem, limits).map(FlashVariant::Rows);
     let tiled = || FlashTiles::choose(problem, limits).map(FlashVariant::Tiled);
+    let decode = || FlashDecodeTiles::choose(problem, limits).map(FlashVariant::Decode);
+    let few_rows = s.group_size() * s.seq_q <= FLASH_DECODE_MAX_ROWS;
     let variant = match kernel {
         Kernel::FlashRows => rows(),
         Kernel::FlashTiled => tiled(),
+        Kernel::FlashDecode => decode(),
+        _ if on_cpu && few_rows => decode().or_else(rows).or_else(tiled),
         _ if on_cpu => rows().or_else(tiled),
         _ => tiled(),
     };
@@ -205,9 +238,10 @@ pub(crate) fn plan(
 fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits) -> Error {
     let s = &problem.shape;
     let head_dim = s.head_dim.max(s.head_dim_v);
-    if kernel == Kernel::FlashRows && head_dim > crate::kernels::tiling::FLASH_ROWS_MAX_HEAD_DIM {
+    let row_kernel = matches!(kernel, Kernel::FlashRows | Kernel::FlashDecode);
+    if row_kernel && head_dim > crate::kernels::tiling::FLASH_ROWS_MAX_HEAD_DIM {
         return Error::Unsupported {
-            kernel: "flash-rows",
+            kernel: kernel.name(),
             what: format!("head_dim {head_dim}, over its maximum of 128"),
             fix: "use Kernel::Flash or Kernel::FlashTiled",
         };

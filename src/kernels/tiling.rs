@@ -221,6 +221,48 @@ pub(crate) struct FlashRowTiles {
     pub d4v: u32,
 }
 
+/// Sizes for the decoding fused kernel in `flash_decode.wgsl`, which gives each packed row a
+/// workgroup of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FlashDecodeTiles {
+    /// Invocations per workgroup (`WG`), each taking every `workgroup`-th key.
+    pub workgroup: u32,
+    /// vec4 columns of the query/key head dim (`D4`).
+    pub d4: u32,
+    /// vec4 columns of the value head dim (`D4V`).
+    pub d4v: u32,
+}
+
+/// Most packed rows per key/value head (query heads per key/value head times `seq_q`) for
+/// which [`crate::Kernel::Flash`] picks `flash_decode.wgsl` on CPU adapters. With more rows,
+/// `flash_rows.wgsl` fills the SIMD lanes with rows and reads each key once for all of them.
+// NOTE: chosen from two lavapipe measurements (1 and 4 rows per key/value head, 4,096 keys,
+// head dim 128), not a sweep.
+pub(crate) const FLASH_DECODE_MAX_ROWS: usize = 4;
+
+impl FlashDecodeTiles {
+    /// Chooses the sizes, or returns `None` when a head dim is over
+    /// [`FLASH_ROWS_MAX_HEAD_DIM`] or the merge buffers do not fit the workgroup memory.
+    ///
+    /// The workgroup has 8 invocations, the SIMD width of llvmpipe on 256-bit vectors.
+    pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
+        let s = &problem.shape;
+        if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
+            return None;
+        }
+        let workgroup = 8
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        let tiles = Self {
+            workgroup,
+            d4: (s.head_dim as u32).div_ceil(4),
+            d4v: (s.head_dim_v as u32).div_ceil(4),
+        };
+        let bytes = workgroup * (12 + 16 * tiles.d4v);
+        (bytes <= limits.max_compute_workgroup_storage_size).then_some(tiles)
+    }
+}
+
 /// Largest head dim the row-per-invocation kernel takes. On llvmpipe (Mesa 22.3) its loops over
 /// the head dim's vec4 columns were unrolled up to 32 columns and not at 64, and without
 /// unrolling the accumulator leaves registers and each key costs a loop iteration per column.

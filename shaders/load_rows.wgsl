@@ -1,0 +1,31 @@
+// Row loads shared by the programs that read K and V rows into private vec4 arrays
+// (`flash_rows.wgsl` and `flash_decode.wgsl`), which declare `k` and `v`.
+
+// Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim. The loads are
+// clamped to the row and masked with select rather than a branch, which keeps the unrolled
+// callers free of control flow (a branch per element made llvmpipe's compile several times
+// slower).
+fn load_k(base: u32, c4: u32) -> vec4<f32> {
+    let last = params.head_dim - 1u;
+    let col = vec4<u32>(4u * c4) + vec4<u32>(0u, 1u, 2u, 3u);
+    let value = vec4<f32>(
+        f32(k[base + min(col.x, last)]),
+        f32(k[base + min(col.y, last)]),
+        f32(k[base + min(col.z, last)]),
+        f32(k[base + min(col.w, last)]),
+    );
+    return select(vec4<f32>(0.0), value, col <= vec4<u32>(last));
+}
+
+// Reads four consecutive elements of V at `base + 4 · c4`, zero past head_dim_v, as load_k does.
+fn load_v(base: u32, c4: u32) -> vec4<f32> {
+    let last = params.head_dim_v - 1u;
+    let col = vec4<u32>(4u * c4) + vec4<u32>(0u, 1u, 2u, 3u);
+    let value = vec4<f32>(
+        f32(v[base + min(col.x, last)]),
+        f32(v[base + min(col.y, last)]),
+        f32(v[base + min(col.z, last)]),
+        f32(v[base + min(col.w, last)]),
+    );
+    return select(vec4<f32>(0.0), value, col <= vec4<u32>(last));
+}
