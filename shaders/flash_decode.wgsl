@@ -25,8 +25,8 @@ override D4V: u32 = 16u;
 @group(0) @binding(0) var<uniform> params: Params;
 // Queries, keys and values, addressed through q_offset, k_offset and v_offset.
 @group(0) @binding(1) var<storage, read> q: array<Storage>;
-@group(0) @binding(2) var<storage, read> k: array<Storage>;
-@group(0) @binding(3) var<storage, read> v: array<Storage>;
+@group(0) @binding(2) var<storage, read> k: array<KvElement>;
+@group(0) @binding(3) var<storage, read> v: array<KvElement>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
 // The output and log-sum-exp, addressed through out_offset and lse_offset; written when

@@ -1,5 +1,8 @@
 // Row loads shared by the programs that read K and V rows into private vec4 arrays
-// (`flash_rows.wgsl` and `flash_decode.wgsl`), which declare `k` and `v`.
+// (`flash_rows.wgsl` and `flash_decode.wgsl`), which declare `k` and `v` as arrays of
+// `KvElement`. This version reads one element at a time, for any head dim and strides;
+// `load_rows_vec4.wgsl` reads whole vec4s where both allow it.
+alias KvElement = Storage;
 
 // Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim. The loads are
 // clamped to the row and masked with select rather than a branch, which keeps the unrolled

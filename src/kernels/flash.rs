@@ -23,8 +23,16 @@ const FLASH_ROWS_WGSL: &str = concat!(
     include_str!("../../shaders/load_rows.wgsl"),
     include_str!("../../shaders/flash_rows.wgsl")
 );
+const FLASH_ROWS_VEC4_WGSL: &str = concat!(
+    include_str!("../../shaders/load_rows_vec4.wgsl"),
+    include_str!("../../shaders/flash_rows.wgsl")
+);
 const FLASH_DECODE_WGSL: &str = concat!(
     include_str!("../../shaders/load_rows.wgsl"),
+    include_str!("../../shaders/flash_decode.wgsl")
+);
+const FLASH_DECODE_VEC4_WGSL: &str = concat!(
+    include_str!("../../shaders/load_rows_vec4.wgsl"),
     include_str!("../../shaders/flash_decode.wgsl")
 );
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
@@ -133,7 +141,11 @@ impl FlashVariant {
                 ],
             },
             FlashVariant::Rows(tiles) => PipelineKey {
-                shader: "flash_rows.wgsl",
+                shader: if tiles.vec4_loads {
+                    "flash_rows.wgsl with vec4 loads"
+                } else {
+                    "flash_rows.wgsl"
+                },
                 dtype: problem.dtype,
                 constants: vec![
                     ("WG", tiles.workgroup),
@@ -143,7 +155,11 @@ impl FlashVariant {
                 ],
             },
             FlashVariant::Decode(tiles) => PipelineKey {
-                shader: "flash_decode.wgsl",
+                shader: if tiles.vec4_loads {
+                    "flash_decode.wgsl with vec4 loads"
+                } else {
+                    "flash_decode.wgsl"
+                },
                 dtype: problem.dtype,
                 constants: vec![
                     ("WG", tiles.workgroup),
@@ -157,7 +173,9 @@ impl FlashVariant {
     fn program(&self) -> &'static str {
         match self {
             FlashVariant::Tiled(_) => FLASH_WGSL,
+            FlashVariant::Rows(tiles) if tiles.vec4_loads => FLASH_ROWS_VEC4_WGSL,
             FlashVariant::Rows(_) => FLASH_ROWS_WGSL,
+            FlashVariant::Decode(tiles) if tiles.vec4_loads => FLASH_DECODE_VEC4_WGSL,
             FlashVariant::Decode(_) => FLASH_DECODE_WGSL,
         }
     }

@@ -219,6 +219,27 @@ pub(crate) struct FlashRowTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
+    /// Whether K and V are read as whole vec4s ([`vec4_rows`]).
+    pub vec4_loads: bool,
+}
+
+/// Returns whether the K and V rows of `problem` can be read as whole vec4s: both head dims and
+/// every stride of K and V are multiples of 4 elements.
+pub(crate) fn vec4_rows(problem: &AttentionProblem) -> bool {
+    let s = &problem.shape;
+    let strides = problem.strides();
+    [
+        s.head_dim,
+        s.head_dim_v,
+        strides.k.batch,
+        strides.k.head,
+        strides.k.seq,
+        strides.v.batch,
+        strides.v.head,
+        strides.v.seq,
+    ]
+    .iter()
+    .all(|value| value.is_multiple_of(4))
 }
 
 /// Sizes for the decoding fused kernel in `flash_decode.wgsl`, which gives each packed row a
@@ -231,6 +252,8 @@ pub(crate) struct FlashDecodeTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
+    /// Whether K and V are read as whole vec4s ([`vec4_rows`]).
+    pub vec4_loads: bool,
 }
 
 /// Most packed rows per key/value head (query heads per key/value head times `seq_q`) for
@@ -257,6 +280,7 @@ impl FlashDecodeTiles {
             workgroup,
             d4: (s.head_dim as u32).div_ceil(4),
             d4v: (s.head_dim_v as u32).div_ceil(4),
+            vec4_loads: vec4_rows(problem),
         };
         let bytes = workgroup * (12 + 16 * tiles.d4v);
         (bytes <= limits.max_compute_workgroup_storage_size).then_some(tiles)
@@ -300,6 +324,7 @@ impl FlashRowTiles {
             tile_kv,
             d4,
             d4v,
+            vec4_loads: vec4_rows(problem),
         })
     }
 }
