@@ -222,11 +222,16 @@ fn bench_attention(c: &mut Criterion) {
         let host = HostTensors::random(&problem.shape, SEED + index as u64);
         let buffers = DeviceTensors::upload(&context, &problem.shape, &host);
         group.throughput(Throughput::Elements(problem.flops() as u64));
-        for (name, kernel) in [
-            ("gpu-three-stage", Kernel::ThreeStage),
-            ("gpu-flash-tiled", Kernel::FlashTiled),
-            ("gpu-flash-rows", Kernel::FlashRows),
-        ] {
+        // The decoding program is timed where Kernel::Flash would pick it: few rows per
+        // key/value head.
+        let few_rows = problem.shape.group_size() * problem.shape.seq_q <= 4;
+        let kernels = [
+            ("gpu-three-stage", Kernel::ThreeStage, true),
+            ("gpu-flash-tiled", Kernel::FlashTiled, true),
+            ("gpu-flash-rows", Kernel::FlashRows, true),
+            ("gpu-flash-decode", Kernel::FlashDecode, few_rows),
+        ];
+        for (name, kernel, _) in kernels.into_iter().filter(|&(_, _, timed)| timed) {
             // The upload and the first pipeline compilation finish here, outside any timing. A
             // kernel that rejects this shape on this adapter is reported and left out.
             if let Err(error) = context.attention_with(kernel, problem, &host.inputs()) {
