@@ -33,16 +33,17 @@ pub enum Kernel {
     Auto,
     /// One fused pass: scores, online softmax and output per block of query rows, with keys and
     /// values streamed through workgroup memory, and a merge pass when the key range is split.
-    /// Memory grows with the inputs only. Runs [`Kernel::FlashDecode`] or [`Kernel::FlashRows`]
-    /// on CPU adapters where they support the head dim, [`Kernel::FlashTiled`] otherwise.
+    /// Memory grows with the inputs only. Runs [`Kernel::FlashDecode`] on CPU adapters where it
+    /// supports the head dim, [`Kernel::FlashTiled`] otherwise.
     Flash,
     /// The fused kernel's tiled program: blocks of key lanes × row lanes sharing a Q block.
     FlashTiled,
     /// The fused kernel's row program: one query row per invocation, head dims up to 128.
     FlashRows,
-    /// The fused kernel's decoding program: invocations take turns over the keys of up to 4
-    /// packed rows (query heads of one key/value head, times positions), head dims up to 128.
-    /// [`Kernel::Flash`] picks it on CPU adapters for so few rows, as in decoding.
+    /// The fused kernel's decoding program: a workgroup per query row whose invocations take
+    /// turns over the keys, head dims up to 128. Built for decoding, where few rows share a
+    /// key/value head, it also ran prefill faster than [`Kernel::FlashRows`] on lavapipe, and
+    /// [`Kernel::Flash`] picks it on CPU adapters at every shape.
     FlashDecode,
     /// Scores, softmax and output as three dispatches, with the score matrix in memory. Memory
     /// grows with `seq_q × seq_kv`, bounded per dispatch by processing heads in chunks.
@@ -77,8 +78,8 @@ impl Kernel {
 
     /// Returns the kernel that runs `problem` on `context`'s device: [`Kernel::Auto`] resolves
     /// to a concrete kernel and [`Kernel::Flash`] to the fused program it picks
-    /// ([`Kernel::FlashRows`] or [`Kernel::FlashTiled`]). Other kernels return themselves, and so
-    /// does `Flash` when no fused program can run the problem.
+    /// ([`Kernel::FlashDecode`], [`Kernel::FlashRows`] or [`Kernel::FlashTiled`]). Other kernels
+    /// return themselves, and so does `Flash` when no fused program can run the problem.
     pub fn resolve(self, problem: &AttentionProblem, context: &Context) -> Kernel {
         let fused_program = || {
             flash::plan(context, Kernel::Flash, problem)

@@ -325,29 +325,17 @@ mod choice_and_memory {
         let decode =
             AttentionProblem::new(AttentionShape::new(1, 32, 1, 1024, 128).with_kv_heads(8));
         let on_cpu = context().adapter_info().device_type == wgpu::DeviceType::Cpu;
-        // On CPU adapters four rows per key/value head take the decoding program.
-        let decoder = if on_cpu {
+        // Kernel::Flash resolves to its decoding program on CPU adapters and its tiled one on
+        // GPUs.
+        let fused = if on_cpu {
             Kernel::FlashDecode
         } else {
             Kernel::FlashTiled
         };
-        assert_eq!(Kernel::Auto.resolve(&decode, context()), decoder);
-        // Eight rows per key/value head fill the row program's lanes.
-        let wider =
-            AttentionProblem::new(AttentionShape::new(1, 32, 1, 1024, 128).with_kv_heads(4));
-        assert!(matches!(
-            Kernel::Auto.resolve(&wider, context()),
-            Kernel::FlashRows | Kernel::FlashTiled
-        ));
+        assert_eq!(Kernel::Auto.resolve(&decode, context()), fused);
         // For prefill the choice depends on the device: the fused kernel on CPU adapters, where
         // it measured faster, and the three-stage kernel on GPUs.
         let prefill = AttentionProblem::new(AttentionShape::new(1, 8, 512, 512, 64));
-        // Kernel::Flash resolves to its row program on CPU adapters and its tiled one on GPUs.
-        let fused = if on_cpu {
-            Kernel::FlashRows
-        } else {
-            Kernel::FlashTiled
-        };
         let expected = if on_cpu { fused } else { Kernel::ThreeStage };
         assert_eq!(Kernel::Auto.resolve(&prefill, context()), expected);
         assert_eq!(Kernel::Flash.resolve(&prefill, context()), fused);

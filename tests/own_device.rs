@@ -238,7 +238,7 @@ fn flash_runs_where_three_stage_exceeds_binding() {
     assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
     assert!(matches!(
         Kernel::Auto.resolve(&problem, &context),
-        Kernel::FlashRows | Kernel::FlashTiled
+        Kernel::FlashDecode | Kernel::FlashRows | Kernel::FlashTiled
     ));
     let gpu = context
         .attention_with(Kernel::Auto, &problem, &data.inputs())

@@ -256,13 +256,6 @@ pub(crate) struct FlashDecodeTiles {
     pub vec4_loads: bool,
 }
 
-/// Most packed rows per key/value head (query heads per key/value head times `seq_q`) for
-/// which [`crate::Kernel::Flash`] picks `flash_decode.wgsl` on CPU adapters. With more rows,
-/// `flash_rows.wgsl` fills the SIMD lanes with rows and reads each key once for all of them.
-// NOTE: chosen from two lavapipe measurements (1 and 4 rows per key/value head, 4,096 keys,
-// head dim 128), not a sweep.
-pub(crate) const FLASH_DECODE_MAX_ROWS: usize = 4;
-
 impl FlashDecodeTiles {
     /// Chooses the sizes, or returns `None` when a head dim is over
     /// [`FLASH_ROWS_MAX_HEAD_DIM`] or the merge buffers do not fit the workgroup memory.
