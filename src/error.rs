@@ -76,8 +76,8 @@ pub enum Error {
     /// The additive mask does not broadcast to `[batch, heads, seq_q, seq_kv]`.
     #[error(
         "mask shape [{mask_batch}, {mask_heads}, seq_q, seq_kv] does not broadcast to \
-         [batch = {batch}, heads = {heads}, seq_q, seq_kv]; the mask's batch must be 1 or {batch} \
-         and its heads 1 or {heads}"
+         [batch = {batch}, heads = {heads}, seq_q, seq_kv]; give the mask's batch and heads \
+         either 1 (broadcast) or the problem's own size"
     )]
     MaskShape {
         /// Mask batch dimension.
