@@ -115,6 +115,7 @@ impl<'a, T> AttentionInputs<'a, T> {
         check_len("k", self.k.len(), spans[1], k, exact)?;
         check_len("v", self.v.len(), spans[2], v, exact)?;
         check_mask(problem, self.mask.map(<[f32]>::len))?;
+
         let lens = OptionalLens {
             alibi_slopes: self.alibi_slopes.map(<[f32]>::len),
             sinks: self.sinks.map(<[f32]>::len),
@@ -125,6 +126,7 @@ impl<'a, T> AttentionInputs<'a, T> {
             },
         };
         lens.check(problem, true)?;
+
         if let Some(lens) = self.kv_seq_lens {
             for (index, &value) in lens.iter().enumerate() {
                 if value as usize > s.seq_kv {
@@ -138,6 +140,7 @@ impl<'a, T> AttentionInputs<'a, T> {
                 }
             }
         }
+
         if let (Some(packed), Some(cu_q), Some(cu_kv)) =
             (problem.packed, self.cu_seqlens_q, self.cu_seqlens_kv)
         {

@@ -8,9 +8,10 @@ use crate::error::{Error, Result};
 ///
 /// Each input contains outputs `[rows, head_dim]` (`head_dim` is the value head dim) and
 /// log-sum-exps `[rows]`, as [`crate::Context::attention_with`] returns them for the default
-/// BHSD layout, packed or not; other layouts order their output rows unlike the log-sum-exp.
-/// With sinks, give them to one of the two calls only, or they count twice. With `m = max(lse_a, lse_b)` and weights
-/// `w = exp(lse - m)`, the merged output is `(w_a · out_a + w_b · out_b) / (w_a + w_b)` and the
+/// BHSD layout, packed or not. Other layouts order their output rows unlike the log-sum-exp.
+/// With sinks, give them to one of the two calls only, or they count twice.
+///
+/// With `m = max(lse_a, lse_b)` and weights `w = exp(lse - m)`, the merged output is `(w_a · out_a + w_b · out_b) / (w_a + w_b)` and the
 /// merged log-sum-exp is `m + ln(w_a + w_b)`, computed in f64. A row that neither range saw
 /// (both log-sum-exps `-inf`) stays output 0 and log-sum-exp `-inf`. This is how a long
 /// context can be split across dispatches or devices.

@@ -618,6 +618,7 @@ fn strided_layouts_are_checked() {
         matches!(error, Error::OverlappingStrides { tensor: "out", .. }),
         "{error}"
     );
+
     // A strided view may be longer than it addresses, never shorter.
     let strides = TensorStrides {
         q: dense,

@@ -252,6 +252,7 @@ macro_rules! variant_contract {
                 };
                 integers(&mut data.q);
                 integers(&mut data.k);
+
                 // Head 1 gets only scores of -125,000 and below, and a sink just under them.
                 for x in &mut data.q[9 * 4..] {
                     *x = 250.0;
@@ -260,6 +261,7 @@ macro_rules! variant_contract {
                     *x = -125.0 - (*x).abs() / 8.0;
                 }
                 data.sinks = Some(vec![f32::NEG_INFINITY, -125_003.0]);
+
                 let expected = wgpu_attention::reference::attention(&problem, &data.inputs());
                 let largest = expected
                     .unwrap()

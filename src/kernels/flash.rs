@@ -1,12 +1,16 @@
 //! The fused kernels: scores, online softmax and output in one pass per split of the key range,
 //! plus a pass that merges the splits when there is more than one.
 //!
-//! Two programs compute the same thing. `flash.wgsl` tiles each block over key lanes and row
+//! Three programs compute the same thing. `flash.wgsl` tiles each block over key lanes and row
 //! lanes and shares staged values through workgroup memory, the usual layout for GPUs.
 //! `flash_rows.wgsl` gives each invocation one query row in private registers, so a CPU driver
-//! that runs invocations as SIMD lanes computes across rows with no exchange between lanes; on
-//! lavapipe this program ran about twice as fast as the tiled one. Memory grows with the inputs and with `kv_splits × seq_q × head_dim`
-//! for the partial results, never with `seq_q × seq_kv`.
+//! that runs invocations as SIMD lanes computes across rows with no exchange between lanes. On
+//! lavapipe it ran about twice as fast as the tiled program. `flash_decode.wgsl` gives each
+//! query row a workgroup whose invocations take turns over the keys. On lavapipe it was faster
+//! than the row program at every shape measured, so CPU adapters use it.
+//!
+//! Memory grows with the inputs and with `kv_splits × seq_q × head_dim` for the partial results,
+//! never with `seq_q × seq_kv`.
 
 use crate::attention::Kernel;
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
