@@ -6,8 +6,9 @@
 //! `flash_rows.wgsl` gives each invocation one query row in private registers, so a CPU driver
 //! that runs invocations as SIMD lanes computes across rows with no exchange between lanes. On
 //! lavapipe it ran about twice as fast as the tiled program. `flash_decode.wgsl` gives each
-//! query row a workgroup whose invocations take turns over the keys. On lavapipe it was faster
-//! than the row program at every shape measured, so CPU adapters use it.
+//! block of up to 4 query rows of one key/value head a workgroup whose invocations take turns
+//! over the keys, each key read once for the whole block. On lavapipe it was faster than the row
+//! program at every shape measured, so CPU adapters use it.
 //!
 //! Memory grows with the inputs and with `kv_splits × seq_q × head_dim` for the partial results,
 //! never with `seq_q × seq_kv`.
@@ -17,7 +18,9 @@ use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
 use crate::kernels::tiling::{FLASH_ROWS, FlashDecodeTiles, FlashRowTiles, FlashTiles};
-use crate::kernels::{KernelParams, bind_buffers, check_binding, compile, split_grid, uniform};
+use crate::kernels::{
+    EXTRA_ALIBI, KernelParams, bind_buffers, check_binding, compile, split_grid, uniform,
+};
 use crate::problem::AttentionProblem;
 
 const FLASH_WGSL: &str = include_str!("../../shaders/flash.wgsl");
@@ -63,7 +66,7 @@ impl FlashVariant {
         match self {
             FlashVariant::Tiled(tiles) => tiles.block_q(),
             FlashVariant::Rows(tiles) => tiles.workgroup,
-            FlashVariant::Decode(_) => 1,
+            FlashVariant::Decode(tiles) => tiles.rows,
         }
     }
 
@@ -122,11 +125,14 @@ impl FlashVariant {
             }
             FlashVariant::Rows(_) => 0,
             // The merge: a loop over the vec4 columns, with the loops over invocations inside.
-            FlashVariant::Decode(tiles) => u64::from(tiles.d4v.div_ceil(tiles.workgroup)) + 8,
+            FlashVariant::Decode(tiles) => {
+                u64::from(tiles.rows) * (u64::from(tiles.d4v.div_ceil(tiles.workgroup)) + 8)
+            }
         }
     }
 
-    fn pipeline_key(&self, problem: &AttentionProblem) -> PipelineKey {
+    /// Returns the pipeline key of this program for `problem` and the call's `EXTRA_*` bits.
+    fn pipeline_key(&self, problem: &AttentionProblem, extras: u32) -> PipelineKey {
         match self {
             FlashVariant::Tiled(tiles) => PipelineKey {
                 shader: "flash.wgsl",
@@ -165,8 +171,12 @@ impl FlashVariant {
                 dtype: problem.dtype,
                 constants: vec![
                     ("WG", tiles.workgroup),
+                    ("ROWS", tiles.rows),
                     ("D4", tiles.d4),
                     ("D4V", tiles.d4v),
+                    ("SOFTCAP", u32::from(problem.softcap.is_some())),
+                    ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
+                    ("MASK", u32::from(problem.mask.is_some())),
                 ],
             },
         }
@@ -300,9 +310,10 @@ pub(crate) fn record(
     let limits = context.limits();
     let plan = plan(context, kernel, problem)?;
     let program = plan.variant.program();
-    let flash = context.pipeline(plan.variant.pipeline_key(problem), |device, key| {
-        compile(device, program, key)
-    })?;
+    let flash = context.pipeline(
+        plan.variant.pipeline_key(problem, bindings.extras),
+        |device, key| compile(device, program, key),
+    )?;
 
     let s = &problem.shape;
     let split = plan.kv_splits > 1;

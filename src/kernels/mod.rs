@@ -164,24 +164,46 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
         Dtype::F32 => STORAGE_F32_WGSL,
         Dtype::F16 => STORAGE_F16_WGSL,
     };
-    let source = format!("{prelude}\n{PARAMS_WGSL}\n{program}");
+    // A constant that the program declares as `override` is passed at pipeline creation. Any
+    // other is declared as a `const` ahead of the program, so it may size private arrays.
+    let mut declared = String::new();
+    let mut overrides: Vec<(&str, f64)> = Vec::new();
+    for &(name, value) in &key.constants {
+        if program.contains(&format!("override {name}:")) {
+            overrides.push((name, f64::from(value)));
+        } else {
+            declared.push_str(&format!("const {name}: u32 = {value}u;\n"));
+        }
+    }
+    let source = format!("{prelude}\n{PARAMS_WGSL}\n{declared}{program}");
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(key.shader),
-        source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
-    });
-    let constants: Vec<(&str, f64)> = key
-        .constants
-        .iter()
-        .map(|&(name, value)| (name, f64::from(value)))
-        .collect();
+    // wgpu's default checks add a counter to every loop that stops it after 2^64 iterations.
+    // Mesa's NIR then cannot count a loop's iterations and leaves it rolled, so the private
+    // arrays of the row and decoding programs were indexed through memory. On lavapipe the
+    // decoding program ran 1.5× slower with the counter (B1 H8 S1024 D64). The other checks stay.
+    let checks = wgpu::ShaderRuntimeChecks {
+        force_loop_bounding: false,
+        ..wgpu::ShaderRuntimeChecks::checked()
+    };
+    // SAFETY: every loop in these programs is finite. Each `for` loop steps a counter by a
+    // positive constant (or halves it, in softmax.wgsl) towards a bound set by the problem's
+    // shape, which validation keeps far below u32::MAX, so no counter can wrap past its bound.
+    let module = unsafe {
+        device.create_shader_module_trusted(
+            wgpu::ShaderModuleDescriptor {
+                label: Some(key.shader),
+                source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+            },
+            checks,
+        )
+    };
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(key.shader),
         layout: None,
         module: &module,
         entry_point: Some("main"),
         compilation_options: wgpu::PipelineCompilationOptions {
-            constants: &constants,
+            constants: &overrides,
             // Every workgroup array is written before it is read.
             zero_initialize_workgroup_memory: false,
         },
