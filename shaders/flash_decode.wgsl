@@ -211,21 +211,24 @@ fn main(
         let out_base = out_offset(b, h, seq.row_begin + position);
         let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
         if valid[r] {
-            for (var c4 = lane; c4 < D4V; c4 += WG) {
-                var merged = vec4<f32>(0.0);
-                for (var x = 0u; x < WG; x++) {
-                    merged += lane_acc[x * D4V + c4] * weights[x];
-                }
-                merged *= inv_sum;
-                for (var e = 0u; e < 4u; e++) {
-                    let col = 4u * c4 + e;
-                    if col >= dv {
-                        break;
+            // Invocation x merges columns x, x + WG, and so on. The loop runs a constant number
+            // of times, so that NIR unrolls it and with it the loop over the rows; a rolled loop
+            // over the rows would index the private arrays, and keep them in memory everywhere.
+            for (var i = 0u; i < (D4V + WG - 1u) / WG; i++) {
+                let c4 = lane + i * WG;
+                if c4 < D4V {
+                    var merged = vec4<f32>(0.0);
+                    for (var x = 0u; x < WG; x++) {
+                        merged += lane_acc[x * D4V + c4] * weights[x];
                     }
-                    if split_out {
-                        partial[partial_row * dv + col] = merged[e];
-                    } else {
-                        out[out_base + col] = Storage(select(merged[e], nan(), row_poisoned));
+                    merged *= inv_sum;
+                    for (var e = 0u; e < 4u; e++) {
+                        let col = 4u * c4 + e;
+                        if col < dv && split_out {
+                            partial[partial_row * dv + col] = merged[e];
+                        } else if col < dv {
+                            out[out_base + col] = Storage(select(merged[e], nan(), row_poisoned));
+                        }
                     }
                 }
             }

@@ -131,8 +131,9 @@ impl FlashVariant {
         }
     }
 
-    /// Returns the pipeline key of this program for `problem` and the call's `EXTRA_*` bits.
-    fn pipeline_key(&self, problem: &AttentionProblem, extras: u32) -> PipelineKey {
+    /// Returns the pipeline key of this program for `problem` and the call's `EXTRA_*` bits, on
+    /// a CPU adapter or not.
+    fn pipeline_key(&self, problem: &AttentionProblem, extras: u32, on_cpu: bool) -> PipelineKey {
         match self {
             FlashVariant::Tiled(tiles) => PipelineKey {
                 shader: "flash.wgsl",
@@ -147,6 +148,7 @@ impl FlashVariant {
                     ("V_KEYS", tiles.v_keys),
                     ("KV_TILE", tiles.kv_tile()),
                 ],
+                bounds_checks: true,
             },
             FlashVariant::Rows(tiles) => PipelineKey {
                 shader: if tiles.vec4_loads {
@@ -161,6 +163,7 @@ impl FlashVariant {
                     ("D4", tiles.d4),
                     ("D4V", tiles.d4v),
                 ],
+                bounds_checks: true,
             },
             FlashVariant::Decode(tiles) => PipelineKey {
                 shader: if tiles.vec4_loads {
@@ -178,6 +181,7 @@ impl FlashVariant {
                     ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
                     ("MASK", u32::from(problem.mask.is_some())),
                 ],
+                bounds_checks: !on_cpu,
             },
         }
     }
@@ -309,9 +313,10 @@ pub(crate) fn record(
     let device = context.device();
     let limits = context.limits();
     let plan = plan(context, kernel, problem)?;
+    let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let program = plan.variant.program();
     let flash = context.pipeline(
-        plan.variant.pipeline_key(problem, bindings.extras),
+        plan.variant.pipeline_key(problem, bindings.extras, on_cpu),
         |device, key| compile(device, program, key),
     )?;
 
@@ -383,6 +388,7 @@ pub(crate) fn record(
             shader: "combine.wgsl",
             dtype: problem.dtype,
             constants: vec![("WG", 64)],
+            bounds_checks: true,
         },
         |device, key| compile(device, COMBINE_WGSL, key),
     )?;

@@ -177,17 +177,27 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     }
     let source = format!("{prelude}\n{PARAMS_WGSL}\n{declared}{program}");
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    // wgpu's default checks add a counter to every loop that stops it after 2^64 iterations.
-    // Mesa's NIR then cannot count a loop's iterations and leaves it rolled, so the private
-    // arrays of the row and decoding programs were indexed through memory. On lavapipe the
-    // decoding program ran 1.5× slower with the counter (B1 H8 S1024 D64). The other checks stay.
+    // Two of wgpu's default checks keep Mesa's NIR from unrolling the loops over private arrays,
+    // which llvmpipe then indexes through memory, one load per SIMD lane:
+    // - a counter in every loop that stops it after 2^64 iterations, so NIR cannot count the
+    //   loop's iterations. It is off for every program. On lavapipe the decoding program ran
+    //   1.5× slower with it (B1 H8 S1024 D64).
+    // - a clamp on every dynamic array index, so NIR no longer sees the loop counter as the
+    //   index. It is off where `key.bounds_checks` is false: the decoding program on CPU
+    //   adapters, which then ran 2× faster at the same shape.
     let checks = wgpu::ShaderRuntimeChecks {
         force_loop_bounding: false,
+        bounds_checks: key.bounds_checks,
         ..wgpu::ShaderRuntimeChecks::checked()
     };
     // SAFETY: every loop in these programs is finite. Each `for` loop steps a counter by a
     // positive constant (or halves it, in softmax.wgsl) towards a bound set by the problem's
     // shape, which validation keeps far below u32::MAX, so no counter can wrap past its bound.
+    // Without bounds checks, `flash_decode.wgsl` indexes its private and workgroup arrays only
+    // with loop counters below the arrays' lengths. Its storage buffer offsets come from the
+    // validated shape and strides, and offsets read from `aux` are clamped to the shape. Vulkan's
+    // robustBufferAccess, which wgpu enables where the driver has it, keeps buffer reads in bounds, and llvmpipe
+    // checks each one against the buffer size.
     let module = unsafe {
         device.create_shader_module_trusted(
             wgpu::ShaderModuleDescriptor {

@@ -214,6 +214,7 @@ fn cached(
             shader,
             dtype,
             constants,
+            bounds_checks: true,
         },
         |device, key| compile(device, program, key),
     )

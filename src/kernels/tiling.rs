@@ -262,10 +262,11 @@ impl FlashDecodeTiles {
     /// Chooses the sizes, or returns `None` when a head dim is over
     /// [`FLASH_ROWS_MAX_HEAD_DIM`] or the merge buffers do not fit the workgroup memory.
     ///
-    /// The workgroup has 8 invocations, the SIMD width of llvmpipe on 256-bit vectors. It takes
-    /// the packed rows of one key/value head up to [`FLASH_DECODE_ROWS`]: in grouped-query
-    /// decoding of up to 4 query heads per key/value head, the whole group, whose K and V rows
-    /// are then read once.
+    /// The workgroup has 8 invocations, the SIMD width of llvmpipe on 256-bit vectors. When a
+    /// key/value head has at most [`FLASH_DECODE_ROWS`] packed rows, as in grouped-query
+    /// decoding of up to 4 query heads per key/value head, one block takes them all and reads
+    /// their K and V rows once. Otherwise blocks are as large as [`FLASH_DECODE_COLUMNS`]
+    /// allows, up to [`FLASH_DECODE_ROWS`].
     pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
         let s = &problem.shape;
         if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
@@ -275,12 +276,20 @@ impl FlashDecodeTiles {
             .min(limits.max_compute_invocations_per_workgroup)
             .min(limits.max_compute_workgroup_size_x);
         let packed_rows = (s.group_size() * s.seq_q) as u32;
-        let rows = packed_rows.min(FLASH_DECODE_ROWS);
+        let d4 = (s.head_dim as u32).div_ceil(4);
+        let d4v = (s.head_dim_v as u32).div_ceil(4);
+        let rows = if packed_rows <= FLASH_DECODE_ROWS {
+            packed_rows
+        } else {
+            let by_columns = FLASH_DECODE_COLUMNS / (d4 + d4v);
+            let by_columns = 1 << (31 - by_columns.max(1).leading_zeros());
+            by_columns.min(FLASH_DECODE_ROWS)
+        };
         let tiles = Self {
             workgroup,
             rows,
-            d4: (s.head_dim as u32).div_ceil(4),
-            d4v: (s.head_dim_v as u32).div_ceil(4),
+            d4,
+            d4v,
             vec4_loads: vec4_rows(problem),
         };
         let bytes = workgroup * (12 + 16 * tiles.d4v);
@@ -288,11 +297,20 @@ impl FlashDecodeTiles {
     }
 }
 
-/// Maximum packed query rows per workgroup of the decoding program. Each key and value row it reads
-/// serves that many rows, and each invocation keeps that many query rows and accumulators. On
-/// lavapipe at B1 H8 S1024 D64, 2 rows ran 420 ms, 4 rows 350 ms and 8 rows 379 to 456 ms, with
-/// a first compile of 8.7 s at 8 rows against 3 s at 4.
+/// Maximum packed query rows per workgroup of the decoding program. Each key and value row it
+/// reads serves that many rows, and each invocation keeps that many query rows and accumulators
+/// in registers. More rows run faster but compile slower, because every row's loops are unrolled.
+/// On lavapipe at B1 H8 S1024 D64, 2, 4 and 8 rows ran 252 to 274, 175 to 192 and 112 to 113 ms.
+/// 8 rows compiled for 11.8 s, though; see [`FLASH_DECODE_COLUMNS`].
 pub(crate) const FLASH_DECODE_ROWS: u32 = 4;
+
+/// Maximum of rows × (vec4 columns of K plus those of V) in a block of the decoding program when a
+/// key/value head has more rows than one block takes. It bounds the unrolled code, and with it
+/// the first call's compile time. On lavapipe with Mesa's shader cache disabled, first calls
+/// took 3 to 4 s at 128 (4 rows at head dim 64, or 2 at 128). They took 12 to 14 s at 256, and
+/// 57 s at 512 (8 rows at head dim 128). Grouped-query decoding keeps its whole group in one block
+/// regardless: 4 rows at head dim 128 compiled for 12.7 s and then ran 1.6× faster than 2 rows.
+pub(crate) const FLASH_DECODE_COLUMNS: u32 = 128;
 
 /// Largest head dim the row-per-invocation kernel takes. On llvmpipe (Mesa 22.3) its loops over
 /// the head dim's vec4 columns were unrolled up to 32 columns and not at 64, and without
@@ -333,5 +351,37 @@ impl FlashRowTiles {
             d4v,
             vec4_loads: vec4_rows(problem),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::problem::AttentionShape;
+
+    fn decode_rows(shape: AttentionShape) -> u32 {
+        let problem = AttentionProblem::new(shape);
+        FlashDecodeTiles::choose(&problem, &wgpu::Limits::default())
+            .expect("head dims up to 128 fit")
+            .rows
+    }
+
+    #[test]
+    fn decode_block_takes_whole_query_group() {
+        let shape = AttentionShape::new(1, 32, 1, 4096, 128).with_kv_heads(8);
+        assert_eq!(decode_rows(shape), 4);
+        let shape = AttentionShape::new(1, 32, 1, 4096, 128);
+        assert_eq!(decode_rows(shape), 1);
+        let shape = AttentionShape::new(2, 4, 3, 50, 64);
+        assert_eq!(decode_rows(shape), 3);
+    }
+
+    #[test]
+    fn prefill_block_rows_follow_head_dim() {
+        assert_eq!(decode_rows(AttentionShape::new(1, 8, 1024, 1024, 32)), 4);
+        assert_eq!(decode_rows(AttentionShape::new(1, 8, 1024, 1024, 64)), 4);
+        assert_eq!(decode_rows(AttentionShape::new(1, 8, 1024, 1024, 128)), 2);
+        let wide_values = AttentionShape::new(1, 8, 1024, 1024, 64).with_head_dim_v(128);
+        assert_eq!(decode_rows(wide_values), 2);
     }
 }
