@@ -19,8 +19,7 @@ use criterion::{
 };
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, GpuTensors, Kernel,
-    reference,
+    AttentionProblem, AttentionShape, Causal, Context, GpuTensors, Kernel, OwnedInputs, reference,
 };
 
 /// Base seed of the input generator: case `i` uses `SEED + i`, so every run benchmarks the same
@@ -67,51 +66,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// SplitMix64, a small deterministic generator, so the inputs need no extra dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Returns a value uniform in [-1, 1), built from the top 24 bits so every value is exact in
-    /// f32.
-    fn next_signed_unit(&mut self) -> f32 {
-        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        2.0 * unit - 1.0
-    }
-
-    fn fill(&mut self, len: usize) -> Vec<f32> {
-        (0..len).map(|_| self.next_signed_unit()).collect()
-    }
-}
-
-/// Host copies of the queries, keys and values of one problem.
-struct HostTensors {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl HostTensors {
-    fn random(shape: &AttentionShape, seed: u64) -> Self {
-        let mut rng = SplitMix64(seed);
-        let q = rng.fill(shape.q_len());
-        let k = rng.fill(shape.k_len());
-        let v = rng.fill(shape.v_len());
-        Self { q, k, v }
-    }
-
-    fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs::new(&self.q, &self.k, &self.v)
-    }
-}
-
 /// Device buffers of one problem, uploaded once before timing starts.
 struct DeviceTensors {
     q: wgpu::Buffer,
@@ -122,7 +76,7 @@ struct DeviceTensors {
 }
 
 impl DeviceTensors {
-    fn upload(context: &Context, shape: &AttentionShape, host: &HostTensors) -> Self {
+    fn upload(context: &Context, shape: &AttentionShape, host: &OwnedInputs) -> Self {
         let device = context.device();
         let input = |label: &str, data: &[f32]| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -219,7 +173,7 @@ fn bench_attention(c: &mut Criterion) {
     for (index, case) in cases().iter().enumerate() {
         let problem = &case.problem;
         let label = problem.label();
-        let host = HostTensors::random(&problem.shape, SEED + index as u64);
+        let host = OwnedInputs::random(problem, SEED + index as u64);
         let buffers = DeviceTensors::upload(&context, &problem.shape, &host);
         group.throughput(Throughput::Elements(problem.flops() as u64));
         // The decoding program is timed where Kernel::Flash would pick it: few rows per

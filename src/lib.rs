@@ -35,6 +35,7 @@ mod inputs;
 mod kernels;
 mod merge;
 mod problem;
+pub mod random;
 pub mod reference;
 pub mod validate;
 

@@ -194,7 +194,7 @@ macro_rules! variant_contract {
                 let problem = AttentionProblem::new(shape)
                     .with_causal(Causal::TopLeft)
                     .with_layout(Layout::Strided(strides));
-                let qkv = Rng::new(9).vec(batch * seq * row, 1.0);
+                let qkv = Rng::new(9).symmetric_vec(batch * seq * row);
                 let block = heads * dim;
                 let inputs =
                     wgpu_attention::AttentionInputs::new(&qkv, &qkv[block..], &qkv[2 * block..]);
@@ -247,7 +247,7 @@ macro_rules! variant_contract {
                 let mut rng = Rng::new(18);
                 let mut integers = |values: &mut Vec<f32>| {
                     for x in values.iter_mut() {
-                        *x = (rng.uniform() * 200.0).round();
+                        *x = (rng.symmetric() * 200.0).round();
                     }
                 };
                 integers(&mut data.q);

@@ -182,7 +182,7 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     // - a counter in every loop that stops it after 2^64 iterations, so NIR cannot count the
     //   loop's iterations. It is off for every program. On lavapipe the decoding program ran
     //   1.5× slower with it (B1 H8 S1024 D64).
-    // - a clamp on every dynamic array index, so NIR no longer sees the loop counter as the
+    // - a clamp on every dynamic array index, so NIR no longer finds the loop counter as the
     //   index. It is off where `key.bounds_checks` is false: the decoding program on CPU
     //   adapters, which then ran 2× faster at the same shape.
     let checks = wgpu::ShaderRuntimeChecks {

@@ -16,31 +16,8 @@ pub fn context() -> &'static Context {
     })
 }
 
-/// A small deterministic generator (SplitMix64), so failures reproduce from the seed alone.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    pub fn vec(&mut self, len: usize, amplitude: f32) -> Vec<f32> {
-        (0..len).map(|_| self.uniform() * amplitude).collect()
-    }
-}
+/// The crate's deterministic generator, so failures reproduce from the seed alone.
+pub use wgpu_attention::random::SplitMix64 as Rng;
 
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{AttentionInputs, AttentionProblem, Kernel, OwnedInputs, reference};
@@ -55,17 +32,17 @@ pub type RandomInputs = OwnedInputs;
 pub fn random_inputs(problem: &AttentionProblem, seed: u64, masked_fraction: f32) -> OwnedInputs {
     let mut rng = Rng::new(seed);
     let [q_len, k_len, v_len, _] = problem.spans();
-    let q = rng.vec(q_len, 1.0);
-    let k = rng.vec(k_len, 1.0);
-    let v = rng.vec(v_len, 1.0);
+    let q = rng.symmetric_vec(q_len);
+    let k = rng.symmetric_vec(k_len);
+    let v = rng.symmetric_vec(v_len);
     let mask = problem.mask.map(|_| {
         (0..problem.mask_len())
             .map(|_| {
-                let masked = (rng.uniform() + 1.0) / 2.0 < masked_fraction;
+                let masked = (rng.symmetric() + 1.0) / 2.0 < masked_fraction;
                 if masked {
                     f32::NEG_INFINITY
                 } else {
-                    rng.uniform()
+                    rng.symmetric()
                 }
             })
             .collect()

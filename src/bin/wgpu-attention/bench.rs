@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel,
+    AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, OwnedInputs,
     reference,
 };
 
@@ -355,7 +355,7 @@ impl Session<'_> {
     /// Times every selected kernel on case number `index` and prints a row for each. Returns
     /// whether any kernel failed with an error other than rejecting the case.
     fn run_case(&self, index: usize, problem: &AttentionProblem) -> bool {
-        let host = HostInputs::random(&problem.shape, index as u64);
+        let host = OwnedInputs::random(problem, index as u64);
         // Uploaded on first use, so a run of the reference alone needs no device memory.
         let mut device: Option<wgpu_attention::Result<DeviceTensors>> = None;
         let mut failed = false;
@@ -434,38 +434,6 @@ fn progress_bar(total: usize) -> ProgressBar {
         .with_style(style)
 }
 
-/// Deterministic inputs in [-1, 1), so that every run times the same values.
-struct HostInputs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl HostInputs {
-    fn random(shape: &AttentionShape, seed: u64) -> Self {
-        let mut state = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
-        let mut fill = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    // xorshift64; the top 24 bits make a value that is exact in f32.
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (state >> 40) as f32 / (1u32 << 23) as f32 - 1.0
-                })
-                .collect()
-        };
-        let q = fill(shape.q_len());
-        let k = fill(shape.k_len());
-        let v = fill(shape.v_len());
-        Self { q, k, v }
-    }
-
-    fn inputs(&self) -> AttentionInputs<'_> {
-        AttentionInputs::new(&self.q, &self.k, &self.v)
-    }
-}
-
 /// Device buffers of one case, uploaded once before any run.
 struct DeviceTensors {
     q: wgpu::Buffer,
@@ -480,7 +448,7 @@ impl DeviceTensors {
     fn upload(
         context: &Context,
         shape: &AttentionShape,
-        host: &HostInputs,
+        host: &OwnedInputs,
     ) -> wgpu_attention::Result<Self> {
         let device = context.device();
         let max_buffer_size = context.limits().max_buffer_size;
@@ -696,7 +664,7 @@ fn run_gpu_once(
 /// [`REFERENCE_MAX_SECONDS`] by the estimate of [`reference_seconds_estimate`].
 fn time_reference(
     problem: &AttentionProblem,
-    host: &HostInputs,
+    host: &OwnedInputs,
     settings: RepeatSettings,
 ) -> Outcome {
     let estimate = reference_seconds_estimate(problem);

@@ -26,6 +26,7 @@ use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
+use wgpu_attention::random::SplitMix64;
 use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
 use wgpu_attention::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, Kernel,
@@ -584,34 +585,6 @@ fn seed_for(name: &str) -> u64 {
     })
 }
 
-/// SplitMix64, a small generator whose whole state is the seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1), with 53 random bits.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [-1, 1), from 24 random bits, so the value is exact in f32.
-    fn symmetric(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u32 << 23) as f32 - 1.0
-    }
-
-    /// Uniform in `0..bound`.
-    fn below(&mut self, bound: usize) -> usize {
-        (self.unit() * bound as f64) as usize % bound
-    }
-}
-
 /// The inputs of one case group. For f16, `q`, `k` and `v` contain the f16 values widened to
 /// f32, so that the reference gets exactly the kernel's inputs.
 struct CaseData {
@@ -625,7 +598,7 @@ impl CaseData {
     /// that `extras` selects. These are the ALiBi slopes of a model with this many heads, sinks
     /// in [-2, 2), key lengths of full, about a third and none, and the packed offsets.
     fn generate(problem: &AttentionProblem, extras: &Extras, seed: u64) -> Self {
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         let s = &problem.shape;
         let mut draw = |len: usize| (0..len).map(|_| rng.symmetric()).collect::<Vec<f32>>();
         let [q_len, k_len, v_len, _] = problem.spans();
@@ -799,7 +772,7 @@ fn row_position(problem: &AttentionProblem, row: usize) -> (usize, usize, usize)
 /// Returns flat row indices, sorted.
 fn sample_rows(problem: &AttentionProblem, seed: u64) -> Vec<usize> {
     let s = &problem.shape;
-    let mut rng = SplitMix64(seed ^ 0x5a5a_5a5a_5a5a_5a5a);
+    let mut rng = SplitMix64::new(seed ^ 0x5a5a_5a5a_5a5a_5a5a);
     let head_count = s.batch * s.heads;
     let mut heads = vec![0, head_count - 1, s.group_size() - 1];
     for _ in 0..4 * SAMPLED_HEADS {
