@@ -10,8 +10,9 @@
 // where `flash_rows.wgsl` would leave all lanes but one idle.
 //
 // On llvmpipe each read from memory is a loop over the SIMD lanes, so reads cost more than the
-// arithmetic; the rows of a block share them. In grouped-query decoding the block is the whole
-// group, which then reads each key and value row once.
+// arithmetic, and the rows of a block share them. When a key/value head has at most 4 packed
+// rows, as in grouped-query decoding with up to 4 query heads per key/value head, the block
+// holds them all and reads each key and value row once.
 
 // The host declares these constants ahead of this file, as `const` rather than `override`:
 // - WG: invocations per workgroup, each taking every WG-th key;
@@ -22,9 +23,9 @@
 //   llvmpipe runs both sides of every branch and keeps one result, so a feature tested only at
 //   run time would cost every score; a constant removes its code.
 // The private arrays are then sized exactly by them, and every loop that indexes one runs over
-// its whole length with the loop counter as the index. Mesa's NIR unrolls such loops whatever
-// their size, which turns the arrays into registers on llvmpipe; a loop left rolled would index
-// them through memory, one load per SIMD lane.
+// its whole length with the loop counter as the index. Mesa's NIR unrolls such loops (here of
+// at most 32 iterations), which turns the arrays into registers on llvmpipe. A loop left rolled
+// would index them through memory, one load per SIMD lane.
 
 @group(0) @binding(0) var<uniform> params: Params;
 // Queries, keys and values, addressed through q_offset, k_offset and v_offset.

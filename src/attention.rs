@@ -40,10 +40,11 @@ pub enum Kernel {
     FlashTiled,
     /// The fused kernel's row program: one query row per invocation, head dims up to 128.
     FlashRows,
-    /// The fused kernel's decoding program: a workgroup per query row whose invocations take
-    /// turns over the keys, head dims up to 128. Built for decoding, where few rows share a
-    /// key/value head, it also ran prefill faster than [`Kernel::FlashRows`] on lavapipe, and
-    /// [`Kernel::Flash`] picks it on CPU adapters at every shape.
+    /// The fused kernel's decoding program, for head dims up to 128. Each workgroup takes a block
+    /// of up to 4 query rows of one key/value head, and its invocations take turns over the keys,
+    /// reading each key and value row once for the whole block. Built for decoding, where few
+    /// rows share a key/value head, it also ran prefill faster than [`Kernel::FlashRows`] on
+    /// lavapipe, and [`Kernel::Flash`] picks it on CPU adapters at every shape.
     FlashDecode,
     /// Scores, softmax and output as three dispatches, with the score matrix in memory. Memory
     /// grows with `seq_q × seq_kv`, bounded per dispatch by processing heads in chunks.

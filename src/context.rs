@@ -39,8 +39,9 @@ pub(crate) struct PipelineKey {
     pub dtype: crate::problem::Dtype,
     /// Override constants, as (name, value) pairs in a fixed order.
     pub constants: Vec<(&'static str, u32)>,
-    /// Whether wgpu adds its bounds checks to the program's array accesses; see
-    /// [`compile`](crate::kernels::compile) for the one program that goes without.
+    /// Whether wgpu adds its bounds checks to the program's array accesses. Only the decoding
+    /// program goes without, on CPU adapters, for the reason given in
+    /// [`compile`](crate::kernels::compile).
     pub bounds_checks: bool,
 }
 

@@ -25,7 +25,9 @@ pub enum Error {
     /// The number of query heads is not a multiple of the number of key/value heads.
     #[error(
         "heads = {heads} is not a multiple of kv_heads = {kv_heads}; grouped-query attention \
-         needs each key/value head shared by the same number of query heads"
+         needs each key/value head shared by the same number of query heads, so set kv_heads \
+         to one of {}",
+        divisors(*.heads)
     )]
     HeadsNotDivisible {
         /// Query heads.
@@ -37,7 +39,7 @@ pub enum Error {
     /// A head dimension is larger than the kernels support.
     #[error(
         "{name} = {head_dim} is larger than the supported maximum of {max}; no kernel takes \
-         longer heads"
+         longer heads, so {name} must be at most {max}"
     )]
     HeadDimTooLarge {
         /// The head dimension's name: `head_dim` or `head_dim_v`.
@@ -293,3 +295,49 @@ pub enum Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Lists the divisors of `n` for an error message, eliding the middle of a long list.
+fn divisors(n: usize) -> String {
+    // Far past any model's head count, listing would take long; describe the values instead.
+    if n > 1 << 20 {
+        return format!("the divisors of {n}");
+    }
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut d = 1;
+    while d <= n / d {
+        if n.is_multiple_of(d) {
+            small.push(d);
+            if d * d != n {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    let all: Vec<usize> = small.into_iter().chain(large.into_iter().rev()).collect();
+    let listed: Vec<String> = if all.len() <= 12 {
+        all.iter().map(usize::to_string).collect()
+    } else {
+        let head = all[..6].iter().map(usize::to_string);
+        let tail = all[all.len() - 3..].iter().map(usize::to_string);
+        head.chain(["...".to_string()]).chain(tail).collect()
+    };
+    listed.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divisors_lists_short_lists_whole() {
+        assert_eq!(divisors(1), "1");
+        assert_eq!(divisors(8), "1, 2, 4, 8");
+        assert_eq!(divisors(36), "1, 2, 3, 4, 6, 9, 12, 18, 36");
+    }
+
+    #[test]
+    fn divisors_elides_long_lists() {
+        assert_eq!(divisors(720), "1, 2, 3, 4, 5, 6, ..., 240, 360, 720");
+    }
+}

@@ -123,6 +123,12 @@ fn heads_not_divisible_by_kv_heads() {
         ),
         "{error}"
     );
+    assert!(
+        error
+            .to_string()
+            .contains("set kv_heads to one of 1, 2, 3, 6"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -140,6 +146,10 @@ fn head_dim_over_maximum() {
                 max: 576
             }
         ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("head_dim must be at most 576"),
         "{error}"
     );
 }

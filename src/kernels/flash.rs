@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
 use crate::kernels::tiling::{FLASH_ROWS, FlashDecodeTiles, FlashRowTiles, FlashTiles};
 use crate::kernels::{
-    EXTRA_ALIBI, KernelParams, bind_buffers, check_binding, compile, split_grid, uniform,
+    EXTRA_ALIBI, EXTRA_PACKED, KernelParams, bind_buffers, check_binding, compile, split_grid,
+    uniform,
 };
 use crate::problem::AttentionProblem;
 
@@ -181,7 +182,7 @@ impl FlashVariant {
                     ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
                     ("MASK", u32::from(problem.mask.is_some())),
                 ],
-                bounds_checks: !on_cpu,
+                bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
             },
         }
     }
@@ -281,7 +282,7 @@ fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits
         return Error::Unsupported {
             kernel: kernel.name(),
             what: format!("{name} {head_dim}, over its maximum of 128"),
-            fix: "use Kernel::Flash or Kernel::FlashTiled",
+            fix: "use Kernel::Flash or Kernel::FlashTiled (flash or flash-tiled in the CLI)",
         };
     }
     let smallest = FlashTiles {
@@ -298,7 +299,7 @@ fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits
         value: u64::from(smallest.workgroup_bytes()),
         limit_name: "max_compute_workgroup_storage_size",
         limit: u64::from(limits.max_compute_workgroup_storage_size),
-        fix: "use Kernel::ThreeStage on this device",
+        fix: "use Kernel::ThreeStage (three-stage in the CLI) on this device",
     }
 }
 

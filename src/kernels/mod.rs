@@ -193,11 +193,12 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     // SAFETY: every loop in these programs is finite. Each `for` loop steps a counter by a
     // positive constant (or halves it, in softmax.wgsl) towards a bound set by the problem's
     // shape, which validation keeps far below u32::MAX, so no counter can wrap past its bound.
-    // Without bounds checks, `flash_decode.wgsl` indexes its private and workgroup arrays only
-    // with loop counters below the arrays' lengths. Its storage buffer offsets come from the
-    // validated shape and strides, and offsets read from `aux` are clamped to the shape. Vulkan's
-    // robustBufferAccess, which wgpu enables where the driver has it, keeps buffer reads in bounds, and llvmpipe
-    // checks each one against the buffer size.
+    // Without bounds checks, `flash_decode.wgsl` stays within its arrays: it indexes the private
+    // ones with loop counters below their lengths, and the workgroup ones with the invocation
+    // index and counters below WG and D4V. Its storage buffer offsets come from the validated
+    // shape and strides. Packed sequences keep the checks, because a GPU caller's offsets reach
+    // the program unchecked. llvmpipe also checks every storage buffer access against the
+    // buffer's size.
     let module = unsafe {
         device.create_shader_module_trusted(
             wgpu::ShaderModuleDescriptor {

@@ -1,7 +1,8 @@
 //! Tile and workgroup sizes, chosen in one place from the problem and the device limits.
 //!
-//! Each shader declares its sizes as `override` constants with the same names as the fields here,
-//! and the host derives its dispatch grids from the same values.
+//! Each field's doc names the shader constant it sets. Shaders declare most of them as `override`
+//! constants; `flash_decode.wgsl` gets them as `const` declarations ahead of its source. The host
+//! derives its dispatch grids from the same values.
 
 use crate::problem::AttentionProblem;
 
@@ -308,8 +309,9 @@ pub(crate) const FLASH_DECODE_ROWS: u32 = 4;
 /// key/value head has more rows than one block takes. It bounds the unrolled code, and with it
 /// the first call's compile time. On lavapipe with Mesa's shader cache disabled, first calls
 /// took 3 to 4 s at 128 (4 rows at head dim 64, or 2 at 128). They took 12 to 14 s at 256, and
-/// 57 s at 512 (8 rows at head dim 128). Grouped-query decoding keeps its whole group in one block
-/// regardless: 4 rows at head dim 128 compiled for 12.7 s and then ran 1.6× faster than 2 rows.
+/// 57 s at 512 (8 rows at head dim 128). A key/value head of at most [`FLASH_DECODE_ROWS`] packed
+/// rows is one block whatever its size: in grouped-query decoding at head dim 128, 4 rows
+/// compiled for 12.7 s and then ran 1.6× faster than 2 rows.
 pub(crate) const FLASH_DECODE_COLUMNS: u32 = 128;
 
 /// Largest head dim the row-per-invocation kernel takes. On llvmpipe (Mesa 22.3) its loops over
