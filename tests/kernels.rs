@@ -316,9 +316,9 @@ kernel_contract!(flash_rows, Kernel::FlashRows, 128);
 kernel_contract!(flash_decode, Kernel::FlashDecode, 128);
 
 mod choice_and_memory {
-    use crate::common::context;
+    use crate::common::{assert_matches_reference, context};
     use wgpu_attention::validate::{ErrorStats, Tolerance};
-    use wgpu_attention::{AttentionProblem, AttentionShape, Error, Kernel, reference};
+    use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Error, Kernel, reference};
 
     #[test]
     fn auto_picks_flash_for_decoding() {
@@ -375,7 +375,7 @@ mod choice_and_memory {
         let shape = AttentionShape::new(1, 2, 64, 16384, 64);
         let problem = AttentionProblem::new(shape).with_mask(1, 1);
         let data = crate::common::random_inputs(&problem, 16384, 0.1);
-        for kernel in [Kernel::FlashTiled, Kernel::FlashRows] {
+        for kernel in [Kernel::FlashTiled, Kernel::FlashRows, Kernel::FlashDecode] {
             let gpu = context()
                 .attention_with(kernel, &problem, &data.inputs())
                 .unwrap();
@@ -392,6 +392,18 @@ mod choice_and_memory {
                     "{kernel:?} lse of head {h} row {i}: {lse}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn decode_group_block_with_splits() {
+        // Grouped-query decoding: the 4 query heads of each key/value head form one block of the
+        // decoding program, whose 4,096 keys are split for parallelism and merged again.
+        let shape = AttentionShape::new(2, 32, 1, 4096, 128).with_kv_heads(8);
+        for causal in [Causal::None, Causal::BottomRight] {
+            let problem = AttentionProblem::new(shape).with_causal(causal);
+            let data = crate::common::random_inputs(&problem, 4096, 0.0);
+            assert_matches_reference(Kernel::FlashDecode, &problem, &data.inputs());
         }
     }
 
