@@ -94,7 +94,7 @@ impl Kernel {
         match self {
             Kernel::Flash => fused_program().unwrap_or(Kernel::Flash),
             Kernel::Auto => {
-                let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+                let on_cpu = context.on_cpu();
                 let short_queries = problem.shape.seq_q <= AUTO_FLASH_MAX_SEQ_Q;
                 let three_stage_fits = three_stage::check(context, problem).is_ok();
                 match fused_program() {

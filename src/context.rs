@@ -155,6 +155,12 @@ impl Context {
         &self.limits
     }
 
+    /// Returns whether the adapter runs on the CPU, like llvmpipe. There the fused kernel takes the
+    /// decoding program.
+    pub(crate) fn on_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Whether the device is Mesa's llvmpipe (lavapipe on Vulkan), which ends every loop of a
     /// shader invocation once the invocation has run [`LLVMPIPE_MAX_LOOP_ITERATIONS`] loop
     /// iterations in all.

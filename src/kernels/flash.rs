@@ -223,7 +223,7 @@ pub(crate) fn plan(
 ) -> Result<FlashPlan> {
     let limits = context.limits();
     let s = &problem.shape;
-    let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let on_cpu = context.on_cpu();
     let rows = || FlashRowTiles::choose(problem, limits).map(FlashVariant::Rows);
     let tiled = || FlashTiles::choose(problem, limits).map(FlashVariant::Tiled);
     let decode = || FlashDecodeTiles::choose(problem, limits).map(FlashVariant::Decode);
@@ -315,7 +315,7 @@ pub(crate) fn record(
     let device = context.device();
     let limits = context.limits();
     let plan = plan(context, kernel, problem)?;
-    let on_cpu = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let on_cpu = context.on_cpu();
     let program = plan.variant.program();
     let flash = context.pipeline(
         plan.variant.pipeline_key(problem, bindings.extras, on_cpu),

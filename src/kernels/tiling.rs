@@ -56,7 +56,7 @@ impl ThreeStageTiles {
         let softmax_cap = max_invocations
             .min(limits.max_compute_workgroup_size_x)
             .min(256);
-        let softmax_cap = 1 << (31 - softmax_cap.leading_zeros());
+        let softmax_cap = floor_power_of_two(softmax_cap);
         let wanted = (problem.shape.seq_kv.min(256) as u32)
             .next_power_of_two()
             .max(32);
@@ -243,6 +243,11 @@ pub(crate) fn vec4_rows(problem: &AttentionProblem) -> bool {
     .all(|value| value.is_multiple_of(4))
 }
 
+/// Returns the largest power of two not above `value`, which must be at least 1.
+fn floor_power_of_two(value: u32) -> u32 {
+    1 << (31 - value.leading_zeros())
+}
+
 /// Sizes for the decoding fused kernel in `flash_decode.wgsl`, which gives each block of up to
 /// [`FLASH_DECODE_ROWS`] packed rows a workgroup of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,8 +288,7 @@ impl FlashDecodeTiles {
             packed_rows
         } else {
             let by_columns = FLASH_DECODE_COLUMNS / (d4 + d4v);
-            let by_columns = 1 << (31 - by_columns.max(1).leading_zeros());
-            by_columns.min(FLASH_DECODE_ROWS)
+            floor_power_of_two(by_columns.max(1)).min(FLASH_DECODE_ROWS)
         };
         let tiles = Self {
             workgroup,
@@ -342,7 +346,7 @@ impl FlashRowTiles {
         let by_memory = limits.max_compute_workgroup_storage_size / ((d4 + d4v) * 16);
         let tile_kv = by_memory.min(64);
         let tile_kv = if tile_kv >= 8 {
-            1 << (31 - tile_kv.leading_zeros())
+            floor_power_of_two(tile_kv)
         } else {
             return None;
         };
