@@ -176,14 +176,15 @@ fn bench_attention(c: &mut Criterion) {
         let host = OwnedInputs::random(problem, SEED + index as u64);
         let buffers = DeviceTensors::upload(&context, &problem.shape, &host);
         group.throughput(Throughput::Elements(problem.flops() as u64));
-        // The decoding program is timed where Kernel::Flash would pick it: few rows per
-        // key/value head.
+        // The decoding and subgroup programs are timed where Kernel::Flash would pick them on
+        // lavapipe: the first for few rows per key/value head, the second for more.
         let few_rows = problem.shape.group_size() * problem.shape.seq_q <= 4;
         let kernels = [
             ("gpu-three-stage", Kernel::ThreeStage, true),
             ("gpu-flash-tiled", Kernel::FlashTiled, true),
             ("gpu-flash-rows", Kernel::FlashRows, true),
             ("gpu-flash-decode", Kernel::FlashDecode, few_rows),
+            ("gpu-flash-subgroup", Kernel::FlashSubgroup, !few_rows),
         ];
         for (name, kernel, _) in kernels.into_iter().filter(|&(_, _, timed)| timed) {
             // The upload and the first pipeline compilation finish here, outside any timing. A

@@ -161,6 +161,14 @@ impl Context {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// Returns the subgroup size when the device has the `SUBGROUP` feature and its adapter
+    /// runs every subgroup at one size, as llvmpipe does (8 lanes on 256-bit vectors).
+    pub(crate) fn fixed_subgroup_size(&self) -> Option<u32> {
+        let fixed = self.info.subgroup_min_size == self.info.subgroup_max_size;
+        (self.features.contains(wgpu::Features::SUBGROUP) && fixed)
+            .then_some(self.info.subgroup_min_size)
+    }
+
     /// Whether the device is Mesa's llvmpipe (lavapipe on Vulkan), which ends every loop of a
     /// shader invocation once the invocation has run [`LLVMPIPE_MAX_LOOP_ITERATIONS`] loop
     /// iterations in all.

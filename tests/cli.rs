@@ -308,7 +308,13 @@ fn check_reads_variant_tensors() {
             safetensors::serialize(tensors, Some(metadata)).unwrap(),
         )
         .unwrap();
-        for kernel in ["flash-tiled", "flash-rows", "flash-decode", "three-stage"] {
+        for kernel in [
+            "flash-tiled",
+            "flash-rows",
+            "flash-decode",
+            "flash-subgroup",
+            "three-stage",
+        ] {
             let output = binary()
                 .args(["check", "--json", "--kernel", kernel])
                 .arg(&path)

@@ -62,7 +62,10 @@ fn bench_json_reports_every_kernel() {
         .collect();
     // `flash` is reported as the fused program that ran for this adapter.
     assert!(
-        matches!(kernels[0], "flash-decode" | "flash-tiled"),
+        matches!(
+            kernels[0],
+            "flash-decode" | "flash-subgroup" | "flash-tiled"
+        ),
         "{kernels:?}"
     );
     assert_eq!(rows[0]["requested_kernel"], "flash");

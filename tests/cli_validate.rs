@@ -100,7 +100,13 @@ fn validate_quick_is_strict_subset() {
 #[test]
 fn validate_quick_covers_every_kernel_and_dtype() {
     let (quick, _) = list(&["--quick"]);
-    for kernel in ["flash-tiled", "flash-rows", "flash-decode", "three-stage"] {
+    for kernel in [
+        "flash-tiled",
+        "flash-rows",
+        "flash-decode",
+        "flash-subgroup",
+        "three-stage",
+    ] {
         let suffix = format!(" {kernel}");
         assert!(
             quick.iter().any(|name| name.ends_with(&suffix)),
@@ -141,9 +147,9 @@ fn validate_quick_filter_passes() {
     let text = stdout(&output);
     assert!(output.status.success(), "{text}\n{}", stderr(&output));
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].ends_with(", 4 cases"), "{text}");
+    assert!(lines[0].ends_with(", 5 cases"), "{text}");
     let cases = &lines[1..lines.len() - 1];
-    assert_eq!(cases.len(), 4, "{text}");
+    assert_eq!(cases.len(), 5, "{text}");
     for line in cases {
         assert!(
             line.starts_with("PASS ") || line.starts_with("SKIP "),
@@ -173,7 +179,7 @@ fn validate_json_lines_parse() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
         .collect();
-    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows.len(), 5, "{rows:?}");
     for row in &rows {
         for field in JSON_FIELDS {
             assert!(row.get(field).is_some(), "missing `{field}` in {row}");
@@ -189,7 +195,7 @@ fn validate_json_lines_parse() {
     }
     let summary = stderr(&output);
     assert!(
-        summary.contains("4 passed, 0 failed, 0 skipped"),
+        summary.contains("5 passed, 0 failed, 0 skipped"),
         "{summary}"
     );
 }
@@ -222,7 +228,7 @@ fn validate_rejects_unknown_kernel() {
     let message = stderr(&output);
     assert!(message.contains("unknown kernel `fast`"), "{message}");
     assert!(
-        message.contains("flash-tiled, flash-rows, flash-decode, three-stage"),
+        message.contains("flash-tiled, flash-rows, flash-decode, flash-subgroup, three-stage"),
         "{message}"
     );
 }

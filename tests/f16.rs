@@ -129,12 +129,7 @@ fn f16_matches_reference_both_kernels() {
     ];
     for (seed, problem) in cases.iter().enumerate() {
         let data = HalfInputs::new(problem, seed as u64, 1.0);
-        for kernel in [
-            Kernel::ThreeStage,
-            Kernel::FlashTiled,
-            Kernel::FlashRows,
-            Kernel::FlashDecode,
-        ] {
+        for kernel in common::kernels() {
             assert_f16_matches(context(), kernel, problem, &data);
         }
     }
@@ -156,12 +151,7 @@ fn f16_with_every_variant() {
         data.sinks = Some(vec![1.0, 0.0, -1.0, 3.0]);
         data.kv_seq_lens = Some(vec![90, 30, 10]);
     });
-    for kernel in [
-        Kernel::ThreeStage,
-        Kernel::FlashTiled,
-        Kernel::FlashRows,
-        Kernel::FlashDecode,
-    ] {
+    for kernel in common::kernels() {
         assert_f16_matches(context(), kernel, &problem, &data);
     }
     let wide = AttentionShape::new(1, 2, 5, 70, 576).with_head_dim_v(512);
@@ -184,12 +174,7 @@ fn f16_large_scores_stay_finite() {
         "the case must reach scores over 1e4, got lse {}",
         expected.lse
     );
-    for kernel in [
-        Kernel::ThreeStage,
-        Kernel::FlashTiled,
-        Kernel::FlashRows,
-        Kernel::FlashDecode,
-    ] {
+    for kernel in common::kernels() {
         assert_f16_matches(context(), kernel, &problem, &data);
     }
 }
@@ -199,12 +184,7 @@ fn f16_rows_of_16k_keys() {
     let problem = AttentionProblem::new(AttentionShape::new(1, 1, 4, 16384, 64))
         .with_causal(Causal::BottomRight);
     let data = HalfInputs::new(&problem, 9, 1.0);
-    for kernel in [
-        Kernel::ThreeStage,
-        Kernel::FlashTiled,
-        Kernel::FlashRows,
-        Kernel::FlashDecode,
-    ] {
+    for kernel in common::kernels() {
         assert_f16_matches(context(), kernel, &problem, &data);
     }
 }

@@ -314,6 +314,7 @@ kernel_contract!(three_stage, Kernel::ThreeStage, 256);
 kernel_contract!(flash_tiled, Kernel::FlashTiled, 256);
 kernel_contract!(flash_rows, Kernel::FlashRows, 128);
 kernel_contract!(flash_decode, Kernel::FlashDecode, 128);
+kernel_contract!(flash_subgroup, Kernel::FlashSubgroup, 128);
 
 mod choice_and_memory {
     use crate::common::{assert_matches_reference, context};
@@ -334,8 +335,14 @@ mod choice_and_memory {
         };
         assert_eq!(Kernel::Auto.resolve(&decode, context()), fused);
         // For prefill the choice depends on the device: the fused kernel on CPU adapters, where
-        // it measured faster, and the three-stage kernel on GPUs.
+        // it measured faster, and the three-stage kernel on GPUs. On CPU adapters with
+        // subgroups of 8, the fused kernel runs its subgroup program for prefill.
         let prefill = AttentionProblem::new(AttentionShape::new(1, 8, 512, 512, 64));
+        let fused = if on_cpu && crate::common::has_subgroups_of_8(context()) {
+            Kernel::FlashSubgroup
+        } else {
+            fused
+        };
         let expected = if on_cpu { fused } else { Kernel::ThreeStage };
         assert_eq!(Kernel::Auto.resolve(&prefill, context()), expected);
         assert_eq!(Kernel::Flash.resolve(&prefill, context()), fused);
@@ -344,22 +351,22 @@ mod choice_and_memory {
     }
 
     #[test]
-    fn flash_rows_rejects_head_dim_over_128() {
+    fn row_programs_reject_head_dim_over_128() {
         let problem = AttentionProblem::new(AttentionShape::new(1, 1, 4, 4, 129));
         let data = crate::common::random_inputs(&problem, 129, 0.0);
-        let error = context()
-            .attention_with(Kernel::FlashRows, &problem, &data.inputs())
-            .unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::Unsupported {
-                    kernel: "flash-rows",
-                    ..
-                }
-            ),
-            "{error}"
-        );
+        for kernel in [
+            Kernel::FlashRows,
+            Kernel::FlashDecode,
+            Kernel::FlashSubgroup,
+        ] {
+            let error = context()
+                .attention_with(kernel, &problem, &data.inputs())
+                .unwrap_err();
+            assert!(
+                matches!(error, Error::Unsupported { kernel: name, .. } if name == kernel.name()),
+                "{error}"
+            );
+        }
         let gpu = context().attention_with(Kernel::Flash, &problem, &data.inputs());
         assert!(
             gpu.is_ok(),
@@ -375,7 +382,8 @@ mod choice_and_memory {
         let shape = AttentionShape::new(1, 2, 64, 16384, 64);
         let problem = AttentionProblem::new(shape).with_mask(1, 1);
         let data = crate::common::random_inputs(&problem, 16384, 0.1);
-        for kernel in [Kernel::FlashTiled, Kernel::FlashRows, Kernel::FlashDecode] {
+        let kernels = crate::common::kernels();
+        for kernel in kernels.into_iter().filter(|&k| k != Kernel::ThreeStage) {
             let gpu = context()
                 .attention_with(kernel, &problem, &data.inputs())
                 .unwrap();
@@ -408,6 +416,58 @@ mod choice_and_memory {
     }
 
     #[test]
+    fn subgroup_program_needs_subgroups_of_8() {
+        // lavapipe's Vulkan driver, the adapter of CI, runs subgroups of 8, so the subgroup
+        // program is tested there. Elsewhere the program must refuse with a typed error.
+        let info = context().adapter_info();
+        if info.name.contains("llvmpipe") && info.backend == wgpu::Backend::Vulkan {
+            assert!(crate::common::has_subgroups_of_8(context()), "{info:?}");
+        }
+        if !crate::common::has_subgroups_of_8(context()) {
+            let problem = AttentionProblem::new(AttentionShape::new(1, 1, 16, 16, 16));
+            let data = crate::common::random_inputs(&problem, 16, 0.0);
+            let error = context()
+                .attention_with(Kernel::FlashSubgroup, &problem, &data.inputs())
+                .unwrap_err();
+            assert!(error.to_string().contains("subgroup"), "{error}");
+        }
+    }
+
+    #[test]
+    fn subgroup_blocks_of_four_rows() {
+        // Over 8 Mi scores at head dim 64, each invocation of the subgroup program takes 4 rows,
+        // a block of 32. The 3,000 packed rows of each key/value head end in a partial block,
+        // and one block spans the two query heads that share a key/value head.
+        let shape = AttentionShape::new(1, 4, 1500, 2900, 64).with_kv_heads(2);
+        let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
+        let data = crate::common::random_inputs(&problem, 1500, 0.0);
+        let result = context().attention_with(Kernel::FlashSubgroup, &problem, &data.inputs());
+        if !crate::common::has_subgroups_of_8(context()) {
+            assert!(matches!(result, Err(Error::Unsupported { .. })));
+            return;
+        }
+        let gpu = result.unwrap();
+        for (h, i) in [
+            (0, 0),
+            (0, 31),
+            (0, 1499),
+            (1, 0),
+            (1, 20),
+            (2, 777),
+            (3, 1499),
+        ] {
+            let row = reference::attention_row(&problem, &data.inputs(), 0, h, i).unwrap();
+            let stats = ErrorStats::compare(&gpu.out[(h * 1500 + i) * 64..][..64], &row.out);
+            assert!(stats.passes(&Tolerance::F32), "head {h} row {i}: {stats}");
+            let lse = ErrorStats::compare(&gpu.lse[h * 1500 + i..][..1], &[row.lse]);
+            assert!(
+                lse.passes(&Tolerance::F32),
+                "lse of head {h} row {i}: {lse}"
+            );
+        }
+    }
+
+    #[test]
     fn llvmpipe_rejects_three_stage_over_loop_cap() {
         // The three-stage output stage loops over every key in one invocation; on llvmpipe it
         // must return an error past the cap rather than a truncated sum.
@@ -436,7 +496,7 @@ mod choice_and_memory {
         }
         assert!(matches!(
             Kernel::Auto.resolve(&problem, context()),
-            Kernel::FlashRows | Kernel::FlashDecode | Kernel::FlashTiled
+            Kernel::FlashRows | Kernel::FlashDecode | Kernel::FlashSubgroup | Kernel::FlashTiled
         ));
         let gpu = context()
             .attention_with(Kernel::Auto, &problem, &data.inputs())

@@ -29,7 +29,7 @@ fn flash_runs_32k_by_32k() {
     }
     assert!(matches!(
         Kernel::Auto.resolve(&problem, context()),
-        Kernel::FlashDecode | Kernel::FlashRows | Kernel::FlashTiled
+        Kernel::FlashDecode | Kernel::FlashSubgroup | Kernel::FlashRows | Kernel::FlashTiled
     ));
 
     let start = std::time::Instant::now();

@@ -54,12 +54,7 @@ fn reference_matches_model_output() {
 #[test]
 fn gpu_matches_model_output() {
     let context = common::context();
-    for kernel in [
-        Kernel::ThreeStage,
-        Kernel::FlashTiled,
-        Kernel::FlashRows,
-        Kernel::FlashDecode,
-    ] {
+    for kernel in common::kernels() {
         for (path, fixture) in layers() {
             let name = format!("{} ({})", path.display(), kernel.name());
             let gpu = context

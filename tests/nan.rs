@@ -5,14 +5,7 @@
 mod common;
 
 use common::{RandomInputs, context};
-use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Kernel, reference};
-
-const KERNELS: [Kernel; 4] = [
-    Kernel::ThreeStage,
-    Kernel::FlashTiled,
-    Kernel::FlashRows,
-    Kernel::FlashDecode,
-];
+use wgpu_attention::{AttentionProblem, AttentionShape, Causal, reference};
 
 /// Asserts that `got` is NaN exactly where `expected` is, equal where it is infinite, and
 /// within 1e-5 (relative above 1) elsewhere.
@@ -43,7 +36,7 @@ fn check(name: &str, problem: &AttentionProblem, data: &RandomInputs, nan_rows: 
             "{name}: reference row {row}"
         );
     }
-    for kernel in KERNELS {
+    for kernel in common::kernels() {
         let gpu = context()
             .attention_with(kernel, problem, &data.inputs())
             .unwrap();

@@ -238,7 +238,7 @@ fn flash_runs_where_three_stage_exceeds_binding() {
     assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
     assert!(matches!(
         Kernel::Auto.resolve(&problem, &context),
-        Kernel::FlashDecode | Kernel::FlashRows | Kernel::FlashTiled
+        Kernel::FlashDecode | Kernel::FlashSubgroup | Kernel::FlashRows | Kernel::FlashTiled
     ));
     let gpu = context
         .attention_with(Kernel::Auto, &problem, &data.inputs())
@@ -390,12 +390,7 @@ fn record_with_variant_buffers() {
         small(bytemuck::cast_slice(&cu_q)),
         small(bytemuck::cast_slice(&cu_kv)),
     );
-    for kernel in [
-        Kernel::ThreeStage,
-        Kernel::FlashTiled,
-        Kernel::FlashRows,
-        Kernel::FlashDecode,
-    ] {
+    for kernel in common::kernels() {
         let out = output(device, problem.spans()[3]);
         let lse = output(device, problem.lse_len());
         let tensors = GpuTensors::new(&q, &k, &v, &out)

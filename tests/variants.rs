@@ -297,6 +297,7 @@ variant_contract!(three_stage, wgpu_attention::Kernel::ThreeStage, 576);
 variant_contract!(flash_tiled, wgpu_attention::Kernel::FlashTiled, 576);
 variant_contract!(flash_rows, wgpu_attention::Kernel::FlashRows, 128);
 variant_contract!(flash_decode, wgpu_attention::Kernel::FlashDecode, 128);
+variant_contract!(flash_subgroup, wgpu_attention::Kernel::FlashSubgroup, 128);
 
 /// A case's name, problem, inputs, and expected output and log-sum-exp.
 type HandCase<'a> = (
@@ -311,7 +312,7 @@ type HandCase<'a> = (
 /// query, zero scores, so only the variant under test shapes the probabilities.
 #[test]
 fn hand_computed_values() {
-    use wgpu_attention::{AttentionInputs, AttentionShape, Causal, Kernel, reference};
+    use wgpu_attention::{AttentionInputs, AttentionShape, Causal, reference};
 
     let e = std::f64::consts::E;
     let (q, k) = ([0.0f32], [0.0f32, 0.0]);
@@ -387,12 +388,7 @@ fn hand_computed_values() {
                 "reference {name}: {got} vs {want}"
             );
         }
-        for kernel in [
-            Kernel::ThreeStage,
-            Kernel::FlashTiled,
-            Kernel::FlashRows,
-            Kernel::FlashDecode,
-        ] {
+        for kernel in common::kernels() {
             let gpu = common::context()
                 .attention_with(kernel, &problem, &inputs)
                 .unwrap();

@@ -1,14 +1,21 @@
 //! The fused kernels: scores, online softmax and output in one pass per split of the key range,
 //! plus a pass that merges the splits when there is more than one.
 //!
-//! Three programs compute the same thing. `flash.wgsl` tiles each block over key lanes and row
+//! Four programs compute the same thing. `flash.wgsl` tiles each block over key lanes and row
 //! lanes and shares staged values through workgroup memory, the usual layout for GPUs.
 //! `flash_rows.wgsl` gives each invocation one query row in private registers, so a CPU driver
 //! that runs invocations as SIMD lanes computes across rows with no exchange between lanes. On
 //! lavapipe it ran about twice as fast as the tiled program. `flash_decode.wgsl` gives each
 //! block of up to 4 query rows of one key/value head a workgroup whose invocations take turns
-//! over the keys, each key read once for the whole block. On lavapipe it was faster than the row
-//! program at every shape measured, so CPU adapters use it.
+//! over the keys, each key read once for the whole block. `flash_subgroup.wgsl` makes a workgroup
+//! of one subgroup of 8 invocations, each with up to 4 query rows; the invocations read the keys
+//! of a step one each and pass them to the others by subgroup broadcasts.
+//!
+//! On lavapipe, every read from memory costs a loop over the SIMD lanes, so the CPU programs
+//! differ mainly in how many rows each read serves: 1 in the row program, up to 4 in the
+//! decoding program and up to 32 in the subgroup program. CPU adapters use the decoding program
+//! where a key/value head has at most 4 rows, as in decoding, and the subgroup program above,
+//! where the adapter has subgroups of 8.
 //!
 //! Memory grows with the inputs and with `kv_splits × seq_q × head_dim` for the partial results,
 //! never with `seq_q × seq_kv`.
@@ -17,7 +24,10 @@ use crate::attention::Kernel;
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
-use crate::kernels::tiling::{FLASH_ROWS, FlashDecodeTiles, FlashRowTiles, FlashTiles};
+use crate::kernels::tiling::{
+    FLASH_DECODE_ROWS, FLASH_ROWS, FLASH_SUBGROUP_SIZE, FlashDecodeTiles, FlashRowTiles,
+    FlashSubgroupTiles, FlashTiles,
+};
 use crate::kernels::{
     EXTRA_ALIBI, EXTRA_PACKED, KernelParams, bind_buffers, check_binding, compile, split_grid,
     uniform,
@@ -41,6 +51,14 @@ const FLASH_DECODE_VEC4_WGSL: &str = concat!(
     include_str!("../../shaders/load_rows_vec4.wgsl"),
     include_str!("../../shaders/flash_decode.wgsl")
 );
+const FLASH_SUBGROUP_WGSL: &str = concat!(
+    include_str!("../../shaders/load_rows.wgsl"),
+    include_str!("../../shaders/flash_subgroup.wgsl")
+);
+const FLASH_SUBGROUP_VEC4_WGSL: &str = concat!(
+    include_str!("../../shaders/load_rows_vec4.wgsl"),
+    include_str!("../../shaders/flash_subgroup.wgsl")
+);
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
 
 /// Workgroups below which the key range is split for parallelism, when each split keeps at
@@ -59,6 +77,8 @@ pub(crate) enum FlashVariant {
     Rows(FlashRowTiles),
     /// `flash_decode.wgsl`: invocations take turns over the keys of a few rows.
     Decode(FlashDecodeTiles),
+    /// `flash_subgroup.wgsl`: rows per invocation, keys shared by subgroup broadcasts.
+    Subgroup(FlashSubgroupTiles),
 }
 
 impl FlashVariant {
@@ -68,6 +88,7 @@ impl FlashVariant {
             FlashVariant::Tiled(tiles) => tiles.block_q(),
             FlashVariant::Rows(tiles) => tiles.workgroup,
             FlashVariant::Decode(tiles) => tiles.rows,
+            FlashVariant::Subgroup(tiles) => tiles.block_q(),
         }
     }
 
@@ -77,6 +98,7 @@ impl FlashVariant {
             FlashVariant::Tiled(tiles) => tiles.tile_kv(),
             FlashVariant::Rows(tiles) => tiles.tile_kv,
             FlashVariant::Decode(tiles) => tiles.workgroup,
+            FlashVariant::Subgroup(_) => FLASH_SUBGROUP_SIZE,
         }
     }
 
@@ -114,6 +136,8 @@ impl FlashVariant {
             // One step of the key loop per invocation, whose inner loops run at most 32 times
             // and are unrolled; 2 leaves a margin.
             FlashVariant::Decode(_) => 2,
+            // One step of the key loop, whose inner loops are unrolled.
+            FlashVariant::Subgroup(_) => 2,
         }
     }
 
@@ -129,6 +153,7 @@ impl FlashVariant {
             FlashVariant::Decode(tiles) => {
                 u64::from(tiles.rows) * (u64::from(tiles.d4v.div_ceil(tiles.workgroup)) + 8)
             }
+            FlashVariant::Subgroup(_) => 0,
         }
     }
 
@@ -184,6 +209,23 @@ impl FlashVariant {
                 ],
                 bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
             },
+            FlashVariant::Subgroup(tiles) => PipelineKey {
+                shader: if tiles.vec4_loads {
+                    "flash_subgroup.wgsl with vec4 loads"
+                } else {
+                    "flash_subgroup.wgsl"
+                },
+                dtype: problem.dtype,
+                constants: vec![
+                    ("ROWS", tiles.rows),
+                    ("D4", tiles.d4),
+                    ("D4V", tiles.d4v),
+                    ("SOFTCAP", u32::from(problem.softcap.is_some())),
+                    ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
+                    ("MASK", u32::from(problem.mask.is_some())),
+                ],
+                bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
+            },
         }
     }
 
@@ -194,6 +236,8 @@ impl FlashVariant {
             FlashVariant::Rows(_) => FLASH_ROWS_WGSL,
             FlashVariant::Decode(tiles) if tiles.vec4_loads => FLASH_DECODE_VEC4_WGSL,
             FlashVariant::Decode(_) => FLASH_DECODE_WGSL,
+            FlashVariant::Subgroup(tiles) if tiles.vec4_loads => FLASH_SUBGROUP_VEC4_WGSL,
+            FlashVariant::Subgroup(_) => FLASH_SUBGROUP_WGSL,
         }
     }
 }
@@ -211,10 +255,16 @@ pub(crate) struct FlashPlan {
 /// Plans `kernel` (one of the fused kernels) for `problem`, or returns the error that explains
 /// why it cannot run.
 ///
-/// [`Kernel::Flash`] takes the decoding program on CPU adapters at head dims up to 128, and the
-/// tiled program elsewhere. On lavapipe the decoding program was faster than the row program at
-/// every shape measured, from one query row (12.4× at B1 H32 Skv4096 D128) to prefill at
-/// 2,048 × 2,048 (3.79× at B1 H8 D64).
+/// [`Kernel::Flash`] takes the tiled program on GPUs. On CPU adapters, at head dims up to 128,
+/// it takes the decoding program where a key/value head has at most [`FLASH_DECODE_ROWS`]
+/// packed rows, and the subgroup program above where the device has subgroups of exactly 8;
+/// each falls back to the other, then to the row and tiled programs. On lavapipe the decoding
+/// program ran 12.4× faster than the row program for one query row (B1 H32 Skv4096 D128). It
+/// ran about as fast as the subgroup program at 4 rows per key/value head (7.0 against 7.2 ms,
+/// B1 H32 H_kv8 Skv4096 D128), where the subgroup program leaves half its lanes idle, and faster
+/// at 1 row (21.3 against 25.3 ms at H_kv32). Above 4 rows, the subgroup program ran 2.0× to
+/// 3.3× faster than the decoding program, from 512 × 512 to 4,096 × 4,096 (B1 H8 D64), and 2.8×
+/// at the MiniLM batch.
 // NOTE: measured on lavapipe only (Mesa 22.3.6, 2 cores); other CPU drivers may differ.
 pub(crate) fn plan(
     context: &Context,
@@ -227,14 +277,23 @@ pub(crate) fn plan(
     let rows = || FlashRowTiles::choose(problem, limits).map(FlashVariant::Rows);
     let tiled = || FlashTiles::choose(problem, limits).map(FlashVariant::Tiled);
     let decode = || FlashDecodeTiles::choose(problem, limits).map(FlashVariant::Decode);
+    let subgroup_fits = context.fixed_subgroup_size() == Some(FLASH_SUBGROUP_SIZE);
+    let subgroup = || {
+        FlashSubgroupTiles::choose(problem)
+            .filter(|_| subgroup_fits)
+            .map(FlashVariant::Subgroup)
+    };
+    let few_rows = s.group_size() * s.seq_q <= FLASH_DECODE_ROWS as usize;
     let variant = match kernel {
         Kernel::FlashRows => rows(),
         Kernel::FlashTiled => tiled(),
         Kernel::FlashDecode => decode(),
-        _ if on_cpu => decode().or_else(rows).or_else(tiled),
+        Kernel::FlashSubgroup => subgroup(),
+        _ if on_cpu && few_rows => decode().or_else(subgroup).or_else(rows).or_else(tiled),
+        _ if on_cpu => subgroup().or_else(decode).or_else(rows).or_else(tiled),
         _ => tiled(),
     };
-    let variant = variant.ok_or_else(|| unsupported(kernel, problem, limits))?;
+    let variant = variant.ok_or_else(|| unsupported(context, kernel, problem))?;
 
     let tile_kv = u64::from(variant.tile_kv());
     let seq_kv = s.seq_kv as u64;
@@ -269,11 +328,15 @@ pub(crate) fn plan(
     })
 }
 
-/// Builds the error for a fused kernel whose smallest configuration does not fit the device.
-fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits) -> Error {
+/// Builds the error for a fused kernel that cannot run `problem` on `context`'s device.
+fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) -> Error {
+    let limits = context.limits();
     let s = &problem.shape;
     let head_dim = s.head_dim.max(s.head_dim_v);
-    let row_kernel = matches!(kernel, Kernel::FlashRows | Kernel::FlashDecode);
+    let row_kernel = matches!(
+        kernel,
+        Kernel::FlashRows | Kernel::FlashDecode | Kernel::FlashSubgroup
+    );
     if row_kernel && head_dim > crate::kernels::tiling::FLASH_ROWS_MAX_HEAD_DIM {
         let name = if s.head_dim >= s.head_dim_v {
             "head_dim"
@@ -284,6 +347,23 @@ fn unsupported(kernel: Kernel, problem: &AttentionProblem, limits: &wgpu::Limits
             kernel: kernel.name(),
             what: format!("{name} {head_dim}, over its maximum of 128"),
             fix: "use Kernel::Flash or Kernel::FlashTiled (flash or flash-tiled in the CLI)",
+        };
+    }
+    if kernel == Kernel::FlashSubgroup {
+        let info = context.adapter_info();
+        let what = if context.features().contains(wgpu::Features::SUBGROUP) {
+            format!(
+                "subgroups of {} to {} invocations on this device; the program needs exactly \
+                 {FLASH_SUBGROUP_SIZE}",
+                info.subgroup_min_size, info.subgroup_max_size
+            )
+        } else {
+            "a device without the SUBGROUP feature".to_string()
+        };
+        return Error::Unsupported {
+            kernel: kernel.name(),
+            what,
+            fix: "use Kernel::Flash (flash in the CLI), which picks a program the device runs",
         };
     }
     let smallest = FlashTiles {

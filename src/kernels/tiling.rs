@@ -1,8 +1,8 @@
 //! Tile and workgroup sizes, chosen in one place from the problem and the device limits.
 //!
 //! Each field's doc names the shader constant it sets. Shaders declare most of them as `override`
-//! constants; `flash_decode.wgsl` gets them as `const` declarations ahead of its source. The host
-//! derives its dispatch grids from the same values.
+//! constants; `flash_decode.wgsl` and `flash_subgroup.wgsl` get them as `const` declarations
+//! ahead of their sources. The host derives its dispatch grids from the same values.
 
 use crate::problem::AttentionProblem;
 
@@ -248,6 +248,86 @@ fn floor_power_of_two(value: u32) -> u32 {
     1 << (31 - value.leading_zeros())
 }
 
+/// Sizes for the subgroup fused kernel in `flash_subgroup.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FlashSubgroupTiles {
+    /// Packed query rows per invocation (`ROWS`); the block holds
+    /// [`FLASH_SUBGROUP_SIZE`] times as many.
+    pub rows: u32,
+    /// vec4 columns of the query/key head dim (`D4`).
+    pub d4: u32,
+    /// vec4 columns of the value head dim (`D4V`).
+    pub d4v: u32,
+    /// Whether K and V are read as whole vec4s ([`vec4_rows`]).
+    pub vec4_loads: bool,
+}
+
+/// The subgroup size `flash_subgroup.wgsl` requires, which is also its workgroup size and the
+/// keys of each step.
+pub(crate) const FLASH_SUBGROUP_SIZE: u32 = 8;
+
+/// Most query rows per invocation of `flash_subgroup.wgsl`.
+pub(crate) const FLASH_SUBGROUP_MAX_ROWS: u32 = 4;
+
+/// Bounds on the vec4 columns each invocation of `flash_subgroup.wgsl` keeps per row block,
+/// `rows × (d4 + d4v)`: the query rows and output accumulators. Problems with at least
+/// [`FLASH_SUBGROUP_LARGE_SCORES`] scores get the larger bound.
+///
+/// Compile time grows faster than the columns. On lavapipe (Mesa 22.3.6), first calls at
+/// 32, 48, 64, 96, 128 and 256 columns compiled for about 1.1, 1.7, 2.3 to 3.1, 4.9, 7.8 to 8.5
+/// and 27 s. At B1 H8 S2048 D64, 4 rows per invocation (128 columns) ran in 205 ms against
+/// 232 ms for 3 and 276 ms for 2; at B1 H8 S1024 D128, 2 rows (128 columns) ran in 157 ms. At
+/// the MiniLM batch, B4 H12 S128 D32, 2 rows (32 columns) ran in 4.0 ms against 3.2 ms for 4,
+/// but compiled for 1.1 s against 2.3 s, which a first call pays.
+pub(crate) const FLASH_SUBGROUP_COLUMNS: u32 = 128;
+/// The bound for problems under [`FLASH_SUBGROUP_LARGE_SCORES`] scores.
+pub(crate) const FLASH_SUBGROUP_SMALL_COLUMNS: u32 = 32;
+
+/// Scores (`batch × heads × seq_q × seq_kv`) from which a problem runs long enough that the
+/// larger row blocks of `flash_subgroup.wgsl` repay their compile time: 8 Mi, as 8 heads of
+/// 1,024 × 1,024, which ran for 53 ms at head dim 64 with 4 rows per invocation, against 71 ms
+/// with 2.
+pub(crate) const FLASH_SUBGROUP_LARGE_SCORES: u64 = 1 << 23;
+
+impl FlashSubgroupTiles {
+    /// Packed query rows per workgroup.
+    pub fn block_q(&self) -> u32 {
+        FLASH_SUBGROUP_SIZE * self.rows
+    }
+
+    /// Chooses the sizes, or returns `None` when a head dim is over [`FLASH_ROWS_MAX_HEAD_DIM`].
+    ///
+    /// Each invocation takes as many query rows as the column bound allows (see
+    /// [`FLASH_SUBGROUP_COLUMNS`]), at least 1 and at most [`FLASH_SUBGROUP_MAX_ROWS`], and no
+    /// more than it takes to cover the packed rows of a key/value head (heads per key/value
+    /// head × `seq_q`) in one block. At B1 H8 S2048 D64 that is 4 rows per invocation, a block
+    /// of 32; at head dim 128, 2.
+    pub fn choose(problem: &AttentionProblem) -> Option<Self> {
+        let s = &problem.shape;
+        if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
+            return None;
+        }
+        let d4 = (s.head_dim as u32).div_ceil(4);
+        let d4v = (s.head_dim_v as u32).div_ceil(4);
+        let scores = (s.batch * s.heads * s.seq_q) as u64 * s.seq_kv as u64;
+        let columns = if scores >= FLASH_SUBGROUP_LARGE_SCORES {
+            FLASH_SUBGROUP_COLUMNS
+        } else {
+            FLASH_SUBGROUP_SMALL_COLUMNS
+        };
+        let packed_rows = (s.group_size() * s.seq_q) as u32;
+        let rows = (columns / (d4 + d4v))
+            .min(packed_rows.div_ceil(FLASH_SUBGROUP_SIZE))
+            .clamp(1, FLASH_SUBGROUP_MAX_ROWS);
+        Some(Self {
+            rows,
+            d4,
+            d4v,
+            vec4_loads: vec4_rows(problem),
+        })
+    }
+}
+
 /// Sizes for the decoding fused kernel in `flash_decode.wgsl`, which gives each block of up to
 /// [`FLASH_DECODE_ROWS`] packed rows a workgroup of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,5 +469,34 @@ mod tests {
         assert_eq!(decode_rows(AttentionShape::new(1, 8, 1024, 1024, 128)), 2);
         let wide_values = AttentionShape::new(1, 8, 1024, 1024, 64).with_head_dim_v(128);
         assert_eq!(decode_rows(wide_values), 2);
+    }
+
+    fn subgroup_rows(shape: AttentionShape) -> u32 {
+        FlashSubgroupTiles::choose(&AttentionProblem::new(shape))
+            .expect("head dims up to 128 fit")
+            .rows
+    }
+
+    #[test]
+    fn subgroup_rows_follow_size_and_head_dim() {
+        // 8 heads of 2,048 × 2,048 and of 1,024 × 1,024 are large: 128 columns per invocation.
+        assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 2048, 2048, 64)), 4);
+        assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 1024, 1024, 128)), 2);
+        assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 1024, 1024, 80)), 3);
+        // The MiniLM batch and 8 heads of 512 × 512 are small: 32 columns.
+        assert_eq!(subgroup_rows(AttentionShape::new(4, 12, 128, 128, 32)), 2);
+        assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 512, 512, 64)), 1);
+        assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 512, 512, 128)), 1);
+        // No more rows per invocation than a key/value head has packed rows for.
+        let decode = AttentionShape::new(1, 32, 12, 1 << 20, 32).with_kv_heads(8);
+        assert_eq!(subgroup_rows(decode), 4);
+        let decode = AttentionShape::new(1, 32, 2, 1 << 20, 32).with_kv_heads(8);
+        assert_eq!(subgroup_rows(decode), 1);
+        assert!(
+            FlashSubgroupTiles::choose(&AttentionProblem::new(AttentionShape::new(
+                1, 1, 8, 8, 129
+            )))
+            .is_none()
+        );
     }
 }

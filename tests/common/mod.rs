@@ -20,7 +20,39 @@ pub fn context() -> &'static Context {
 pub use wgpu_attention::random::SplitMix64 as Rng;
 
 use wgpu_attention::validate::{ErrorStats, Tolerance};
-use wgpu_attention::{AttentionInputs, AttentionProblem, Kernel, OwnedInputs, reference};
+use wgpu_attention::{AttentionInputs, AttentionProblem, Error, Kernel, OwnedInputs, reference};
+
+/// Every kernel that names one program: the three-stage kernel and each fused program.
+pub const KERNELS: [Kernel; 5] = [
+    Kernel::ThreeStage,
+    Kernel::FlashTiled,
+    Kernel::FlashRows,
+    Kernel::FlashDecode,
+    Kernel::FlashSubgroup,
+];
+
+/// Whether `context`'s device has subgroups of exactly 8 invocations, which the subgroup
+/// program needs. lavapipe on Vulkan has them; its GL driver has no subgroups.
+pub fn has_subgroups_of_8(context: &Context) -> bool {
+    let info = context.adapter_info();
+    context.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == 8
+        && info.subgroup_max_size == 8
+}
+
+/// Whether `kernel` runs on `context`'s device, head-dim limits aside.
+pub fn runs_on(context: &Context, kernel: Kernel) -> bool {
+    kernel != Kernel::FlashSubgroup || has_subgroups_of_8(context)
+}
+
+/// The kernels of [`KERNELS`] that run on the shared context: all five on lavapipe's Vulkan
+/// driver, which `tests/kernels.rs` checks.
+pub fn kernels() -> Vec<Kernel> {
+    KERNELS
+        .into_iter()
+        .filter(|&kernel| runs_on(context(), kernel))
+        .collect()
+}
 
 /// Random inputs for the tests; the optional tensors start empty and tests set the ones they
 /// need.
@@ -63,9 +95,14 @@ pub fn assert_matches_reference(
     problem: &AttentionProblem,
     inputs: &AttentionInputs<'_>,
 ) {
-    let gpu = context()
-        .attention_with(kernel, problem, inputs)
-        .unwrap_or_else(|error| panic!("{}: {error}", problem.label()));
+    let result = context().attention_with(kernel, problem, inputs);
+    if !runs_on(context(), kernel) {
+        // The device cannot run the program: the call must say so with a typed error.
+        let error = result.unwrap_err();
+        assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+        return;
+    }
+    let gpu = result.unwrap_or_else(|error| panic!("{}: {error}", problem.label()));
     let expected = reference::attention(problem, inputs).unwrap();
     let out = ErrorStats::compare(&gpu.out, &expected.out);
     assert!(

@@ -27,8 +27,8 @@ const REFERENCE_FLOPS_PER_SECOND: f64 = 3e9;
 const REFERENCE_MAX_SECONDS: f64 = 10.0;
 
 /// Kernel names that `--kernel` accepts, for its error message.
-const KERNEL_CHOICES: &str =
-    "flash, flash-tiled, flash-rows, flash-decode, three-stage, reference, auto or all";
+const KERNEL_CHOICES: &str = "flash, flash-tiled, flash-rows, flash-decode, flash-subgroup, \
+                              three-stage, reference, auto or all";
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
@@ -40,9 +40,9 @@ pub(crate) struct BenchArgs {
     #[arg(long, requires = "shape", value_parser = parse_causal)]
     causal: Option<Causal>,
     /// Kernels to time, comma-separated: flash (the fused program chosen for the adapter),
-    /// flash-tiled, flash-rows, flash-decode, three-stage, reference (the f64 CPU reference,
-    /// skipped where one run is estimated to take over 10 s), auto, or all (flash, three-stage
-    /// and reference).
+    /// flash-tiled, flash-rows, flash-decode, flash-subgroup, three-stage, reference (the f64
+    /// CPU reference, skipped where one run is estimated to take over 10 s), auto, or all
+    /// (flash, three-stage and reference).
     #[arg(long, default_value = "all", value_parser = parse_kernels)]
     kernel: KernelList,
     /// Minimum measured time per case and kernel, in seconds; runs repeat until both this and

@@ -22,7 +22,8 @@ pub(crate) struct CheckArgs {
     /// WGPU_ATTENTION_ADAPTER, then to the best adapter found.
     #[arg(long)]
     adapter: Option<String>,
-    /// Kernel to check: auto, flash, flash-tiled, flash-rows, flash-decode or three-stage.
+    /// Kernel to check: auto, flash, flash-tiled, flash-rows, flash-decode, flash-subgroup or
+    /// three-stage.
     #[arg(long, default_value = "auto", value_parser = crate::parse_kernel)]
     kernel: Kernel,
     /// Write each file's GPU output to DIR/<file stem>.safetensors (tensors `out` and `lse`),

@@ -66,7 +66,8 @@ pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Cont
 pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
     Kernel::from_name(name).ok_or_else(|| {
         format!(
-            "unknown kernel `{name}`; expected auto, flash, flash-tiled, flash-rows, flash-decode or three-stage"
+            "unknown kernel `{name}`; expected auto, flash, flash-tiled, flash-rows, flash-decode, \
+             flash-subgroup or three-stage"
         )
     })
 }

@@ -92,7 +92,7 @@ enum LayoutKind {
 const LAYOUTS: [LayoutKind; 3] = [LayoutKind::Bhsd, LayoutKind::Bshd, LayoutKind::Padded];
 
 /// Kernels that `--kernel` selects by default.
-const DEFAULT_KERNELS: &str = "flash-tiled,flash-rows,flash-decode,three-stage";
+const DEFAULT_KERNELS: &str = "flash-tiled,flash-rows,flash-decode,flash-subgroup,three-stage";
 
 /// Largest `batch · heads · seq_q · seq_kv · head_dim` compared in full; larger problems are
 /// compared on sampled rows.
@@ -120,8 +120,8 @@ pub(crate) struct ValidateArgs {
     /// packing option of the grid at least twice, in both dtypes.
     #[arg(long)]
     quick: bool,
-    /// Kernels to validate, comma-separated: flash-tiled, flash-rows, flash-decode, three-stage,
-    /// flash (the fused program chosen for the adapter) or auto.
+    /// Kernels to validate, comma-separated: flash-tiled, flash-rows, flash-decode,
+    /// flash-subgroup, three-stage, flash (the fused program chosen for the adapter) or auto.
     #[arg(long, default_value = DEFAULT_KERNELS, value_parser = parse_kernels)]
     kernel: KernelList,
     /// Adapter: a part of its name or a backend (vulkan, metal, dx12, gl). Defaults to
@@ -150,7 +150,7 @@ fn parse_kernels(text: &str) -> Result<KernelList, String> {
         let kernel = Kernel::from_name(name).ok_or_else(|| {
             format!(
                 "unknown kernel `{name}`; expected flash-tiled, flash-rows, flash-decode, \
-                 three-stage, flash or auto, comma-separated"
+                 flash-subgroup, three-stage, flash or auto, comma-separated"
             )
         })?;
         if !kernels.contains(&kernel) {

@@ -1,0 +1,275 @@
+// Fused attention for CPU adapters that run a subgroup of 8 invocations as the lanes of one SIMD
+// register, as llvmpipe does on 256-bit vectors.
+//
+// Same semantics, splits and outputs as `flash_rows.wgsl`. A workgroup is one subgroup of 8
+// invocations and owns a block of 8 · ROWS packed rows of one key/value head; each invocation
+// keeps ROWS of them, with their scaled query rows, online softmax states and output
+// accumulators, in private arrays. The keys go by in steps of 8: each invocation reads the K and
+// V rows of one key of the step, and subgroup broadcasts hand every row to all 8 invocations. So
+// each K and V element is read from memory once per block of 8 · ROWS rows, and the arithmetic
+// runs across rows in SIMD with no exchange of softmax states.
+//
+// On llvmpipe (Mesa 22.3) every read from a storage buffer or from workgroup memory is a loop
+// over the SIMD lanes, whatever its address, while a broadcast from a constant lane moves data
+// between registers. The reads are what `flash_decode.wgsl` and `flash_rows.wgsl` spend most of
+// their time on; this program makes each serve 8 · ROWS rows, where they serve up to 4 and 1.
+
+// The host declares these constants ahead of this file, as `const` rather than `override`:
+// - ROWS: packed rows per invocation; the block holds 8 · ROWS, row r of invocation x being
+//   row x + 8 · r of the block;
+// - D4 and D4V: vec4 columns of the query/key head dim and of the value head dim;
+// - SOFTCAP, ALIBI and MASK: 1 where the problem has soft-capping, ALiBi or a mask, else 0.
+// As in `flash_decode.wgsl`, each loop over a private array runs over its whole length with the
+// loop counter as the index, so that Mesa's NIR unrolls it and keeps the array in registers.
+
+// Invocations per workgroup, and keys per step: the subgroup size this program requires.
+const SG: u32 = 8u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+// Queries, keys and values, addressed through q_offset, k_offset and v_offset.
+@group(0) @binding(1) var<storage, read> q: array<Storage>;
+@group(0) @binding(2) var<storage, read> k: array<KvElement>;
+@group(0) @binding(3) var<storage, read> v: array<KvElement>;
+// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
+@group(0) @binding(4) var<storage, read> mask: array<f32>;
+// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
+// kv_splits is 1.
+@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+// With several splits: each split's output normalized by its own sum,
+// [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
+// [kv_splits, batch, heads, seq_q, 2].
+@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
+// Per-head and per-sequence values; see params.wgsl.
+@group(0) @binding(8) var<storage, read> aux: array<u32>;
+
+// The value `x` of each of the 8 invocations, in invocation order. The lane of a broadcast must
+// be a constant, hence one call per lane.
+fn spread(x: vec4<f32>) -> array<vec4<f32>, SG> {
+    return array<vec4<f32>, SG>(
+        subgroupBroadcast(x, 0u),
+        subgroupBroadcast(x, 1u),
+        subgroupBroadcast(x, 2u),
+        subgroupBroadcast(x, 3u),
+        subgroupBroadcast(x, 4u),
+        subgroupBroadcast(x, 5u),
+        subgroupBroadcast(x, 6u),
+        subgroupBroadcast(x, 7u),
+    );
+}
+
+@compute @workgroup_size(SG, 1, 1)
+fn main(
+    @builtin(workgroup_id) workgroup_id: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+    @builtin(subgroup_invocation_id) subgroup_lane: u32,
+) {
+    let group = workgroup_id + params.group_offset;
+    let bkv = group.z;
+    let b = bkv / params.kv_heads;
+    let kv_head = bkv % params.kv_heads;
+    let heads_per_kv = params.heads / params.kv_heads;
+    let packed_rows = heads_per_kv * params.seq_q;
+    let block_q = SG * ROWS;
+    let packed0 = group.x * block_q;
+    let split = group.y;
+    let seq = sequence(b);
+
+    // Packed row p is query head kv_head · group + p / seq_q at position p % seq_q. A row past
+    // the packed rows or past its sequence's length is not valid and sees no key.
+    var heads: array<u32, ROWS>;
+    var positions: array<u32, ROWS>;
+    var valid: array<bool, ROWS>;
+    var row_keys: array<vec2<u32>, ROWS>;
+    var slopes: array<f32, ROWS>;
+    var diagonals: array<i32, ROWS>;
+    var mask_rows: array<u32, ROWS>;
+    var q_rows: array<array<vec4<f32>, D4>, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        let unclamped = packed0 + lane + SG * r;
+        let packed = min(unclamped, packed_rows - 1u);
+        let h = kv_head * heads_per_kv + packed / params.seq_q;
+        let position = packed % params.seq_q;
+        heads[r] = h;
+        positions[r] = position;
+        valid[r] = unclamped < packed_rows && position < seq.rows;
+        row_keys[r] = select(vec2<u32>(0u), key_range(seq, position), valid[r]);
+        slopes[r] = alibi_slope(h);
+        diagonals[r] = diagonal(seq, position);
+        mask_rows[r] = b * params.mask_batch_stride + h * params.mask_head_stride
+            + position * params.seq_kv;
+
+        // The query row, scaled once here instead of every score.
+        let q_base = q_offset(b, h, seq.row_begin + position);
+        for (var c4 = 0u; c4 < D4; c4++) {
+            var value = vec4<f32>(0.0);
+            for (var e = 0u; e < 4u; e++) {
+                let col = 4u * c4 + e;
+                if col < params.head_dim {
+                    value[e] = params.scale * f32(q[q_base + col]);
+                }
+            }
+            q_rows[r][c4] = value;
+        }
+    }
+
+    // Keys of this split that some row of the block may attend to, the same for all 8
+    // invocations. A block that spans two query heads covers positions 0 to seq_q - 1.
+    let last_packed = min(packed0 + block_q, packed_rows) - 1u;
+    var first_position = packed0 % params.seq_q;
+    var last_position = last_packed % params.seq_q;
+    if last_packed / params.seq_q != packed0 / params.seq_q {
+        first_position = 0u;
+        last_position = params.seq_q - 1u;
+    }
+    let split_begin = split * params.keys_per_split;
+    let key_begin = max(split_begin, window_key_begin(seq, first_position));
+    var key_end = min(
+        block_key_end(seq, min(last_position + 1u, seq.rows)),
+        split_begin + params.keys_per_split,
+    );
+    if first_position >= seq.rows {
+        key_end = key_begin;
+    }
+
+    // The sink joins each row's sum once, in the first split. `poisoned` records a NaN or +inf
+    // score, which makes the row NaN as in the reference.
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    var poisoned: array<bool, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        m[r] = neg_inf();
+        l[r] = 0.0;
+        poisoned[r] = false;
+        let sink = sink_logit(heads[r]);
+        if split == 0u && sink != neg_inf() {
+            m[r] = sink;
+            l[r] = 1.0;
+            poisoned[r] = poisons_row(sink);
+        }
+    }
+
+    var acc: array<array<vec4<f32>, D4V>, ROWS>;
+    for (var j0 = key_begin; j0 < key_end; j0 += SG) {
+        // This invocation's key of the step: its K and V rows, zero past key_end. The key is
+        // numbered by the subgroup lane, the lane each broadcast names. The row read is clamped
+        // to key_end - 1 and the zero chosen by select, which keeps the unrolled loops free of
+        // branches.
+        let own_key = j0 + subgroup_lane;
+        let in_range = own_key < key_end;
+        let read_key = seq.key_begin + min(own_key, key_end - 1u);
+        let k_base = k_offset(b, kv_head, read_key);
+        let v_base = v_offset(b, kv_head, read_key);
+        var k_own: array<vec4<f32>, D4>;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            k_own[c4] = select(vec4<f32>(0.0), load_k(k_base, c4), in_range);
+        }
+        var v_own: array<vec4<f32>, D4V>;
+        for (var c4 = 0u; c4 < D4V; c4++) {
+            v_own[c4] = select(vec4<f32>(0.0), load_v(v_base, c4), in_range);
+        }
+
+        // Scores of every row against the 8 keys of the step.
+        var dots: array<array<vec4<f32>, SG>, ROWS>;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            let keys = spread(k_own[c4]);
+            for (var r = 0u; r < ROWS; r++) {
+                for (var j = 0u; j < SG; j++) {
+                    dots[r][j] = fma(q_rows[r][c4], keys[j], dots[r][j]);
+                }
+            }
+        }
+
+        // Online softmax update with the step's keys. A key of probability 0, such as one
+        // outside the row's range, leaves the accumulator as it is, so a NaN or infinity in its
+        // value row cannot reach the output; the ordered test p == 0.0 keeps a NaN p, which
+        // must propagate.
+        var alphas: array<f32, ROWS>;
+        var ps: array<array<f32, SG>, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            var scores: array<f32, SG>;
+            var step_max = neg_inf();
+            for (var j = 0u; j < SG; j++) {
+                let key = j0 + j;
+                let dot4 = dots[r][j];
+                var score = dot4.x + dot4.y + dot4.z + dot4.w;
+                if SOFTCAP != 0u {
+                    score = cap_score(score);
+                }
+                if ALIBI != 0u {
+                    score += alibi_bias(slopes[r], diagonals[r], key);
+                }
+                if MASK != 0u {
+                    score += mask[mask_rows[r] + min(key, params.seq_kv - 1u)];
+                }
+                let seen_key = key >= row_keys[r].x && key < min(row_keys[r].y, key_end);
+                score = select(neg_inf(), score, seen_key);
+                poisoned[r] = poisoned[r] || poisons_row(score);
+                scores[j] = score;
+                step_max = max(step_max, score);
+            }
+            let new_max = max(m[r], step_max);
+            let seen = new_max != neg_inf();
+            alphas[r] = select(1.0, exp(m[r] - new_max), seen);
+            l[r] *= alphas[r];
+            for (var j = 0u; j < SG; j++) {
+                ps[r][j] = select(0.0, exp(scores[j] - new_max), seen);
+                l[r] += ps[r][j];
+            }
+            m[r] = new_max;
+        }
+        for (var c4 = 0u; c4 < D4V; c4++) {
+            let values = spread(v_own[c4]);
+            for (var r = 0u; r < ROWS; r++) {
+                var sum = acc[r][c4] * alphas[r];
+                for (var j = 0u; j < SG; j++) {
+                    let p = ps[r][j];
+                    sum = select(fma(vec4<f32>(p), values[j], sum), sum, p == 0.0);
+                }
+                acc[r][c4] = sum;
+            }
+        }
+    }
+
+    let dv = params.head_dim_v;
+    let all_rows = params.batch * params.heads * params.seq_q;
+    for (var r = 0u; r < ROWS; r++) {
+        let fully_masked = m[r] == neg_inf();
+        let inv_sum = select(1.0 / l[r], 0.0, fully_masked);
+        var row_m = m[r];
+        var row_l = l[r];
+        if poisoned[r] {
+            row_m = nan();
+            row_l = nan();
+        }
+        let h = heads[r];
+        let position = positions[r];
+        if valid[r] && params.kv_splits == 1u {
+            let out_base = out_offset(b, h, seq.row_begin + position);
+            for (var c4 = 0u; c4 < D4V; c4++) {
+                for (var e = 0u; e < 4u; e++) {
+                    let col = 4u * c4 + e;
+                    if col < dv {
+                        out[out_base + col] =
+                            Storage(select(acc[r][c4][e] * inv_sum, nan(), poisoned[r]));
+                    }
+                }
+            }
+            lse[lse_offset(b, h, seq.row_begin + position)] =
+                select(select(row_m + log(row_l), neg_inf(), fully_masked), nan(), poisoned[r]);
+        } else if valid[r] {
+            let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
+            for (var c4 = 0u; c4 < D4V; c4++) {
+                for (var e = 0u; e < 4u; e++) {
+                    let col = 4u * c4 + e;
+                    if col < dv {
+                        partial[partial_row * dv + col] = acc[r][c4][e] * inv_sum;
+                    }
+                }
+            }
+            let stats = params.kv_splits * all_rows * dv + 2u * partial_row;
+            partial[stats] = row_m;
+            partial[stats + 1u] = row_l;
+        }
+    }
+}
