@@ -1,7 +1,9 @@
 // Row loads shared by the programs that read K and V rows into private vec4 arrays
-// (`flash_rows.wgsl` and `flash_decode.wgsl`), which declare `k` and `v` as arrays of
-// `KvElement`. This version reads one element at a time, for any head dim and strides;
-// `load_rows_vec4.wgsl` reads whole vec4s where both allow it.
+// (`flash_rows.wgsl`, `flash_decode.wgsl` and `flash_subgroup.wgsl`), which declare `k` and `v`
+// as arrays of `KvElement`. This version reads one element at a time, for any head dim and
+// strides; `load_rows_vec4.wgsl` reads whole vec4s and `load_rows_u64.wgsl` 8 floats at a time
+// where both allow it. The first program reads through load_k and load_v, the other two through
+// load_k8 and load_v8, two vec4 columns at a time.
 alias KvElement = Storage;
 
 // Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim. The loads are
@@ -31,4 +33,16 @@ fn load_v(base: u32, c4: u32) -> vec4<f32> {
         f32(v[base + min(col.w, last)]),
     );
     return select(vec4<f32>(0.0), value, col <= vec4<u32>(last));
+}
+
+// Reads the vec4 columns 2 · c8 and 2 · c8 + 1 of the K row at element offset `base`, zero past
+// head_dim.
+fn load_k8(base: u32, c8: u32) -> array<vec4<f32>, 2> {
+    return array<vec4<f32>, 2>(load_k(base, 2u * c8), load_k(base, 2u * c8 + 1u));
+}
+
+// Reads the vec4 columns 2 · c8 and 2 · c8 + 1 of the V row at element offset `base`, zero past
+// head_dim_v.
+fn load_v8(base: u32, c8: u32) -> array<vec4<f32>, 2> {
+    return array<vec4<f32>, 2>(load_v(base, 2u * c8), load_v(base, 2u * c8 + 1u));
 }

@@ -83,8 +83,8 @@ impl Context {
     }
 
     /// Creates a context with a new device from `adapter`, requesting every limit it offers and
-    /// the optional features the kernels and benchmarks use (`SHADER_F16`, `SUBGROUP`,
-    /// `TIMESTAMP_QUERY`, `TIMESTAMP_QUERY_INSIDE_ENCODERS`) where it has them.
+    /// the optional features the kernels and benchmarks use (`SHADER_F16`, `SHADER_INT64`,
+    /// `SUBGROUP`, `TIMESTAMP_QUERY`, `TIMESTAMP_QUERY_INSIDE_ENCODERS`) where it has them.
     ///
     /// # Errors
     ///
@@ -92,6 +92,7 @@ impl Context {
     pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SHADER_INT64
             | wgpu::Features::SUBGROUP
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;

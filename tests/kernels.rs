@@ -319,7 +319,10 @@ kernel_contract!(flash_subgroup, Kernel::FlashSubgroup, 128);
 mod choice_and_memory {
     use crate::common::{assert_matches_reference, context};
     use wgpu_attention::validate::{ErrorStats, Tolerance};
-    use wgpu_attention::{AttentionProblem, AttentionShape, Causal, Error, Kernel, reference};
+    use wgpu_attention::{
+        AttentionProblem, AttentionShape, Causal, Error, Kernel, Layout, Strides, TensorStrides,
+        reference,
+    };
 
     #[test]
     fn auto_picks_flash_for_decoding() {
@@ -412,6 +415,37 @@ mod choice_and_memory {
             let problem = AttentionProblem::new(shape).with_causal(causal);
             let data = crate::common::random_inputs(&problem, 4096, 0.0);
             assert_matches_reference(Kernel::FlashDecode, &problem, &data.inputs());
+        }
+    }
+
+    #[test]
+    fn row_programs_read_rows_of_every_width() {
+        // Head dims 64, 36 and 33 read K and V 8 floats at a time (with SHADER_INT64), as vec4s
+        // (an odd count of them at 36) and one element at a time. Strided layouts of head dim
+        // 64 whose row stride is a multiple of 4 but not of 8 read vec4s too.
+        for (head_dim, seq_q) in [(64, 3), (36, 3), (33, 3), (64, 40), (36, 40), (33, 40)] {
+            let shape = AttentionShape::new(2, 4, seq_q, 77, head_dim).with_kv_heads(2);
+            let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
+            let data = crate::common::random_inputs(&problem, head_dim as u64, 0.0);
+            for kernel in [Kernel::FlashDecode, Kernel::FlashSubgroup] {
+                assert_matches_reference(kernel, &problem, &data.inputs());
+            }
+        }
+        let rows = |seq: usize, row: usize| Strides {
+            batch: 2 * seq * row,
+            head: seq * row,
+            seq: row,
+        };
+        let shape = AttentionShape::new(1, 2, 20, 50, 64);
+        let problem = AttentionProblem::new(shape).with_layout(Layout::Strided(TensorStrides {
+            q: rows(20, 68),
+            k: rows(50, 68),
+            v: rows(50, 68),
+            out: rows(20, 64),
+        }));
+        let data = crate::common::random_inputs(&problem, 68, 0.0);
+        for kernel in [Kernel::FlashDecode, Kernel::FlashSubgroup] {
+            assert_matches_reference(kernel, &problem, &data.inputs());
         }
     }
 

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
 use crate::kernels::tiling::{
     FLASH_DECODE_ROWS, FLASH_ROWS, FLASH_SUBGROUP_SIZE, FlashDecodeTiles, FlashRowTiles,
-    FlashSubgroupTiles, FlashTiles,
+    FlashSubgroupTiles, FlashTiles, RowLoads,
 };
 use crate::kernels::{
     EXTRA_ALIBI, EXTRA_PACKED, KernelParams, bind_buffers, check_binding, compile, split_grid,
@@ -43,22 +43,39 @@ const FLASH_ROWS_VEC4_WGSL: &str = concat!(
     include_str!("../../shaders/load_rows_vec4.wgsl"),
     include_str!("../../shaders/flash_rows.wgsl")
 );
-const FLASH_DECODE_WGSL: &str = concat!(
-    include_str!("../../shaders/load_rows.wgsl"),
-    include_str!("../../shaders/flash_decode.wgsl")
-);
-const FLASH_DECODE_VEC4_WGSL: &str = concat!(
-    include_str!("../../shaders/load_rows_vec4.wgsl"),
-    include_str!("../../shaders/flash_decode.wgsl")
-);
-const FLASH_SUBGROUP_WGSL: &str = concat!(
-    include_str!("../../shaders/load_rows.wgsl"),
-    include_str!("../../shaders/flash_subgroup.wgsl")
-);
-const FLASH_SUBGROUP_VEC4_WGSL: &str = concat!(
-    include_str!("../../shaders/load_rows_vec4.wgsl"),
-    include_str!("../../shaders/flash_subgroup.wgsl")
-);
+
+/// A program that reads K and V rows through `load_k8` and `load_v8`, after each of the three
+/// files that define them, in the order of [`RowLoads`].
+macro_rules! with_row_loads {
+    ($program:literal) => {
+        [
+            concat!(
+                include_str!("../../shaders/load_rows.wgsl"),
+                include_str!($program)
+            ),
+            concat!(
+                include_str!("../../shaders/load_rows_vec4.wgsl"),
+                include_str!($program)
+            ),
+            concat!(
+                include_str!("../../shaders/load_rows_u64.wgsl"),
+                include_str!($program)
+            ),
+        ]
+    };
+}
+
+const FLASH_DECODE_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_decode.wgsl");
+const FLASH_SUBGROUP_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_subgroup.wgsl");
+
+/// The source of a program built by [`with_row_loads`] for `loads`.
+fn with_loads(sources: &[&'static str; 3], loads: RowLoads) -> &'static str {
+    match loads {
+        RowLoads::Scalar => sources[0],
+        RowLoads::Vec4 => sources[1],
+        RowLoads::Wide => sources[2],
+    }
+}
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
 
 /// Workgroups below which the key range is split for parallelism, when each split keeps at
@@ -192,10 +209,10 @@ impl FlashVariant {
                 bounds_checks: true,
             },
             FlashVariant::Decode(tiles) => PipelineKey {
-                shader: if tiles.vec4_loads {
-                    "flash_decode.wgsl with vec4 loads"
-                } else {
-                    "flash_decode.wgsl"
+                shader: match tiles.loads {
+                    RowLoads::Scalar => "flash_decode.wgsl",
+                    RowLoads::Vec4 => "flash_decode.wgsl with vec4 loads",
+                    RowLoads::Wide => "flash_decode.wgsl with u64 loads",
                 },
                 dtype: problem.dtype,
                 constants: vec![
@@ -210,10 +227,10 @@ impl FlashVariant {
                 bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
             },
             FlashVariant::Subgroup(tiles) => PipelineKey {
-                shader: if tiles.vec4_loads {
-                    "flash_subgroup.wgsl with vec4 loads"
-                } else {
-                    "flash_subgroup.wgsl"
+                shader: match tiles.loads {
+                    RowLoads::Scalar => "flash_subgroup.wgsl",
+                    RowLoads::Vec4 => "flash_subgroup.wgsl with vec4 loads",
+                    RowLoads::Wide => "flash_subgroup.wgsl with u64 loads",
                 },
                 dtype: problem.dtype,
                 constants: vec![
@@ -234,10 +251,8 @@ impl FlashVariant {
             FlashVariant::Tiled(_) => FLASH_WGSL,
             FlashVariant::Rows(tiles) if tiles.vec4_loads => FLASH_ROWS_VEC4_WGSL,
             FlashVariant::Rows(_) => FLASH_ROWS_WGSL,
-            FlashVariant::Decode(tiles) if tiles.vec4_loads => FLASH_DECODE_VEC4_WGSL,
-            FlashVariant::Decode(_) => FLASH_DECODE_WGSL,
-            FlashVariant::Subgroup(tiles) if tiles.vec4_loads => FLASH_SUBGROUP_VEC4_WGSL,
-            FlashVariant::Subgroup(_) => FLASH_SUBGROUP_WGSL,
+            FlashVariant::Decode(tiles) => with_loads(&FLASH_DECODE_WGSL, tiles.loads),
+            FlashVariant::Subgroup(tiles) => with_loads(&FLASH_SUBGROUP_WGSL, tiles.loads),
         }
     }
 }
@@ -276,10 +291,11 @@ pub(crate) fn plan(
     let on_cpu = context.on_cpu();
     let rows = || FlashRowTiles::choose(problem, limits).map(FlashVariant::Rows);
     let tiled = || FlashTiles::choose(problem, limits).map(FlashVariant::Tiled);
-    let decode = || FlashDecodeTiles::choose(problem, limits).map(FlashVariant::Decode);
+    let loads = RowLoads::choose(problem, context.features());
+    let decode = || FlashDecodeTiles::choose(problem, limits, loads).map(FlashVariant::Decode);
     let subgroup_fits = context.fixed_subgroup_size() == Some(FLASH_SUBGROUP_SIZE);
     let subgroup = || {
-        FlashSubgroupTiles::choose(problem)
+        FlashSubgroupTiles::choose(problem, loads)
             .filter(|_| subgroup_fits)
             .map(FlashVariant::Subgroup)
     };

@@ -4,7 +4,7 @@
 //! constants; `flash_decode.wgsl` and `flash_subgroup.wgsl` get them as `const` declarations
 //! ahead of their sources. The host derives its dispatch grids from the same values.
 
-use crate::problem::AttentionProblem;
+use crate::problem::{AttentionProblem, Dtype};
 
 /// Outputs per invocation along each axis of the matrix-product kernels, as `ROWS` and `COLS`
 /// in `scores.wgsl` and `probs_v.wgsl`. These are `const` in WGSL because per-invocation arrays
@@ -227,6 +227,11 @@ pub(crate) struct FlashRowTiles {
 /// Returns whether the K and V rows of `problem` can be read as whole vec4s: both head dims and
 /// every stride of K and V are multiples of 4 elements.
 pub(crate) fn vec4_rows(problem: &AttentionProblem) -> bool {
+    rows_in_groups_of(problem, 4)
+}
+
+/// Returns whether both head dims and every stride of K and V are multiples of `elements`.
+fn rows_in_groups_of(problem: &AttentionProblem, elements: usize) -> bool {
     let s = &problem.shape;
     let strides = problem.strides();
     [
@@ -240,7 +245,38 @@ pub(crate) fn vec4_rows(problem: &AttentionProblem) -> bool {
         strides.v.seq,
     ]
     .iter()
-    .all(|value| value.is_multiple_of(4))
+    .all(|value| value.is_multiple_of(elements))
+}
+
+/// How the decoding and subgroup programs read K and V rows: the file that `kernels::flash`
+/// puts ahead of the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowLoads {
+    /// One element per read, for any head dim and strides (`load_rows.wgsl`).
+    Scalar,
+    /// A vec4 per read, where both head dims and every K and V stride are multiples of 4
+    /// (`load_rows_vec4.wgsl`).
+    Vec4,
+    /// Eight f32 values per read, as one `vec4<u64>`, where those are multiples of 8, the
+    /// storage is f32 and the device has `SHADER_INT64` (`load_rows_u64.wgsl`). llvmpipe reads
+    /// memory in a loop over the SIMD lanes, one pass per read, so twice the bytes per read
+    /// halves the passes. On lavapipe it made decoding 1.7× faster (B1 H32 Skv4096 D128) and
+    /// prefill 1.1× faster (B1 H8 S2048 D64).
+    Wide,
+}
+
+impl RowLoads {
+    /// Returns the widest reads that `problem`'s rows allow on a device with `features`.
+    pub fn choose(problem: &AttentionProblem, features: wgpu::Features) -> Self {
+        let int64 = features.contains(wgpu::Features::SHADER_INT64);
+        if int64 && problem.dtype == Dtype::F32 && rows_in_groups_of(problem, 8) {
+            RowLoads::Wide
+        } else if vec4_rows(problem) {
+            RowLoads::Vec4
+        } else {
+            RowLoads::Scalar
+        }
+    }
 }
 
 /// Returns the largest power of two not above `value`, which must be at least 1.
@@ -258,8 +294,8 @@ pub(crate) struct FlashSubgroupTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
-    /// Whether K and V are read as whole vec4s ([`vec4_rows`]).
-    pub vec4_loads: bool,
+    /// How K and V are read.
+    pub loads: RowLoads,
 }
 
 /// The subgroup size `flash_subgroup.wgsl` requires, which is also its workgroup size and the
@@ -302,7 +338,7 @@ impl FlashSubgroupTiles {
     /// more than it takes to cover the packed rows of a key/value head (heads per key/value
     /// head × `seq_q`) in one block. At B1 H8 S2048 D64 that is 4 rows per invocation, a block
     /// of 32; at head dim 128, 2.
-    pub fn choose(problem: &AttentionProblem) -> Option<Self> {
+    pub fn choose(problem: &AttentionProblem, loads: RowLoads) -> Option<Self> {
         let s = &problem.shape;
         if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
             return None;
@@ -323,7 +359,7 @@ impl FlashSubgroupTiles {
             rows,
             d4,
             d4v,
-            vec4_loads: vec4_rows(problem),
+            loads,
         })
     }
 }
@@ -340,8 +376,8 @@ pub(crate) struct FlashDecodeTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
-    /// Whether K and V are read as whole vec4s ([`vec4_rows`]).
-    pub vec4_loads: bool,
+    /// How K and V are read.
+    pub loads: RowLoads,
 }
 
 impl FlashDecodeTiles {
@@ -353,7 +389,11 @@ impl FlashDecodeTiles {
     /// decoding of up to 4 query heads per key/value head, one block takes them all and reads
     /// their K and V rows once. Otherwise blocks are as large as [`FLASH_DECODE_COLUMNS`]
     /// allows, up to [`FLASH_DECODE_ROWS`].
-    pub fn choose(problem: &AttentionProblem, limits: &wgpu::Limits) -> Option<Self> {
+    pub fn choose(
+        problem: &AttentionProblem,
+        limits: &wgpu::Limits,
+        loads: RowLoads,
+    ) -> Option<Self> {
         let s = &problem.shape;
         if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
             return None;
@@ -375,7 +415,7 @@ impl FlashDecodeTiles {
             rows,
             d4,
             d4v,
-            vec4_loads: vec4_rows(problem),
+            loads,
         };
         let bytes = workgroup * (12 + 16 * tiles.d4v);
         (bytes <= limits.max_compute_workgroup_storage_size).then_some(tiles)
@@ -447,7 +487,7 @@ mod tests {
 
     fn decode_rows(shape: AttentionShape) -> u32 {
         let problem = AttentionProblem::new(shape);
-        FlashDecodeTiles::choose(&problem, &wgpu::Limits::default())
+        FlashDecodeTiles::choose(&problem, &wgpu::Limits::default(), RowLoads::Vec4)
             .expect("head dims up to 128 fit")
             .rows
     }
@@ -471,8 +511,24 @@ mod tests {
         assert_eq!(decode_rows(wide_values), 2);
     }
 
+    #[test]
+    fn row_loads_take_the_widest_reads_the_rows_allow() {
+        let all = wgpu::Features::SHADER_INT64;
+        let none = wgpu::Features::empty();
+        let problem = |head_dim| AttentionProblem::new(AttentionShape::new(1, 2, 3, 5, head_dim));
+        assert_eq!(RowLoads::choose(&problem(64), all), RowLoads::Wide);
+        assert_eq!(RowLoads::choose(&problem(64), none), RowLoads::Vec4);
+        assert_eq!(RowLoads::choose(&problem(36), all), RowLoads::Vec4);
+        assert_eq!(RowLoads::choose(&problem(33), all), RowLoads::Scalar);
+        let f16 = problem(64).with_dtype(Dtype::F16);
+        assert_eq!(RowLoads::choose(&f16, all), RowLoads::Vec4);
+        let wide_values =
+            AttentionProblem::new(AttentionShape::new(1, 2, 3, 5, 64).with_head_dim_v(36));
+        assert_eq!(RowLoads::choose(&wide_values, all), RowLoads::Vec4);
+    }
+
     fn subgroup_rows(shape: AttentionShape) -> u32 {
-        FlashSubgroupTiles::choose(&AttentionProblem::new(shape))
+        FlashSubgroupTiles::choose(&AttentionProblem::new(shape), RowLoads::Vec4)
             .expect("head dims up to 128 fit")
             .rows
     }
@@ -492,11 +548,7 @@ mod tests {
         assert_eq!(subgroup_rows(decode), 4);
         let decode = AttentionShape::new(1, 32, 2, 1 << 20, 32).with_kv_heads(8);
         assert_eq!(subgroup_rows(decode), 1);
-        assert!(
-            FlashSubgroupTiles::choose(&AttentionProblem::new(AttentionShape::new(
-                1, 1, 8, 8, 129
-            )))
-            .is_none()
-        );
+        let wide = AttentionProblem::new(AttentionShape::new(1, 1, 8, 8, 129));
+        assert!(FlashSubgroupTiles::choose(&wide, RowLoads::Vec4).is_none());
     }
 }

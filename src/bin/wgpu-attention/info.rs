@@ -21,6 +21,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
         let features = adapter.features();
         let limits = adapter.limits();
         let f16 = features.contains(wgpu::Features::SHADER_F16);
+        let int64 = features.contains(wgpu::Features::SHADER_INT64);
         let subgroups = features.contains(wgpu::Features::SUBGROUP);
         let timestamps = features.contains(wgpu::Features::TIMESTAMP_QUERY);
         let limit_rows = [
@@ -63,6 +64,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
                 "driver": info.driver,
                 "driver_info": info.driver_info,
                 "shader_f16": f16,
+                "shader_int64": int64,
                 "subgroups": subgroups,
                 "subgroup_min_size": info.subgroup_min_size,
                 "subgroup_max_size": info.subgroup_max_size,
@@ -80,6 +82,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
         println!("    device type   {:?}", info.device_type);
         println!("    driver        {} ({})", info.driver, info.driver_info);
         println!("    SHADER_F16    {}", yes_no(f16));
+        println!("    SHADER_INT64  {}", yes_no(int64));
         if subgroups {
             println!(
                 "    subgroups     yes, size {} to {}",
