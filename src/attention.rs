@@ -33,10 +33,10 @@ pub enum Kernel {
     Auto,
     /// One fused pass: scores, online softmax and output per block of query rows, with keys and
     /// values streamed through workgroup memory, and a merge pass when the key range is split.
-    /// Memory grows with the inputs only. On CPU adapters it runs [`Kernel::FlashDecode`] where a
-    /// key/value head has at most 4 query rows (heads per key/value head × `seq_q`) and
-    /// [`Kernel::FlashSubgroup`] above, where each supports the problem and the adapter; on
-    /// GPUs, [`Kernel::FlashTiled`].
+    /// Memory grows with the inputs only. On GPUs it runs [`Kernel::FlashTiled`]. On CPU
+    /// adapters it runs [`Kernel::FlashDecode`] where a key/value head has at most 4 query rows
+    /// (heads per key/value head × `seq_q`), and [`Kernel::FlashSubgroup`] above, where each
+    /// supports the problem and the adapter.
     Flash,
     /// The fused kernel's tiled program: blocks of key lanes × row lanes sharing a Q block.
     FlashTiled,
@@ -52,8 +52,8 @@ pub enum Kernel {
     /// subgroup size of 8, such as lavapipe. A workgroup is one subgroup, each invocation owns up
     /// to 4 query rows, and each key and value row read from memory reaches the block's other
     /// invocations through subgroup broadcasts. [`Kernel::Flash`] picks it on CPU adapters for
-    /// prefill; on lavapipe it ran 3.2 times faster than [`Kernel::FlashDecode`] at 2,048 × 2,048
-    /// (8 heads, head dim 64).
+    /// prefill. On lavapipe it ran 2.1 times faster than [`Kernel::FlashDecode`] at
+    /// 2,048 × 2,048 (8 heads, head dim 64).
     FlashSubgroup,
     /// Scores, softmax and output as three dispatches, with the score matrix in memory. Memory
     /// grows with `seq_q × seq_kv`, bounded per dispatch by processing heads in chunks.

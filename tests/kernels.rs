@@ -452,7 +452,7 @@ mod choice_and_memory {
     #[test]
     fn subgroup_program_needs_subgroups_of_8() {
         // lavapipe's Vulkan driver, the adapter of CI, runs subgroups of 8, so the subgroup
-        // program is tested there. Elsewhere the program must refuse with a typed error.
+        // program is tested there. Elsewhere the call must return a typed error.
         let info = context().adapter_info();
         if info.name.contains("llvmpipe") && info.backend == wgpu::Backend::Vulkan {
             assert!(crate::common::has_subgroups_of_8(context()), "{info:?}");

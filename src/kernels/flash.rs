@@ -8,8 +8,8 @@
 //! lavapipe it ran about twice as fast as the tiled program. `flash_decode.wgsl` gives each
 //! block of up to 4 query rows of one key/value head a workgroup whose invocations take turns
 //! over the keys, each key read once for the whole block. `flash_subgroup.wgsl` makes a workgroup
-//! of one subgroup of 8 invocations, each with up to 4 query rows; the invocations read the keys
-//! of a step one each and pass them to the others by subgroup broadcasts.
+//! of one subgroup of 8 invocations, each with up to 4 query rows. At each step every invocation
+//! reads one key, and subgroup broadcasts pass it to the other seven.
 //!
 //! On lavapipe, every read from memory costs a loop over the SIMD lanes, so the CPU programs
 //! differ mainly in how many rows each read serves: 1 in the row program, up to 4 in the
@@ -68,7 +68,7 @@ macro_rules! with_row_loads {
 const FLASH_DECODE_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_decode.wgsl");
 const FLASH_SUBGROUP_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_subgroup.wgsl");
 
-/// The source of a program built by [`with_row_loads`] for `loads`.
+/// Returns the source of a program built by [`with_row_loads`] for `loads`.
 fn with_loads(sources: &[&'static str; 3], loads: RowLoads) -> &'static str {
     match loads {
         RowLoads::Scalar => sources[0],
@@ -272,8 +272,8 @@ pub(crate) struct FlashPlan {
 ///
 /// [`Kernel::Flash`] takes the tiled program on GPUs. On CPU adapters, at head dims up to 128,
 /// it takes the decoding program where a key/value head has at most [`FLASH_DECODE_ROWS`]
-/// packed rows, and the subgroup program above where the device has subgroups of exactly 8;
-/// each falls back to the other, then to the row and tiled programs. On lavapipe the decoding
+/// packed rows, and the subgroup program above where the device has subgroups of exactly 8.
+/// Each falls back to the other, then to the row and tiled programs. On lavapipe the decoding
 /// program ran 12.4× faster than the row program for one query row (B1 H32 Skv4096 D128). It
 /// ran about as fast as the subgroup program at 4 rows per key/value head (7.0 against 7.2 ms,
 /// B1 H32 H_kv8 Skv4096 D128), where the subgroup program leaves half its lanes idle, and faster

@@ -248,8 +248,8 @@ fn rows_in_groups_of(problem: &AttentionProblem, elements: usize) -> bool {
     .all(|value| value.is_multiple_of(elements))
 }
 
-/// How the decoding and subgroup programs read K and V rows: the file that `kernels::flash`
-/// puts ahead of the program.
+/// The width of the reads with which the decoding and subgroup programs take K and V rows, which
+/// selects the file that `kernels::flash` puts ahead of the program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RowLoads {
     /// One element per read, for any head dim and strides (`load_rows.wgsl`).
@@ -294,7 +294,7 @@ pub(crate) struct FlashSubgroupTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
-    /// How K and V are read.
+    /// The width of the K and V reads.
     pub loads: RowLoads,
 }
 
@@ -311,10 +311,11 @@ pub(crate) const FLASH_SUBGROUP_MAX_ROWS: u32 = 4;
 ///
 /// Compile time grows faster than the columns. On lavapipe (Mesa 22.3.6), first calls at
 /// 32, 48, 64, 96, 128 and 256 columns compiled for about 1.1, 1.7, 2.3 to 3.1, 4.9, 7.8 to 8.5
-/// and 27 s. At B1 H8 S2048 D64, 4 rows per invocation (128 columns) ran in 205 ms against
-/// 232 ms for 3 and 276 ms for 2; at B1 H8 S1024 D128, 2 rows (128 columns) ran in 157 ms. At
-/// the MiniLM batch, B4 H12 S128 D32, 2 rows (32 columns) ran in 4.0 ms against 3.2 ms for 4,
-/// but compiled for 1.1 s against 2.3 s, which a first call pays.
+/// and 27 s. With vec4 reads of K and V, at B1 H8 S2048 D64, 4 rows per invocation (128
+/// columns) ran in 205 ms against 232 ms for 3 and 276 ms for 2. At B1 H8 S1024 D128, 2 rows
+/// (128 columns) ran in 157 ms. At the MiniLM batch, B4 H12 S128 D32, 2 rows (32 columns) ran
+/// in 4.0 ms against 3.2 ms for 4, but compiled for 1.1 s against 2.3 s, which a first call
+/// pays.
 pub(crate) const FLASH_SUBGROUP_COLUMNS: u32 = 128;
 /// The bound for problems under [`FLASH_SUBGROUP_LARGE_SCORES`] scores.
 pub(crate) const FLASH_SUBGROUP_SMALL_COLUMNS: u32 = 32;
@@ -376,7 +377,7 @@ pub(crate) struct FlashDecodeTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
-    /// How K and V are read.
+    /// The width of the K and V reads.
     pub loads: RowLoads,
 }
 

@@ -31,8 +31,8 @@ pub const KERNELS: [Kernel; 5] = [
     Kernel::FlashSubgroup,
 ];
 
-/// Whether `context`'s device has subgroups of exactly 8 invocations, which the subgroup
-/// program needs. lavapipe on Vulkan has them; its GL driver has no subgroups.
+/// Returns whether `context`'s device has subgroups of exactly 8 invocations, which the subgroup
+/// program needs. lavapipe on Vulkan has them, and its GL driver has no subgroups.
 pub fn has_subgroups_of_8(context: &Context) -> bool {
     let info = context.adapter_info();
     context.features().contains(wgpu::Features::SUBGROUP)
@@ -40,13 +40,13 @@ pub fn has_subgroups_of_8(context: &Context) -> bool {
         && info.subgroup_max_size == 8
 }
 
-/// Whether `kernel` runs on `context`'s device, head-dim limits aside.
+/// Returns whether `kernel` runs on `context`'s device, head-dim limits aside.
 pub fn runs_on(context: &Context, kernel: Kernel) -> bool {
     kernel != Kernel::FlashSubgroup || has_subgroups_of_8(context)
 }
 
-/// The kernels of [`KERNELS`] that run on the shared context: all five on lavapipe's Vulkan
-/// driver, which `tests/kernels.rs` checks.
+/// Returns the kernels of [`KERNELS`] that run on the shared context: all five on lavapipe's
+/// Vulkan driver, which `tests/kernels.rs` checks.
 pub fn kernels() -> Vec<Kernel> {
     KERNELS
         .into_iter()
@@ -97,7 +97,7 @@ pub fn assert_matches_reference(
 ) {
     let result = context().attention_with(kernel, problem, inputs);
     if !runs_on(context(), kernel) {
-        // The device cannot run the program: the call must say so with a typed error.
+        // The device cannot run the program, so the call must return a typed error.
         let error = result.unwrap_err();
         assert!(matches!(error, Error::Unsupported { .. }), "{error}");
         return;
