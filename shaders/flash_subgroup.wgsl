@@ -114,23 +114,10 @@ fn main(
     }
 
     // Keys of this split that some row of the block may attend to, the same for all 8
-    // invocations. A block that spans two query heads covers positions 0 to seq_q - 1.
-    let last_packed = min(packed0 + block_q, packed_rows) - 1u;
-    var first_position = packed0 % params.seq_q;
-    var last_position = last_packed % params.seq_q;
-    if last_packed / params.seq_q != packed0 / params.seq_q {
-        first_position = 0u;
-        last_position = params.seq_q - 1u;
-    }
-    let split_begin = split * params.keys_per_split;
-    let key_begin = max(split_begin, window_key_begin(seq, first_position));
-    var key_end = min(
-        block_key_end(seq, min(last_position + 1u, seq.rows)),
-        split_begin + params.keys_per_split,
-    );
-    if first_position >= seq.rows {
-        key_end = key_begin;
-    }
+    // invocations.
+    let keys = block_keys(seq, packed0, block_q, packed_rows, split);
+    let key_begin = keys.x;
+    let key_end = keys.y;
 
     // The sink joins each row's sum once, in the first split. `poisoned` records a NaN or +inf
     // score, which makes the row NaN as in the reference.

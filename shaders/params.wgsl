@@ -214,3 +214,27 @@ fn block_key_end(seq: Sequence, row_end: u32) -> u32 {
     }
     return key_range(seq, row_end - 1u).y;
 }
+
+// The keys of split `split` that some row of a fused program's block may attend to, as [x, y):
+// the block is packed rows packed0 to packed0 + block_q - 1 of a key/value head that has
+// `packed_rows` of them (see flash.wgsl). A block that spans two query heads covers positions
+// 0 to seq_q - 1. The range is empty (x >= y) when the block has no valid row.
+fn block_keys(seq: Sequence, packed0: u32, block_q: u32, packed_rows: u32, split: u32) -> vec2<u32> {
+    let last_packed = min(packed0 + block_q, packed_rows) - 1u;
+    var first_position = packed0 % params.seq_q;
+    var last_position = last_packed % params.seq_q;
+    if last_packed / params.seq_q != packed0 / params.seq_q {
+        first_position = 0u;
+        last_position = params.seq_q - 1u;
+    }
+    let split_begin = split * params.keys_per_split;
+    let key_begin = max(split_begin, window_key_begin(seq, first_position));
+    var key_end = min(
+        block_key_end(seq, min(last_position + 1u, seq.rows)),
+        split_begin + params.keys_per_split,
+    );
+    if first_position >= seq.rows {
+        key_end = key_begin;
+    }
+    return vec2<u32>(key_begin, key_end);
+}

@@ -68,6 +68,24 @@ macro_rules! with_row_loads {
 const FLASH_DECODE_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_decode.wgsl");
 const FLASH_SUBGROUP_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_subgroup.wgsl");
 
+/// Returns the constants that the decoding and subgroup programs share: the vec4 columns of the
+/// head dims, and 1 or 0 for soft-capping, ALiBi and the mask, which are compile-time constants
+/// there because llvmpipe runs both sides of every branch.
+fn row_constants(
+    d4: u32,
+    d4v: u32,
+    problem: &AttentionProblem,
+    extras: u32,
+) -> [(&'static str, u32); 5] {
+    [
+        ("D4", d4),
+        ("D4V", d4v),
+        ("SOFTCAP", u32::from(problem.softcap.is_some())),
+        ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
+        ("MASK", u32::from(problem.mask.is_some())),
+    ]
+}
+
 /// Returns the source of a program built by [`with_row_loads`] for `loads`.
 fn with_loads(sources: &[&'static str; 3], loads: RowLoads) -> &'static str {
     match loads {
@@ -208,41 +226,34 @@ impl FlashVariant {
                 ],
                 bounds_checks: true,
             },
-            FlashVariant::Decode(tiles) => PipelineKey {
-                shader: match tiles.loads {
-                    RowLoads::Scalar => "flash_decode.wgsl",
-                    RowLoads::Vec4 => "flash_decode.wgsl with vec4 loads",
-                    RowLoads::Wide => "flash_decode.wgsl with u64 loads",
-                },
-                dtype: problem.dtype,
-                constants: vec![
-                    ("WG", tiles.workgroup),
-                    ("ROWS", tiles.rows),
-                    ("D4", tiles.d4),
-                    ("D4V", tiles.d4v),
-                    ("SOFTCAP", u32::from(problem.softcap.is_some())),
-                    ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
-                    ("MASK", u32::from(problem.mask.is_some())),
-                ],
-                bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
-            },
-            FlashVariant::Subgroup(tiles) => PipelineKey {
-                shader: match tiles.loads {
-                    RowLoads::Scalar => "flash_subgroup.wgsl",
-                    RowLoads::Vec4 => "flash_subgroup.wgsl with vec4 loads",
-                    RowLoads::Wide => "flash_subgroup.wgsl with u64 loads",
-                },
-                dtype: problem.dtype,
-                constants: vec![
-                    ("ROWS", tiles.rows),
-                    ("D4", tiles.d4),
-                    ("D4V", tiles.d4v),
-                    ("SOFTCAP", u32::from(problem.softcap.is_some())),
-                    ("ALIBI", u32::from(extras & EXTRA_ALIBI != 0)),
-                    ("MASK", u32::from(problem.mask.is_some())),
-                ],
-                bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
-            },
+            FlashVariant::Decode(tiles) => {
+                let mut constants = vec![("WG", tiles.workgroup), ("ROWS", tiles.rows)];
+                constants.extend(row_constants(tiles.d4, tiles.d4v, problem, extras));
+                PipelineKey {
+                    shader: match tiles.loads {
+                        RowLoads::Scalar => "flash_decode.wgsl",
+                        RowLoads::Vec4 => "flash_decode.wgsl with vec4 loads",
+                        RowLoads::Wide => "flash_decode.wgsl with u64 loads",
+                    },
+                    dtype: problem.dtype,
+                    constants,
+                    bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
+                }
+            }
+            FlashVariant::Subgroup(tiles) => {
+                let mut constants = vec![("ROWS", tiles.rows)];
+                constants.extend(row_constants(tiles.d4, tiles.d4v, problem, extras));
+                PipelineKey {
+                    shader: match tiles.loads {
+                        RowLoads::Scalar => "flash_subgroup.wgsl",
+                        RowLoads::Vec4 => "flash_subgroup.wgsl with vec4 loads",
+                        RowLoads::Wide => "flash_subgroup.wgsl with u64 loads",
+                    },
+                    dtype: problem.dtype,
+                    constants,
+                    bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
+                }
+            }
         }
     }
 
