@@ -35,8 +35,9 @@ pub enum Kernel {
     /// values streamed through workgroup memory, and a merge pass when the key range is split.
     /// Memory grows with the inputs only. On GPUs it runs [`Kernel::FlashTiled`]. On CPU
     /// adapters it runs [`Kernel::FlashDecode`] where a key/value head has at most 4 query rows
-    /// (heads per key/value head × `seq_q`), and [`Kernel::FlashSubgroup`] above, where each
-    /// supports the problem and the adapter.
+    /// (heads per key/value head × `seq_q`), and [`Kernel::FlashSubgroup`] above. Where the
+    /// device cannot run the subgroup program, the decoding program takes its place, and above
+    /// head dim 128 the tiled program runs.
     Flash,
     /// The fused kernel's tiled program: blocks of key lanes × row lanes sharing a Q block.
     FlashTiled,
@@ -48,8 +49,8 @@ pub enum Kernel {
     /// adapters for decoding, where a key/value head has at most 4 query rows, and wherever the
     /// subgroup program cannot run.
     FlashDecode,
-    /// The fused kernel's subgroup program, for head dims up to 128 on adapters with a fixed
-    /// subgroup size of 8, such as lavapipe. A workgroup is one subgroup, each invocation owns up
+    /// The fused kernel's subgroup program, for head dims up to 128 on devices with the
+    /// `SUBGROUP` feature whose subgroups all have 8 invocations, such as lavapipe. A workgroup is one subgroup, each invocation owns up
     /// to 4 query rows, and each key and value row read from memory reaches the block's other
     /// invocations through subgroup broadcasts. [`Kernel::Flash`] picks it on CPU adapters for
     /// prefill. On lavapipe it ran 2.1 times faster than [`Kernel::FlashDecode`] at

@@ -156,8 +156,8 @@ impl Context {
         &self.limits
     }
 
-    /// Returns whether the adapter runs on the CPU, like llvmpipe. There the fused kernel takes the
-    /// decoding program.
+    /// Returns whether the adapter runs on the CPU, like llvmpipe. There the fused kernel takes its
+    /// decoding or subgroup program.
     pub(crate) fn on_cpu(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
     }

@@ -288,9 +288,9 @@ pub(crate) struct FlashPlan {
 /// program ran 12.4× faster than the row program for one query row (B1 H32 Skv4096 D128). It
 /// ran about as fast as the subgroup program at 4 rows per key/value head (7.0 against 7.2 ms,
 /// B1 H32 H_kv8 Skv4096 D128), where the subgroup program leaves half its lanes idle, and faster
-/// at 1 row (21.3 against 25.3 ms at H_kv32). Above 4 rows, the subgroup program ran 2.0× to
-/// 3.3× faster than the decoding program, from 512 × 512 to 4,096 × 4,096 (B1 H8 D64), and 2.8×
-/// at the MiniLM batch.
+/// at 1 row (21.3 against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats
+/// at a time, the subgroup program ran 1.7× to 2.3× faster than the decoding program, from
+/// 512 × 512 to 4,096 × 4,096 (B1 H8 D64), and 2.8× faster at the MiniLM batch.
 // NOTE: measured on lavapipe only (Mesa 22.3.6, 2 cores); other CPU drivers may differ.
 pub(crate) fn plan(
     context: &Context,
@@ -378,19 +378,22 @@ fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) ->
     }
     if kernel == Kernel::FlashSubgroup {
         let info = context.adapter_info();
-        let what = if context.features().contains(wgpu::Features::SUBGROUP) {
-            format!(
-                "subgroups of {} to {} invocations on this device; the program needs exactly \
-                 {FLASH_SUBGROUP_SIZE}",
-                info.subgroup_min_size, info.subgroup_max_size
-            )
-        } else {
-            "a device without the SUBGROUP feature".to_string()
-        };
+        if context.features().contains(wgpu::Features::SUBGROUP) {
+            return Error::Unsupported {
+                kernel: kernel.name(),
+                what: format!(
+                    "subgroups of {} to {} invocations, where the program needs exactly \
+                     {FLASH_SUBGROUP_SIZE}",
+                    info.subgroup_min_size, info.subgroup_max_size
+                ),
+                fix: "use Kernel::Flash (flash in the CLI), which picks a program the device runs",
+            };
+        }
         return Error::Unsupported {
             kernel: kernel.name(),
-            what,
-            fix: "use Kernel::Flash (flash in the CLI), which picks a program the device runs",
+            what: "a device without the SUBGROUP feature".to_string(),
+            fix: "create the device with wgpu::Features::SUBGROUP where the adapter offers it, \
+                  or use Kernel::Flash (flash in the CLI), which picks a program the device runs",
         };
     }
     let smallest = FlashTiles {

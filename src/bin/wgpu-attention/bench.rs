@@ -819,10 +819,9 @@ fn print_footer(context: &Context, gpu_timing: Timing) {
     println!();
     let info = context.adapter_info();
     println!(
-        "adapter: {}, driver: {} ({})",
+        "adapter: {}, driver: {}",
         crate::adapter_label(context),
-        info.driver,
-        info.driver_info
+        crate::driver_label(info)
     );
     let gpu_clock = match gpu_timing {
         Timing::GpuTimestamps => "GPU timestamps around the recorded kernels",

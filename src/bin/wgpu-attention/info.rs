@@ -80,7 +80,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
             wgpu_attention::backend_name(info.backend)
         );
         println!("    device type   {:?}", info.device_type);
-        println!("    driver        {} ({})", info.driver, info.driver_info);
+        println!("    driver        {}", crate::driver_label(&info));
         println!("    SHADER_F16    {}", yes_no(f16));
         println!("    SHADER_INT64  {}", yes_no(int64));
         if subgroups {

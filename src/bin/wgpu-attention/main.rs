@@ -72,6 +72,16 @@ pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
     })
 }
 
+/// Returns the driver's name and version for reports, or only the version where the backend
+/// gives no name (as OpenGL does).
+pub(crate) fn driver_label(info: &wgpu::AdapterInfo) -> String {
+    if info.driver.is_empty() {
+        info.driver_info.clone()
+    } else {
+        format!("{} ({})", info.driver, info.driver_info)
+    }
+}
+
 /// The adapter's name and backend for reports.
 pub(crate) fn adapter_label(context: &Context) -> String {
     let info = context.adapter_info();

@@ -1,7 +1,7 @@
 //! `validate`: runs the kernels on a grid of generated problems and judges each output against
 //! the f64 CPU reference.
 //!
-//! A case is one problem, one dtype and one kernel. The grid has three parts:
+//! A case is one problem, one dtype and one kernel. The grid has five parts:
 //!
 //! - every pair of odd sequence lengths from [`SEQ_LENS`] (with `seq_q > seq_kv` too), crossed
 //!   with every head dim, with the grouped-query ratio and the masking options rotated so that
@@ -12,7 +12,8 @@
 //!   ratio, with the masking options rotated;
 //! - every combination of the variants that live in the inputs (ALiBi slopes, attention sinks,
 //!   key lengths, packed sequences), crossed with every layout of [`LAYOUTS`] and every head-dim
-//!   pair of [`VARIANT_HEAD_DIMS`], with the masking options, lengths and ratios rotated.
+//!   pair of [`VARIANT_HEAD_DIMS`], with the masking options, lengths and ratios rotated;
+//! - long prefill at [`LONG_PREFILL`], where the subgroup program takes its largest blocks.
 //!
 //! Each problem runs in f32 and f16. Inputs are drawn from a seed derived from the problem name
 //! (dtype included), so every kernel gets the same inputs, whatever `--quick`, `--kernel` or
@@ -298,6 +299,25 @@ fn decode_problems() -> Vec<AttentionProblem> {
     problems
 }
 
+/// Query and key lengths of the long-prefill part: with 8 query heads, over the 8 Mi scores from
+/// which the subgroup program takes 4 rows per invocation at head dim 64 and 2 at 128. Both are
+/// odd, so the last block of rows and the last step of keys are partial.
+const LONG_PREFILL: (usize, usize) = (1029, 1031);
+
+/// Builds the long-prefill part: [`LONG_PREFILL`] with 8 query heads over 2 key/value heads, at
+/// head dims 64 and 128, without and with the bottom-right causal mask.
+fn long_prefill_problems() -> Vec<AttentionProblem> {
+    let mut problems = Vec::new();
+    for head_dim in [64, 128] {
+        for causal in [Causal::None, Causal::BottomRight] {
+            let (seq_q, seq_kv) = LONG_PREFILL;
+            let shape = AttentionShape::new(1, 8, seq_q, seq_kv, head_dim).with_kv_heads(2);
+            problems.push(AttentionProblem::new(shape).with_causal(causal));
+        }
+    }
+    problems
+}
+
 /// The variants that live in the inputs rather than in the problem.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Extras {
@@ -407,6 +427,7 @@ fn grid_problems() -> Vec<GridProblem> {
         .into_iter()
         .chain(option_product_problems())
         .chain(decode_problems())
+        .chain(long_prefill_problems())
         .map(GridProblem::plain)
         .collect();
     problems.extend(variant_problems());
