@@ -15,15 +15,13 @@
 // their time on; this program makes each serve 8 · ROWS rows, where they serve up to 4 and 1.
 
 // The host declares these constants ahead of this file, as `const` rather than `override`:
+// - SG: invocations per workgroup and keys per step, which must equal the subgroup size;
 // - ROWS: packed rows per invocation; the block holds 8 · ROWS, row r of invocation x being
 //   row x + 8 · r of the block;
 // - D4 and D4V: vec4 columns of the query/key head dim and of the value head dim;
 // - SOFTCAP, ALIBI and MASK: 1 where the problem has soft-capping, ALiBi or a mask, else 0.
 // As in `flash_decode.wgsl`, each loop over a private array runs over its whole length with the
 // loop counter as the index, so that Mesa's NIR unrolls it and keeps the array in registers.
-
-// Invocations per workgroup, and keys per step: the subgroup size this program requires.
-const SG: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // Queries, keys and values, addressed through q_offset, k_offset and v_offset.
@@ -44,7 +42,8 @@ const SG: u32 = 8u;
 @group(0) @binding(8) var<storage, read> aux: array<u32>;
 
 // The value `x` of each of the 8 invocations, in invocation order. The lane of a broadcast must
-// be a constant, hence one call per lane.
+// be a constant, hence one call per lane, written for SG = 8.
+const_assert SG == 8u;
 fn spread(x: vec4<f32>) -> array<vec4<f32>, SG> {
     return array<vec4<f32>, SG>(
         subgroupBroadcast(x, 0u),

@@ -241,7 +241,7 @@ impl FlashVariant {
                 }
             }
             FlashVariant::Subgroup(tiles) => {
-                let mut constants = vec![("ROWS", tiles.rows)];
+                let mut constants = vec![("SG", FLASH_SUBGROUP_SIZE), ("ROWS", tiles.rows)];
                 constants.extend(row_constants(tiles.d4, tiles.d4v, problem, extras));
                 PipelineKey {
                     shader: match tiles.loads {

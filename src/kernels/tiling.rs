@@ -299,7 +299,8 @@ pub(crate) struct FlashSubgroupTiles {
 }
 
 /// The subgroup size `flash_subgroup.wgsl` requires, which is also its workgroup size and the
-/// keys of each step.
+/// keys of each step (`SG`). The program's broadcasts are written for 8 lanes, and it asserts
+/// the value.
 pub(crate) const FLASH_SUBGROUP_SIZE: u32 = 8;
 
 /// Most query rows per invocation of `flash_subgroup.wgsl`.
