@@ -48,23 +48,8 @@ override V_KEYS: u32 = 64u;
 // Floats of the staging buffer: max(TILE_KV · K_CHUNK, V_KEYS · WG_KV · D_COLS_V).
 override KV_TILE: u32 = 4096u;
 
-@group(0) @binding(0) var<uniform> params: Params;
-// Queries, keys and values, addressed through q_offset, k_offset and v_offset.
-@group(0) @binding(1) var<storage, read> q: array<Storage>;
-@group(0) @binding(2) var<storage, read> k: array<Storage>;
-@group(0) @binding(3) var<storage, read> v: array<Storage>;
-// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
-@group(0) @binding(4) var<storage, read> mask: array<f32>;
-// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
-// kv_splits is 1.
-@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
-@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// With several splits: each split's output normalized by its own sum,
-// [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
-// [kv_splits, batch, heads, seq_q, 2].
-@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
-// Per-head and per-sequence values; see params.wgsl.
-@group(0) @binding(8) var<storage, read> aux: array<u32>;
+// The bindings come from fused_bindings.wgsl, with K and V elements of the storage type.
+alias KvElement = Storage;
 
 // The Q block, [BLOCK_Q][WG_KV · D_COLS], zero-padded: WG_Q · ROWS · WG_KV · D_COLS · 4 bytes.
 var<workgroup> q_block: array<f32, WG_Q * ROWS * WG_KV * D_COLS>;

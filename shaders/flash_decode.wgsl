@@ -27,23 +27,7 @@
 // at most 32 iterations), which turns the arrays into registers on llvmpipe. A loop left rolled
 // would index them through memory, one load per SIMD lane.
 
-@group(0) @binding(0) var<uniform> params: Params;
-// Queries, keys and values, addressed through q_offset, k_offset and v_offset.
-@group(0) @binding(1) var<storage, read> q: array<Storage>;
-@group(0) @binding(2) var<storage, read> k: array<KvElement>;
-@group(0) @binding(3) var<storage, read> v: array<KvElement>;
-// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
-@group(0) @binding(4) var<storage, read> mask: array<f32>;
-// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
-// kv_splits is 1.
-@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
-@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// With several splits: each split's output normalized by its own sum,
-// [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
-// [kv_splits, batch, heads, seq_q, 2].
-@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
-// Per-head and per-sequence values; see params.wgsl.
-@group(0) @binding(8) var<storage, read> aux: array<u32>;
+// The bindings and load_q come from fused_bindings.wgsl.
 
 // One row's state per invocation, for the merge: its (m, l), whether it saw a score that makes
 // the row NaN, and its output accumulator: WG · (12 + 16 · D4V) bytes. The rows take turns.
@@ -94,17 +78,10 @@ fn main(
             block_keys = vec2<u32>(min(block_keys.x, row_keys[r].x), max(block_keys.y, row_keys[r].y));
         }
 
-        // The query row, scaled once here instead of every score.
+        // The query row, scaled.
         let q_base = q_offset(b, h, seq.row_begin + position);
         for (var c4 = 0u; c4 < D4; c4++) {
-            var value = vec4<f32>(0.0);
-            for (var e = 0u; e < 4u; e++) {
-                let col = 4u * c4 + e;
-                if col < params.head_dim {
-                    value[e] = params.scale * f32(q[q_base + col]);
-                }
-            }
-            q_rows[r][c4] = value;
+            q_rows[r][c4] = load_q(q_base, c4);
         }
     }
 

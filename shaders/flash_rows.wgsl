@@ -21,23 +21,7 @@ override TILE_KV: u32 = 32u;
 override D4: u32 = 16u;
 override D4V: u32 = 16u;
 
-@group(0) @binding(0) var<uniform> params: Params;
-// Queries, keys and values, addressed through q_offset, k_offset and v_offset.
-@group(0) @binding(1) var<storage, read> q: array<Storage>;
-@group(0) @binding(2) var<storage, read> k: array<KvElement>;
-@group(0) @binding(3) var<storage, read> v: array<KvElement>;
-// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
-@group(0) @binding(4) var<storage, read> mask: array<f32>;
-// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
-// kv_splits is 1.
-@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
-@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// With several splits: each split's output normalized by its own sum,
-// [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
-// [kv_splits, batch, heads, seq_q, 2].
-@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
-// Per-head and per-sequence values; see params.wgsl.
-@group(0) @binding(8) var<storage, read> aux: array<u32>;
+// The bindings and load_q come from fused_bindings.wgsl.
 
 // K and V of the tile, [TILE_KV][D4] and [TILE_KV][D4V]: TILE_KV · (D4 + D4V) · 16 bytes.
 var<workgroup> k_tile: array<vec4<f32>, TILE_KV * D4>;
@@ -55,7 +39,6 @@ fn main(
     let packed_rows = (params.heads / params.kv_heads) * params.seq_q;
     let packed0 = group.x * WG;
     let split = group.y;
-    let d = params.head_dim;
     let seq = sequence(b);
 
     // Packed row r is query head kv_head · group + r / seq_q at position r % seq_q; rows past
@@ -67,17 +50,10 @@ fn main(
     let mask_row = b * params.mask_batch_stride + h * params.mask_head_stride + position * params.seq_kv;
     let q_base = q_offset(b, h, seq.row_begin + position);
 
-    // The query row, scaled once here instead of every score.
+    // The query row, scaled, and zero past the end.
     var q_row: array<vec4<f32>, MAX_D4>;
     for (var c4 = 0u; c4 < D4; c4++) {
-        var value = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u; e++) {
-            let col = 4u * c4 + e;
-            if valid && col < d {
-                value[e] = params.scale * f32(q[q_base + col]);
-            }
-        }
-        q_row[c4] = value;
+        q_row[c4] = select(vec4<f32>(0.0), load_q(q_base, c4), valid);
     }
 
     // Keys of this split that some row of the block may attend to.

@@ -23,23 +23,7 @@
 // As in `flash_decode.wgsl`, each loop over a private array runs over its whole length with the
 // loop counter as the index, so that Mesa's NIR unrolls it and keeps the array in registers.
 
-@group(0) @binding(0) var<uniform> params: Params;
-// Queries, keys and values, addressed through q_offset, k_offset and v_offset.
-@group(0) @binding(1) var<storage, read> q: array<Storage>;
-@group(0) @binding(2) var<storage, read> k: array<KvElement>;
-@group(0) @binding(3) var<storage, read> v: array<KvElement>;
-// [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
-@group(0) @binding(4) var<storage, read> mask: array<f32>;
-// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
-// kv_splits is 1.
-@group(0) @binding(5) var<storage, read_write> out: array<Storage>;
-@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// With several splits: each split's output normalized by its own sum,
-// [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
-// [kv_splits, batch, heads, seq_q, 2].
-@group(0) @binding(7) var<storage, read_write> partial: array<f32>;
-// Per-head and per-sequence values; see params.wgsl.
-@group(0) @binding(8) var<storage, read> aux: array<u32>;
+// The bindings and load_q come from fused_bindings.wgsl.
 
 // The value `x` of each of the 8 invocations, in invocation order. The lane of a broadcast must
 // be a constant, hence one call per lane, written for SG = 8.
@@ -98,17 +82,10 @@ fn main(
         mask_rows[r] = b * params.mask_batch_stride + h * params.mask_head_stride
             + position * params.seq_kv;
 
-        // The query row, scaled once here instead of every score.
+        // The query row, scaled.
         let q_base = q_offset(b, h, seq.row_begin + position);
         for (var c4 = 0u; c4 < D4; c4++) {
-            var value = vec4<f32>(0.0);
-            for (var e = 0u; e < 4u; e++) {
-                let col = 4u * c4 + e;
-                if col < params.head_dim {
-                    value[e] = params.scale * f32(q[q_base + col]);
-                }
-            }
-            q_rows[r][c4] = value;
+            q_rows[r][c4] = load_q(q_base, c4);
         }
     }
 

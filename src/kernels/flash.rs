@@ -34,30 +34,38 @@ use crate::kernels::{
 };
 use crate::problem::AttentionProblem;
 
-const FLASH_WGSL: &str = include_str!("../../shaders/flash.wgsl");
+const FLASH_WGSL: &str = concat!(
+    include_str!("../../shaders/fused_bindings.wgsl"),
+    include_str!("../../shaders/flash.wgsl")
+);
 const FLASH_ROWS_WGSL: &str = concat!(
+    include_str!("../../shaders/fused_bindings.wgsl"),
     include_str!("../../shaders/load_rows.wgsl"),
     include_str!("../../shaders/flash_rows.wgsl")
 );
 const FLASH_ROWS_VEC4_WGSL: &str = concat!(
+    include_str!("../../shaders/fused_bindings.wgsl"),
     include_str!("../../shaders/load_rows_vec4.wgsl"),
     include_str!("../../shaders/flash_rows.wgsl")
 );
 
-/// A program that reads K and V rows through `load_k8` and `load_v8`, after each of the three
-/// files that define them, in the order of [`RowLoads`].
+/// A program that reads K and V rows through `load_k8` and `load_v8`, after the fused programs'
+/// bindings and each of the three files that define those reads, in the order of [`RowLoads`].
 macro_rules! with_row_loads {
     ($program:literal) => {
         [
             concat!(
+                include_str!("../../shaders/fused_bindings.wgsl"),
                 include_str!("../../shaders/load_rows.wgsl"),
                 include_str!($program)
             ),
             concat!(
+                include_str!("../../shaders/fused_bindings.wgsl"),
                 include_str!("../../shaders/load_rows_vec4.wgsl"),
                 include_str!($program)
             ),
             concat!(
+                include_str!("../../shaders/fused_bindings.wgsl"),
                 include_str!("../../shaders/load_rows_u64.wgsl"),
                 include_str!($program)
             ),
