@@ -11,9 +11,9 @@
 //! of one subgroup of 8 invocations, each with up to 4 query rows. At each step every invocation
 //! reads one key, and subgroup broadcasts pass it to the other seven.
 //!
-//! On lavapipe, every read from memory costs a loop over the SIMD lanes, so the CPU programs
-//! differ mainly in how many rows each read serves: 1 in the row program, up to 4 in the
-//! decoding program and up to 32 in the subgroup program. CPU adapters use the decoding program
+//! On lavapipe, every read from memory costs a loop over the SIMD lanes. The CPU programs
+//! therefore differ mainly in how many rows each read serves: 1 in the row program, up to 4 in
+//! the decoding program and up to 32 in the subgroup program. CPU adapters use the decoding program
 //! where a key/value head has at most 4 rows, as in decoding, and the subgroup program above,
 //! where the adapter has subgroups of 8.
 //!
@@ -293,12 +293,12 @@ pub(crate) struct FlashPlan {
 /// it takes the decoding program where a key/value head has at most [`FLASH_DECODE_ROWS`]
 /// packed rows, and the subgroup program above where the device has subgroups of exactly 8.
 /// Each falls back to the other, then to the row and tiled programs. On lavapipe the decoding
-/// program ran 12.4× faster than the row program for one query row (B1 H32 Skv4096 D128). It
-/// ran about as fast as the subgroup program at 4 rows per key/value head (7.0 against 7.2 ms,
-/// B1 H32 H_kv8 Skv4096 D128), where the subgroup program leaves half its lanes idle, and faster
-/// at 1 row (21.3 against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats
-/// at a time, the subgroup program ran 1.7× to 2.3× faster than the decoding program, from
-/// 512 × 512 to 4,096 × 4,096 (B1 H8 D64), and 2.8× faster at the MiniLM batch.
+/// program ran 12.4× faster than the row program for one query row (B1 H32 Skv4096 D128). At 4
+/// rows per key/value head it ran about as fast as the subgroup program, which then leaves half
+/// its lanes idle (7.0 against 7.2 ms, B1 H32 H_kv8 Skv4096 D128). At 1 row it was faster (21.3
+/// against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats at a time, the
+/// subgroup program ran 1.7× to 2.3× faster than the decoding program from 512 × 512 to
+/// 4,096 × 4,096 (B1 H8 D64). At the MiniLM batch it ran 2.8× faster.
 // NOTE: measured on lavapipe only (Mesa 22.3.6, 2 cores); other CPU drivers may differ.
 pub(crate) fn plan(
     context: &Context,

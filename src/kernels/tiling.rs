@@ -322,9 +322,9 @@ pub(crate) const FLASH_SUBGROUP_COLUMNS: u32 = 128;
 pub(crate) const FLASH_SUBGROUP_SMALL_COLUMNS: u32 = 32;
 
 /// Scores (`batch × heads × seq_q × seq_kv`) from which a problem runs long enough that the
-/// larger row blocks of `flash_subgroup.wgsl` repay their compile time: 8 Mi, as 8 heads of
-/// 1,024 × 1,024, which ran for 53 ms at head dim 64 with 4 rows per invocation, against 71 ms
-/// with 2.
+/// larger row blocks of `flash_subgroup.wgsl` repay their compile time: 8 Mi, as in 8 heads of
+/// 1,024 × 1,024. That shape ran in 53 ms at head dim 64 with 4 rows per invocation, and in
+/// 71 ms with 2.
 pub(crate) const FLASH_SUBGROUP_LARGE_SCORES: u64 = 1 << 23;
 
 impl FlashSubgroupTiles {
@@ -336,10 +336,10 @@ impl FlashSubgroupTiles {
     /// Chooses the sizes, or returns `None` when a head dim is over [`FLASH_ROWS_MAX_HEAD_DIM`].
     ///
     /// Each invocation takes as many query rows as the column bound allows (see
-    /// [`FLASH_SUBGROUP_COLUMNS`]), at least 1 and at most [`FLASH_SUBGROUP_MAX_ROWS`], and no
-    /// more than it takes to cover the packed rows of a key/value head (heads per key/value
-    /// head × `seq_q`) in one block. At B1 H8 S2048 D64 that is 4 rows per invocation, a block
-    /// of 32; at head dim 128, 2.
+    /// [`FLASH_SUBGROUP_COLUMNS`]), from 1 to [`FLASH_SUBGROUP_MAX_ROWS`]. It takes no more than
+    /// one block needs to cover the packed rows of a key/value head (heads per key/value head ×
+    /// `seq_q`). At B1 H8 S2048 D64 that is 4 rows per invocation, a block of 32, and at head
+    /// dim 128 it is 2 rows.
     pub fn choose(problem: &AttentionProblem, loads: RowLoads) -> Option<Self> {
         let s = &problem.shape;
         if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
@@ -514,7 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn row_loads_take_the_widest_reads_the_rows_allow() {
+    fn row_loads_pick_widest_reads() {
         let all = wgpu::Features::SHADER_INT64;
         let none = wgpu::Features::empty();
         let problem = |head_dim| AttentionProblem::new(AttentionShape::new(1, 2, 3, 5, head_dim));
