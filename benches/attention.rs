@@ -152,6 +152,71 @@ fn time_recorded(
     elapsed
 }
 
+/// Returns the host time of `iterations` calls of `record`, each from creating an encoder to
+/// finishing it. Each command buffer is then submitted and waited for outside the clock, as in a
+/// decoding loop. Command buffers dropped unsubmitted made later recordings slower and slower
+/// here, as wgpu kept tracking their resources.
+fn time_host(
+    context: &Context,
+    iterations: u64,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder),
+) -> Duration {
+    let mut elapsed = Duration::ZERO;
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let mut encoder =
+            context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("bench"),
+                });
+        record(&mut encoder);
+        let commands = encoder.finish();
+        elapsed += start.elapsed();
+        context.queue().submit([commands]);
+        wait_for_device(context);
+    }
+    elapsed
+}
+
+/// Measures the host work per call that a decoding loop pays on every token, with the pipelines
+/// already compiled: `record` checks the call and creates its uniforms and bind groups each time, and a
+/// [`wgpu_attention::PreparedAttention`] only encodes what `prepare` built.
+fn bench_host(c: &mut Criterion) {
+    let context = Context::new()
+        .unwrap_or_else(|error| panic!("cannot create a wgpu context for the benchmarks: {error}"));
+    let mut group = c.benchmark_group("host");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(2));
+    for (index, case) in cases().iter().enumerate() {
+        let problem = &case.problem;
+        let label = problem.label();
+        let host = OwnedInputs::random(problem, SEED + index as u64);
+        let buffers = DeviceTensors::upload(&context, &problem.shape, &host);
+        let tensors = buffers.tensors();
+        let prepared = context
+            .prepare(Kernel::Flash, problem, &tensors)
+            .unwrap_or_else(|error| panic!("preparing {label} failed: {error}"));
+        time_host(&context, 1, |encoder| prepared.record(encoder));
+        group.bench_function(BenchmarkId::new("record-flash", &label), |b| {
+            b.iter_custom(|iterations| {
+                time_host(&context, iterations, |encoder| {
+                    context
+                        .record(Kernel::Flash, problem, encoder, &tensors)
+                        .unwrap_or_else(|error| panic!("recording {label} failed: {error}"));
+                })
+            });
+        });
+        group.bench_function(BenchmarkId::new("prepared-flash", &label), |b| {
+            b.iter_custom(|iterations| {
+                time_host(&context, iterations, |encoder| prepared.record(encoder))
+            });
+        });
+    }
+    group.finish();
+}
+
 fn bench_attention(c: &mut Criterion) {
     let context = Context::new()
         .unwrap_or_else(|error| panic!("cannot create a wgpu context for the benchmarks: {error}"));
@@ -227,5 +292,5 @@ fn bench_attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_attention);
+criterion_group!(benches, bench_attention, bench_host);
 criterion_main!(benches);

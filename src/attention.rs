@@ -3,12 +3,12 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::context::Context;
+use crate::context::{Context, Scratch};
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, OptionalLens};
 use crate::kernels::{
-    AuxLayout, EXTRA_ALIBI, EXTRA_KV_LENS, EXTRA_PACKED, EXTRA_SINKS, check_binding, flash,
-    three_stage,
+    AuxLayout, Command, EXTRA_ALIBI, EXTRA_KV_LENS, EXTRA_PACKED, EXTRA_SINKS, check_binding,
+    encode, flash, three_stage,
 };
 use crate::problem::{AttentionProblem, Dtype};
 use half::f16;
@@ -241,6 +241,38 @@ impl<'a> GpuTensors<'a> {
     }
 }
 
+/// An attention call checked and built once by [`Context::prepare`], to record as often as needed.
+///
+/// Recording it creates nothing: its uniforms, bind groups and scratch buffers were made by
+/// `prepare`, and it holds the caller's buffers until it is dropped. Two prepared calls may share
+/// the context's scratch buffers; that is sound for the reason given at [`Context`].
+pub struct PreparedAttention {
+    kernel: Kernel,
+    commands: Vec<Command>,
+}
+
+impl PreparedAttention {
+    /// Records the call into `encoder`, as [`Context::record`] would have recorded it.
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        encode(&self.commands, encoder);
+    }
+
+    /// Returns the kernel that runs, with [`Kernel::Auto`] and [`Kernel::Flash`] resolved to the
+    /// one they picked.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+}
+
+impl std::fmt::Debug for PreparedAttention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedAttention")
+            .field("kernel", &self.kernel)
+            .field("commands", &self.commands.len())
+            .finish()
+    }
+}
+
 impl Context {
     /// Computes attention on the GPU from host slices and returns the output in the problem's
     /// layout (`[batch, heads, seq_q, head_dim_v]` by default).
@@ -461,7 +493,10 @@ impl Context {
                 mapped_at_creation: false,
             })
         });
-        self.record_inner(kernel, problem, &mut encoder, &tensors, probs.as_ref())?;
+        encode(
+            &self.commands(kernel, problem, &tensors, probs.as_ref())?,
+            &mut encoder,
+        );
         let out_staging = copy_to_staging(device, &mut encoder, &out);
         let lse_staging = copy_to_staging(device, &mut encoder, &lse);
         let probs_staging = probs
@@ -498,7 +533,10 @@ impl Context {
     /// Records attention into the caller's `encoder`, reading and writing the caller's buffers,
     /// with no read-back. Submit the encoder to run it.
     ///
-    /// Scratch buffers are created per call and released once the submitted work completes.
+    /// Each call creates its uniforms and bind groups. The small scratch buffers are the
+    /// context's, reused from call to call (see [`Context`]). The three-stage kernel's score
+    /// buffer is created per call and released once the submitted work completes. A loop that
+    /// records the same call on every step can build it once with [`Context::prepare`].
     /// Offsets and lengths in GPU buffers cannot be checked here: a sequence longer than the
     /// shape's `seq_q` or `seq_kv` is cut to it.
     ///
@@ -514,19 +552,44 @@ impl Context {
         encoder: &mut wgpu::CommandEncoder,
         tensors: &GpuTensors<'_>,
     ) -> Result<()> {
-        self.record_inner(kernel, problem, encoder, tensors, None)
+        encode(&self.commands(kernel, problem, tensors, None)?, encoder);
+        Ok(())
     }
 
-    /// Records as [`Context::record`] does, and when `probs` is given also copies the attention
-    /// probabilities into it, which only the three-stage kernel has.
-    fn record_inner(
+    /// Checks the call and builds what [`Context::record`] would record, to be recorded by
+    /// [`PreparedAttention::record`] as often as needed with no further work on the host.
+    ///
+    /// The prepared call keeps the problem and the buffers: each recording reads and writes the
+    /// buffers as they are when the work runs. In a decoding loop, allocate K and V for the
+    /// longest sequence, declare that length as `seq_kv`, and give the current lengths in a
+    /// `kv_seq_lens` buffer that [`wgpu::Queue::write_buffer`] updates before each step. The
+    /// kernels then skip the keys past each length.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::record`].
+    pub fn prepare(
         &self,
         kernel: Kernel,
         problem: &AttentionProblem,
-        encoder: &mut wgpu::CommandEncoder,
+        tensors: &GpuTensors<'_>,
+    ) -> Result<PreparedAttention> {
+        Ok(PreparedAttention {
+            kernel: kernel.resolve(problem, self),
+            commands: self.commands(kernel, problem, tensors, None)?,
+        })
+    }
+
+    /// Checks the call and builds its commands: the copies of the small tensors, then the
+    /// kernels' passes. When `probs` is given, the three-stage kernel also copies the attention
+    /// probabilities into it.
+    fn commands(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
         tensors: &GpuTensors<'_>,
         probs: Option<&wgpu::Buffer>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Command>> {
         problem.validate()?;
         self.check_bindings(problem)?;
         if problem.dtype == Dtype::F16 && !self.features().contains(wgpu::Features::SHADER_F16) {
@@ -577,25 +640,16 @@ impl Context {
         }
         .check(problem, false)?;
 
-        let device = self.device();
-        let placeholder = |label: &str, elements: usize| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: 4 * elements.max(1) as u64,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        };
-        let no_mask = placeholder("wgpu-attention no mask", 1);
+        let no_mask = self.scratch(Scratch::NoMask, 4);
         let lse_scratch;
         let lse = match tensors.lse {
             Some(lse) => lse,
             None => {
-                lse_scratch = placeholder("wgpu-attention lse", problem.lse_len());
+                lse_scratch = self.scratch(Scratch::Lse, 4 * problem.lse_len() as u64);
                 &lse_scratch
             }
         };
-        let (aux, extras) = self.gather_aux(problem, encoder, tensors)?;
+        let (aux, extras, mut commands) = self.gather_aux(problem, tensors)?;
         let bindings = three_stage::Bindings {
             q: tensors.q,
             k: tensors.k,
@@ -620,30 +674,26 @@ impl Context {
                         fix: "use Kernel::ThreeStage, which stores them",
                     });
                 }
-                flash::record(self, kernel, problem, encoder, &bindings)
+                commands.extend(flash::commands(self, kernel, problem, &bindings)?);
             }
             Kernel::ThreeStage | Kernel::Auto => {
-                three_stage::record(self, problem, encoder, &bindings)
+                commands.extend(three_stage::commands(self, problem, &bindings)?);
             }
         }
+        Ok(commands)
     }
 
-    /// Copies the optional small tensors into one scratch buffer in the order of `aux` in
-    /// `shaders/params.wgsl`, and returns it with the `extras` bits that mark which are present.
+    /// Returns the scratch buffer for the optional small tensors in the order of `aux` in
+    /// `shaders/params.wgsl`, the `extras` bits that mark which are present, and the copies that
+    /// fill it.
     fn gather_aux(
         &self,
         problem: &AttentionProblem,
-        encoder: &mut wgpu::CommandEncoder,
         tensors: &GpuTensors<'_>,
-    ) -> Result<(wgpu::Buffer, u32)> {
+    ) -> Result<(wgpu::Buffer, u32, Vec<Command>)> {
         let s = &problem.shape;
         let layout = AuxLayout::new(s.heads, s.batch);
-        let aux = self.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention per-head and per-sequence values"),
-            size: 4 * layout.len as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let aux = self.scratch(Scratch::Aux, 4 * layout.len as u64);
         let parts = [
             (
                 "alibi_slopes",
@@ -676,6 +726,7 @@ impl Context {
             ),
         ];
         let mut extras = 0;
+        let mut copies = Vec::new();
         for (tensor, buffer, offset, len, bit) in parts {
             let Some(buffer) = buffer else { continue };
             if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
@@ -684,10 +735,16 @@ impl Context {
                     missing: wgpu::BufferUsages::COPY_SRC,
                 });
             }
-            encoder.copy_buffer_to_buffer(buffer, 0, &aux, 4 * offset as u64, 4 * len as u64);
+            copies.push(Command::Copy {
+                from: buffer.clone(),
+                from_offset: 0,
+                to: aux.clone(),
+                to_offset: 4 * offset as u64,
+                size: 4 * len as u64,
+            });
             extras |= bit;
         }
-        Ok((aux, extras))
+        Ok((aux, extras, copies))
     }
 
     fn check_bindings(&self, problem: &AttentionProblem) -> Result<()> {

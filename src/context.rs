@@ -1,4 +1,5 @@
-//! Adapter selection, the device and queue, and the compiled-pipeline cache.
+//! Adapter selection, the device and queue, the compiled-pipeline cache and the scratch
+//! buffers that calls reuse.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,11 @@ pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 /// A wgpu device and queue with the attention pipelines compiled for them.
 ///
 /// Pipelines are compiled on first use and cached, so later calls with the same kernel and tile
-/// sizes reuse them. The context is `Send + Sync`: share it across threads behind an `Arc`.
+/// sizes reuse them. The small scratch buffers that every call binds (the fused kernels' partial
+/// results, a log-sum-exp output where the caller passes none, and the per-head and per-sequence
+/// values) are kept too, each as large as the largest call so far needed; the three-stage
+/// kernel's score buffer is not. The context is `Send + Sync`: share it across threads behind an
+/// `Arc`.
 pub struct Context {
     device: wgpu::Device,
     queue: wgpu::Queue,
@@ -29,6 +34,37 @@ pub struct Context {
     limits: wgpu::Limits,
     features: wgpu::Features,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    scratch: Mutex<[Option<wgpu::Buffer>; Scratch::COUNT]>,
+}
+
+/// The scratch buffers a context keeps between calls, one of each.
+///
+/// Reusing them is sound because every call writes each one before it reads it, within the
+/// commands it records. wgpu orders the uses of one buffer across passes and command buffers,
+/// as it does for the caller's own `out` buffer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scratch {
+    /// Bound in place of a mask when the problem has none, and never read.
+    NoMask,
+    /// The log-sum-exp output when the caller passes no buffer for it; nothing reads it.
+    Lse,
+    /// The per-head and per-sequence values that `gather_aux` copies from the caller's buffers.
+    Aux,
+    /// The fused kernels' partial results of the key splits, which the merge pass reads.
+    Partial,
+}
+
+impl Scratch {
+    const COUNT: usize = 4;
+
+    fn label(self) -> &'static str {
+        match self {
+            Scratch::NoMask => "wgpu-attention no mask",
+            Scratch::Lse => "wgpu-attention lse",
+            Scratch::Aux => "wgpu-attention per-head and per-sequence values",
+            Scratch::Partial => "wgpu-attention partial results",
+        }
+    }
 }
 
 /// Identifies one compiled pipeline: a shader and its override constants.
@@ -132,6 +168,7 @@ impl Context {
             limits,
             features,
             pipelines: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(Default::default()),
         }
     }
 
@@ -205,6 +242,39 @@ impl Context {
         );
         cache.insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+}
+
+impl Context {
+    /// Returns the context's `role` scratch buffer, replacing it with a larger one when it has
+    /// fewer than `bytes` bytes (at least 4).
+    ///
+    /// A replacement is rounded up to a power of two, within the storage binding limit, so that
+    /// a decoding loop whose key count grows by one per token replaces it seldom. The buffer
+    /// replaced stays alive until the work recorded with it is done, as wgpu keeps it.
+    pub(crate) fn scratch(&self, role: Scratch, bytes: u64) -> wgpu::Buffer {
+        let bytes = bytes.max(4);
+        let mut slots = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let slot = &mut slots[role as usize];
+        if let Some(buffer) = slot.as_ref().filter(|buffer| buffer.size() >= bytes) {
+            return buffer.clone();
+        }
+        let rounded = bytes
+            .next_power_of_two()
+            .min(self.limits.max_storage_buffer_binding_size)
+            .max(bytes)
+            .next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(role.label()),
+            size: rounded,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        *slot = Some(buffer.clone());
+        buffer
     }
 }
 

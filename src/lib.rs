@@ -22,8 +22,9 @@
 //! any strides, and [`AttentionProblem::with_packed`] packed variable-length sequences. ALiBi,
 //! attention sinks and key lengths come with the inputs ([`AttentionInputs`]). [`mod@reference`]
 //! defines the semantics, and [`validate`] contains the error metrics and tolerances for checking
-//! any result against it. [`Context::record`] runs on the caller's own buffers and encoder, and
-//! [`Context::from_device`] on the caller's own device.
+//! any result against it. [`Context::record`] runs on the caller's own buffers and encoder,
+//! [`Context::prepare`] builds such a call once for a loop to record on every step, and
+//! [`Context::from_device`] runs on the caller's own device.
 
 #![warn(missing_docs)]
 
@@ -41,7 +42,7 @@ pub mod validate;
 
 pub use attention::{
     AUTO_FLASH_MAX_SEQ_Q, AttentionInputsF16, AttentionOutput, AttentionOutputF16, GpuTensors,
-    Kernel,
+    Kernel, PreparedAttention,
 };
 pub use context::{
     ADAPTER_ENV, Context, LLVMPIPE_MAX_LOOP_ITERATIONS, backend_name, enumerate_adapters,

@@ -480,3 +480,105 @@ fn record_rejects_aliased_output() {
         );
     }
 }
+
+/// Creates a buffer of key lengths that the queue can rewrite between steps.
+fn lengths(device: &wgpu::Device, lens: &[u32]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(lens),
+        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+#[test]
+fn prepared_decoding_follows_key_lengths() {
+    // A cache of 2,048 keys, enough for the fused kernel to split the keys, read at three
+    // lengths per batch element, each written by the queue before the prepared call runs again.
+    let (device, queue) = device_with_limits(|_| {});
+    let context = Context::from_device(device.clone(), queue.clone());
+    let shape = AttentionShape::new(2, 8, 1, 2048, 64).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape);
+    let data = crate::common::random_inputs(&problem, 7, 0.0);
+    let (q, k, v) = (
+        storage(&device, &data.q),
+        storage(&device, &data.k),
+        storage(&device, &data.v),
+    );
+    let out = output(&device, shape.q_len());
+    let lse = output(&device, shape.lse_len());
+    let lens = lengths(&device, &[2048, 2048]);
+    let tensors = GpuTensors::new(&q, &k, &v, &out)
+        .with_lse(&lse)
+        .with_kv_seq_lens(&lens);
+    let prepared = context.prepare(Kernel::Flash, &problem, &tensors).unwrap();
+    assert_eq!(prepared.kernel(), Kernel::Flash.resolve(&problem, &context));
+
+    for step in [[1, 2048], [700, 33], [2047, 2]] {
+        queue.write_buffer(&lens, 0, bytemuck::cast_slice(&step));
+        let mut encoder = device.create_command_encoder(&Default::default());
+        prepared.record(&mut encoder);
+        queue.submit([encoder.finish()]);
+
+        let expected =
+            reference::attention(&problem, &data.inputs().with_kv_seq_lens(&step)).unwrap();
+        let out_stats = ErrorStats::compare(&read(&device, &queue, &out), &expected.out);
+        assert!(
+            out_stats.passes(&Tolerance::F32),
+            "{step:?}: output: {out_stats}"
+        );
+        let lse_stats = ErrorStats::compare(&read(&device, &queue, &lse), &expected.lse);
+        assert!(
+            lse_stats.passes(&Tolerance::F32),
+            "{step:?}: lse: {lse_stats}"
+        );
+    }
+}
+
+#[test]
+fn calls_in_one_encoder_share_scratch_buffers() {
+    // Both problems split their keys, so both bind the context's partial-results buffer, which
+    // the first one sized. The encoder holds a prepared call, then a plain one.
+    let (device, queue) = device_with_limits(|_| {});
+    let context = Context::from_device(device.clone(), queue.clone());
+    let large = AttentionProblem::new(AttentionShape::new(1, 8, 2, 3000, 32).with_kv_heads(8));
+    let small = AttentionProblem::new(AttentionShape::new(1, 4, 1, 1500, 48).with_kv_heads(1));
+    let mut calls = Vec::new();
+    for (index, problem) in [large, small].into_iter().enumerate() {
+        let data = crate::common::random_inputs(&problem, 20 + index as u64, 0.0);
+        let buffers = [
+            storage(&device, &data.q),
+            storage(&device, &data.k),
+            storage(&device, &data.v),
+            output(&device, problem.shape.q_len()),
+        ];
+        calls.push((problem, data, buffers));
+    }
+    fn tensors(buffers: &[wgpu::Buffer; 4]) -> GpuTensors<'_> {
+        GpuTensors::new(&buffers[0], &buffers[1], &buffers[2], &buffers[3])
+    }
+    let prepared = context
+        .prepare(Kernel::Flash, &calls[0].0, &tensors(&calls[0].2))
+        .unwrap();
+
+    let mut encoder = device.create_command_encoder(&Default::default());
+    prepared.record(&mut encoder);
+    context
+        .record(
+            Kernel::Flash,
+            &calls[1].0,
+            &mut encoder,
+            &tensors(&calls[1].2),
+        )
+        .unwrap();
+    queue.submit([encoder.finish()]);
+
+    for (problem, data, buffers) in &calls {
+        let expected = reference::attention(problem, &data.inputs()).unwrap();
+        let stats = ErrorStats::compare(&read(&device, &queue, &buffers[3]), &expected.out);
+        assert!(
+            stats.passes(&Tolerance::F32),
+            "{}: {stats}",
+            problem.label()
+        );
+    }
+}

@@ -21,7 +21,7 @@
 //! never with `seq_q × seq_kv`.
 
 use crate::attention::Kernel;
-use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey};
+use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey, Scratch};
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
 use crate::kernels::tiling::{
@@ -29,8 +29,7 @@ use crate::kernels::tiling::{
     FlashSubgroupTiles, FlashTiles, RowLoads,
 };
 use crate::kernels::{
-    EXTRA_ALIBI, EXTRA_PACKED, KernelParams, bind_buffers, check_binding, compile, split_grid,
-    uniform,
+    Command, EXTRA_ALIBI, EXTRA_PACKED, KernelParams, check_binding, compile, grid_dispatches,
 };
 use crate::problem::AttentionProblem;
 
@@ -422,16 +421,14 @@ fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) ->
     }
 }
 
-/// Records the fused kernel, and the merge pass when the key range is split, into `encoder`.
-pub(crate) fn record(
+/// Builds the pass of the fused kernel's dispatches, followed by the merge pass's when the key
+/// range is split.
+pub(crate) fn commands(
     context: &Context,
     kernel: Kernel,
     problem: &AttentionProblem,
-    encoder: &mut wgpu::CommandEncoder,
     bindings: &Bindings<'_>,
-) -> Result<()> {
-    let device = context.device();
-    let limits = context.limits();
+) -> Result<Vec<Command>> {
     let plan = plan(context, kernel, problem)?;
     let on_cpu = context.on_cpu();
     let program = plan.variant.program();
@@ -442,49 +439,34 @@ pub(crate) fn record(
 
     let s = &problem.shape;
     let split = plan.kv_splits > 1;
-    let partial_buffer = |label: &str, elements: usize| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: 4 * elements as u64,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
-    };
     let splits = plan.kv_splits as usize;
     // The splits' outputs, then their (m, l) pairs.
-    let partial = partial_buffer(
-        "wgpu-attention partial results",
-        if split {
-            splits * (s.out_len() + 2 * s.lse_len())
-        } else {
-            1
-        },
-    );
+    let partial_len = if split {
+        splits * (s.out_len() + 2 * s.lse_len())
+    } else {
+        1
+    };
+    let partial = context.scratch(Scratch::Partial, 4 * partial_len as u64);
     let base = KernelParams {
         keys_per_split: plan.keys_per_split,
         kv_splits: plan.kv_splits,
         ..KernelParams::new(problem, bindings.extras)
     };
 
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("wgpu-attention flash"),
-        timestamp_writes: None,
-    });
     let packed_rows = (s.group_size() * s.seq_q) as u32;
     let grid = [
         packed_rows.div_ceil(plan.variant.block_q()),
         plan.kv_splits,
         (s.batch * s.kv_heads) as u32,
     ];
-    pass.set_pipeline(&flash.pipeline);
-    for part in split_grid(grid, limits.max_compute_workgroups_per_dimension) {
-        let params = KernelParams {
-            group_offset: part.offset,
-            ..base
-        };
-        let params_buffer = uniform(device, "wgpu-attention params", &params);
-        let buffers = [
-            &params_buffer,
+    log::trace!("flash plan {plan:?}");
+    let mut dispatches = grid_dispatches(
+        context,
+        &flash,
+        "wgpu-attention flash",
+        grid,
+        &base,
+        &[
             bindings.q,
             bindings.k,
             bindings.v,
@@ -493,43 +475,29 @@ pub(crate) fn record(
             bindings.lse,
             &partial,
             bindings.aux,
-        ];
-        let bind_group = bind_buffers(device, &flash, "wgpu-attention flash", &buffers);
-        pass.set_bind_group(0, &bind_group, &[]);
-        log::trace!("flash dispatch {part:?} with {plan:?}");
-        pass.dispatch_workgroups(part.count[0], part.count[1], part.count[2]);
+        ],
+    );
+    if split {
+        let combine = context.pipeline(
+            PipelineKey {
+                shader: "combine.wgsl",
+                dtype: problem.dtype,
+                constants: vec![("WG", 64)],
+                bounds_checks: true,
+            },
+            |device, key| compile(device, COMBINE_WGSL, key),
+        )?;
+        dispatches.extend(grid_dispatches(
+            context,
+            &combine,
+            "wgpu-attention combine",
+            [s.seq_q as u32, 1, (s.batch * s.heads) as u32],
+            &base,
+            &[&partial, bindings.out, bindings.lse, bindings.aux],
+        ));
     }
-    if !split {
-        return Ok(());
-    }
-
-    let combine = context.pipeline(
-        PipelineKey {
-            shader: "combine.wgsl",
-            dtype: problem.dtype,
-            constants: vec![("WG", 64)],
-            bounds_checks: true,
-        },
-        |device, key| compile(device, COMBINE_WGSL, key),
-    )?;
-    pass.set_pipeline(&combine.pipeline);
-    let grid = [s.seq_q as u32, 1, (s.batch * s.heads) as u32];
-    for part in split_grid(grid, limits.max_compute_workgroups_per_dimension) {
-        let params = KernelParams {
-            group_offset: part.offset,
-            ..base
-        };
-        let params_buffer = uniform(device, "wgpu-attention params", &params);
-        let buffers = [
-            &params_buffer,
-            &partial,
-            bindings.out,
-            bindings.lse,
-            bindings.aux,
-        ];
-        let bind_group = bind_buffers(device, &combine, "wgpu-attention combine", &buffers);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(part.count[0], part.count[1], part.count[2]);
-    }
-    Ok(())
+    Ok(vec![Command::Pass {
+        label: "wgpu-attention flash",
+        dispatches,
+    }])
 }

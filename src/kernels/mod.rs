@@ -4,6 +4,8 @@ pub(crate) mod flash;
 pub(crate) mod three_stage;
 pub(crate) mod tiling;
 
+use std::sync::Arc;
+
 use wgpu::util::DeviceExt;
 
 use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, Pipeline, PipelineKey};
@@ -126,6 +128,112 @@ pub(crate) struct GridPart {
     pub offset: [u32; 3],
     /// Workgroups dispatched.
     pub count: [u32; 3],
+}
+
+/// One step of what an attention call records. The kernels build the whole list first, so that
+/// [`Context::record`](crate::Context::record) can encode it at once and a
+/// [`PreparedAttention`](crate::PreparedAttention) can keep it and encode it on every call.
+pub(crate) enum Command {
+    /// A copy from one buffer into another.
+    Copy {
+        from: wgpu::Buffer,
+        from_offset: u64,
+        to: wgpu::Buffer,
+        to_offset: u64,
+        size: u64,
+    },
+    /// A compute pass and its dispatches, in order.
+    Pass {
+        label: &'static str,
+        dispatches: Vec<Dispatch>,
+    },
+}
+
+/// One dispatch of a [`Command::Pass`], with the bind group of its buffers.
+pub(crate) struct Dispatch {
+    pub pipeline: Arc<Pipeline>,
+    pub bind_group: wgpu::BindGroup,
+    pub count: [u32; 3],
+}
+
+impl Dispatch {
+    /// Binds `buffers` to `pipeline`'s bindings 0, 1 and so on, for a dispatch of `count`
+    /// workgroups.
+    pub fn new(
+        device: &wgpu::Device,
+        pipeline: &Arc<Pipeline>,
+        label: &str,
+        buffers: &[&wgpu::Buffer],
+        count: [u32; 3],
+    ) -> Self {
+        Self {
+            pipeline: pipeline.clone(),
+            bind_group: bind_buffers(device, pipeline, label, buffers),
+            count,
+        }
+    }
+}
+
+/// Builds the dispatches of `pipeline` over a grid of `groups` workgroups, split to the device's
+/// per-axis limit. Each part binds a uniform of its own at binding 0: `params` with the part's
+/// `group_offset`. `buffers` follow it from binding 1.
+pub(crate) fn grid_dispatches(
+    context: &Context,
+    pipeline: &Arc<Pipeline>,
+    label: &str,
+    groups: [u32; 3],
+    params: &KernelParams,
+    buffers: &[&wgpu::Buffer],
+) -> Vec<Dispatch> {
+    let device = context.device();
+    split_grid(
+        groups,
+        context.limits().max_compute_workgroups_per_dimension,
+    )
+    .into_iter()
+    .map(|part| {
+        log::trace!("{label} dispatch {part:?}");
+        let params = KernelParams {
+            group_offset: part.offset,
+            ..*params
+        };
+        let params_buffer = uniform(device, "wgpu-attention params", &params);
+        let mut all = vec![&params_buffer];
+        all.extend_from_slice(buffers);
+        Dispatch::new(device, pipeline, label, &all, part.count)
+    })
+    .collect()
+}
+
+/// Encodes `commands` into `encoder`.
+pub(crate) fn encode(commands: &[Command], encoder: &mut wgpu::CommandEncoder) {
+    for command in commands {
+        match command {
+            Command::Copy {
+                from,
+                from_offset,
+                to,
+                to_offset,
+                size,
+            } => encoder.copy_buffer_to_buffer(from, *from_offset, to, *to_offset, *size),
+            Command::Pass { label, dispatches } => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                });
+                let mut current: Option<&Arc<Pipeline>> = None;
+                for dispatch in dispatches {
+                    if !current.is_some_and(|pipeline| Arc::ptr_eq(pipeline, &dispatch.pipeline)) {
+                        pass.set_pipeline(&dispatch.pipeline.pipeline);
+                        current = Some(&dispatch.pipeline);
+                    }
+                    pass.set_bind_group(0, &dispatch.bind_group, &[]);
+                    let [x, y, z] = dispatch.count;
+                    pass.dispatch_workgroups(x, y, z);
+                }
+            }
+        }
+    }
 }
 
 /// Splits a grid of `groups` workgroups into dispatches of at most `max_per_axis` per axis.

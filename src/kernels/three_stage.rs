@@ -11,7 +11,7 @@ use crate::context::{Context, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::tiling::ThreeStageTiles;
 use crate::kernels::{
-    KernelParams, bind_buffers, check_loop_cap, compile, max_binding_bytes, split_grid, uniform,
+    Command, KernelParams, check_loop_cap, compile, grid_dispatches, max_binding_bytes,
 };
 use crate::problem::{AttentionProblem, Dtype};
 
@@ -75,13 +75,13 @@ pub(crate) fn check(context: &Context, problem: &AttentionProblem) -> Result<()>
     check_loop_iterations(context, problem, &tiles)
 }
 
-/// Records the three stages into `encoder`.
-pub(crate) fn record(
+/// Builds a pass of the three stages for each chunk of (batch, head) pairs, each followed by the
+/// copy of its probabilities when they are requested.
+pub(crate) fn commands(
     context: &Context,
     problem: &AttentionProblem,
-    encoder: &mut wgpu::CommandEncoder,
     bindings: &Bindings<'_>,
-) -> Result<()> {
+) -> Result<Vec<Command>> {
     let device = context.device();
     let limits = context.limits();
     let tiles = ThreeStageTiles::choose(problem, limits);
@@ -100,14 +100,11 @@ pub(crate) fn record(
         mapped_at_creation: false,
     });
     let base = KernelParams::new(problem, bindings.extras);
-    let max_groups = limits.max_compute_workgroups_per_dimension;
     let output_tile = tiles.output_tile();
 
+    let mut commands = Vec::new();
     for first in (0..total_heads).step_by(chunk) {
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("wgpu-attention three-stage"),
-            timestamp_writes: None,
-        });
+        let mut dispatches = Vec::new();
         let heads = chunk.min(total_heads - first) as u32;
         let params = KernelParams {
             bh_offset: first as u32,
@@ -126,7 +123,7 @@ pub(crate) fn record(
                 heads,
             ],
         ];
-        let stages: [(&Pipeline, Vec<&wgpu::Buffer>); 3] = [
+        let stages: [(&Arc<Pipeline>, Vec<&wgpu::Buffer>); 3] = [
             (
                 &scores_pipeline,
                 vec![bindings.q, bindings.k, bindings.mask, &scores, bindings.aux],
@@ -137,31 +134,33 @@ pub(crate) fn record(
                 vec![&scores, bindings.v, bindings.out, bindings.aux],
             ),
         ];
+        log::trace!("three-stage chunk from head {first}");
         for ((pipeline, buffers), grid) in stages.into_iter().zip(grids) {
-            pass.set_pipeline(&pipeline.pipeline);
-            for part in split_grid(grid, max_groups) {
-                let params = KernelParams {
-                    group_offset: part.offset,
-                    ..params
-                };
-                let params_buffer = uniform(device, "wgpu-attention params", &params);
-                let mut all = vec![&params_buffer];
-                all.extend(buffers.iter().copied());
-                let bind_group = bind_buffers(device, pipeline, "wgpu-attention three-stage", &all);
-                pass.set_bind_group(0, &bind_group, &[]);
-                log::trace!("dispatch {:?} from head {first}", part);
-                pass.dispatch_workgroups(part.count[0], part.count[1], part.count[2]);
-            }
+            dispatches.extend(grid_dispatches(
+                context,
+                pipeline,
+                "wgpu-attention three-stage",
+                grid,
+                &params,
+                &buffers,
+            ));
         }
-        drop(pass);
+        commands.push(Command::Pass {
+            label: "wgpu-attention three-stage",
+            dispatches,
+        });
         // After the softmax stage the scratch holds this chunk's probabilities.
         if let Some(probs) = bindings.probs {
-            let bytes = 4 * (heads as usize * s.scores_per_head()) as u64;
-            let offset = 4 * (first * s.scores_per_head()) as u64;
-            encoder.copy_buffer_to_buffer(&scores, 0, probs, offset, bytes);
+            commands.push(Command::Copy {
+                from: scores.clone(),
+                from_offset: 0,
+                to: probs.clone(),
+                to_offset: 4 * (first * s.scores_per_head()) as u64,
+                size: 4 * (heads as usize * s.scores_per_head()) as u64,
+            });
         }
     }
-    Ok(())
+    Ok(commands)
 }
 
 fn pipelines(
