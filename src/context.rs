@@ -24,9 +24,9 @@ pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 /// Pipelines are compiled on first use and cached, so later calls with the same kernel and tile
 /// sizes reuse them. The small scratch buffers that every call binds (the fused kernels' partial
 /// results, a log-sum-exp output where the caller passes none, and the per-head and per-sequence
-/// values) are kept too, each as large as the largest call so far needed; the three-stage
-/// kernel's score buffer is not. The context is `Send + Sync`: share it across threads behind an
-/// `Arc`.
+/// values) are kept too, each as large as the largest call so far needed, until
+/// [`Context::release_scratch`]. The three-stage kernel's score buffer is not kept. The context
+/// is `Send + Sync`: share it across threads behind an `Arc`.
 pub struct Context {
     device: wgpu::Device,
     queue: wgpu::Queue,
@@ -246,6 +246,22 @@ impl Context {
 }
 
 impl Context {
+    /// Drops the scratch buffers that the context keeps between calls, such as the partial
+    /// results of a long call whose keys were split, and returns how many bytes they took. The
+    /// next call creates the ones it needs again. Prepared calls and work already submitted keep
+    /// the buffers they use until they are done with them.
+    pub fn release_scratch(&self) -> u64 {
+        let mut slots = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        slots
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|buffer| buffer.size())
+            .sum()
+    }
+
     /// Returns the context's `role` scratch buffer, replacing it with a larger one when it has
     /// fewer than `bytes` bytes (at least 4).
     ///

@@ -22,7 +22,9 @@ fn output(device: &wgpu::Device, elements: usize) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size: 4 * elements as u64,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     })
 }
@@ -537,7 +539,7 @@ fn prepared_decoding_follows_key_lengths() {
 #[test]
 fn calls_in_one_encoder_share_scratch_buffers() {
     // Both problems split their keys, so both bind the context's partial-results buffer, which
-    // the first one sized. The encoder holds a prepared call, then a plain one.
+    // the first one sized. The encoder records a prepared call, then a plain one.
     let (device, queue) = device_with_limits(|_| {});
     let context = Context::from_device(device.clone(), queue.clone());
     let large = AttentionProblem::new(AttentionShape::new(1, 8, 2, 3000, 32).with_kv_heads(8));
@@ -571,14 +573,33 @@ fn calls_in_one_encoder_share_scratch_buffers() {
         )
         .unwrap();
     queue.submit([encoder.finish()]);
+    let check = |when: &str| {
+        for (problem, data, buffers) in &calls {
+            let expected = reference::attention(problem, &data.inputs()).unwrap();
+            let stats = ErrorStats::compare(&read(&device, &queue, &buffers[3]), &expected.out);
+            let label = problem.label();
+            assert!(stats.passes(&Tolerance::F32), "{when}, {label}: {stats}");
+        }
+    };
+    check("shared");
 
-    for (problem, data, buffers) in &calls {
-        let expected = reference::attention(problem, &data.inputs()).unwrap();
-        let stats = ErrorStats::compare(&read(&device, &queue, &buffers[3]), &expected.out);
-        assert!(
-            stats.passes(&Tolerance::F32),
-            "{}: {stats}",
-            problem.label()
-        );
+    // Released scratch buffers leave the prepared call with its own, and the next plain call
+    // makes them again.
+    assert!(context.release_scratch() > 0);
+    assert_eq!(context.release_scratch(), 0);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    for (_, _, buffers) in &calls {
+        encoder.clear_buffer(&buffers[3], 0, None);
     }
+    context
+        .record(
+            Kernel::Flash,
+            &calls[1].0,
+            &mut encoder,
+            &tensors(&calls[1].2),
+        )
+        .unwrap();
+    prepared.record(&mut encoder);
+    queue.submit([encoder.finish()]);
+    check("after release_scratch");
 }
