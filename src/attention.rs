@@ -147,7 +147,8 @@ pub struct AttentionOutput {
     pub lse: Vec<f32>,
 }
 
-/// The caller's GPU buffers for [`Context::record`], each used whole from offset 0.
+/// The caller's GPU buffers for [`Context::record`], each read from offset 0. A buffer may be
+/// larger than its tensor; the kernels use its first elements.
 ///
 /// Inputs need [`wgpu::BufferUsages::STORAGE`]; `out` and `lse` are written by the kernels. The
 /// small per-head and per-sequence tensors are copied into one scratch buffer first, so they
@@ -244,8 +245,10 @@ impl<'a> GpuTensors<'a> {
 /// An attention call checked and built once by [`Context::prepare`], to record as often as needed.
 ///
 /// Recording it creates nothing: its uniforms, bind groups and scratch buffers were made by
-/// `prepare`, and it holds the caller's buffers until it is dropped. Two prepared calls may share
-/// the context's scratch buffers; that is sound for the reason given at [`Context`].
+/// `prepare`, and it keeps the caller's buffers alive until it is dropped. Two prepared calls may
+/// share the context's scratch buffers; that is sound for the reason given at [`Context`]. It is
+/// `Send + Sync`. After `prepare`, nothing is checked again: a buffer destroyed since then is
+/// reported by wgpu at submission, through the device's error handler.
 pub struct PreparedAttention {
     kernel: Kernel,
     commands: Vec<Command>,
@@ -543,8 +546,8 @@ impl Context {
     /// # Errors
     ///
     /// An invalid problem, buffers smaller than the problem needs or without the usage they
-    /// need, an optional buffer given without its declaration in the problem (or the reverse),
-    /// or a tensor larger than the device's storage binding limit.
+    /// need, a mask or packed-sequence offsets given without their declaration in the problem
+    /// (or the reverse), or a tensor larger than the device's storage binding limit.
     pub fn record(
         &self,
         kernel: Kernel,
@@ -560,10 +563,15 @@ impl Context {
     /// [`PreparedAttention::record`] as often as needed with no further work on the host.
     ///
     /// The prepared call keeps the problem and the buffers: each recording reads and writes the
-    /// buffers as they are when the work runs. In a decoding loop, allocate K and V for the
-    /// longest sequence, declare that length as `seq_kv`, and give the current lengths in a
-    /// `kv_seq_lens` buffer that [`wgpu::Queue::write_buffer`] updates before each step. The
-    /// kernels then skip the keys past each length.
+    /// buffers as they are when the work runs. In a decoding loop of one query row per step,
+    /// allocate K and V for the longest sequence, declare that length as `seq_kv`, and give the
+    /// current lengths in a `kv_seq_lens` buffer that [`wgpu::Queue::write_buffer`] updates
+    /// before each step. The kernels then skip the keys past each length.
+    ///
+    /// Key lengths leave the causal, window and ALiBi diagonals at `seq_kv`. With no causal mask
+    /// or [`Causal::BottomRight`](crate::Causal::BottomRight) and one query row, that is the
+    /// same attention. With several rows per step, a sliding window or ALiBi, it is not: declare
+    /// each step's own `seq_kv` and prepare each step instead.
     ///
     /// # Errors
     ///

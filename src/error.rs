@@ -94,8 +94,9 @@ pub enum Error {
 
     /// A host slice or GPU buffer holds the wrong number of elements for the shape.
     #[error(
-        "tensor `{tensor}` has {actual} elements, but shape {shape} needs {expected}; \
-         pass a tensor of that shape"
+        "tensor `{tensor}` has {actual} {}, but shape {shape} needs {expected}; \
+         pass a tensor of that shape",
+        if *.actual == 1 { "element" } else { "elements" }
     )]
     LengthMismatch {
         /// Which tensor (`q`, `k`, `v`, `mask`, `out`, `lse`).
@@ -173,7 +174,10 @@ pub enum Error {
     },
 
     /// A caller's buffer lacks a usage flag the kernels need.
-    #[error("buffer `{tensor}` lacks usage {missing:?}; create it with that usage flag")]
+    #[error(
+        "buffer `{tensor}` lacks usage {}; create it with that usage flag",
+        usage_names(.missing)
+    )]
     BufferUsage {
         /// Which tensor.
         tensor: &'static str,
@@ -325,6 +329,15 @@ fn divisors(n: usize) -> String {
     listed.join(", ")
 }
 
+/// Writes usage flags as their names joined by ` | `, as in `COPY_SRC | STORAGE`.
+fn usage_names(usages: &wgpu::BufferUsages) -> String {
+    usages
+        .iter_names()
+        .map(|(name, _)| name)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,5 +352,18 @@ mod tests {
     #[test]
     fn divisors_elides_long_lists() {
         assert_eq!(divisors(720), "1, 2, 3, 4, 5, 6, ..., 240, 360, 720");
+    }
+
+    #[test]
+    fn usage_names_are_joined() {
+        let both = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        assert_eq!(usage_names(&both), "COPY_SRC | STORAGE");
+        let error = Error::LengthMismatch {
+            tensor: "lse",
+            expected: 2,
+            actual: 1,
+            shape: "[2]".to_string(),
+        };
+        assert!(error.to_string().contains("has 1 element, but"), "{error}");
     }
 }
