@@ -297,7 +297,7 @@ pub(crate) struct FlashPlan {
 /// its lanes idle (7.0 against 7.2 ms, B1 H32 H_kv8 Skv4096 D128). At 1 row it was faster (21.3
 /// against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats at a time, the
 /// subgroup program ran 1.7× to 2.3× faster than the decoding program from 512 × 512 to
-/// 4,096 × 4,096 (B1 H8 D64). At the MiniLM batch it ran 2.8× faster.
+/// 4,096 × 4,096 (B1 H8 D64). At the MiniLM batch it ran 2.7× faster.
 // NOTE: measured on lavapipe only (Mesa 22.3.6, 2 cores); other CPU drivers may differ.
 pub(crate) fn plan(
     context: &Context,

@@ -308,7 +308,8 @@ pub(crate) const FLASH_SUBGROUP_MAX_ROWS: u32 = 4;
 
 /// Bounds on the vec4 columns each invocation of `flash_subgroup.wgsl` keeps per row block,
 /// `rows × (d4 + d4v)`: the query rows and output accumulators. Problems with at least
-/// [`FLASH_SUBGROUP_LARGE_SCORES`] scores get the larger bound.
+/// [`FLASH_SUBGROUP_LARGE_SCORES`] scores get the largest bound, and those under
+/// [`FLASH_SUBGROUP_SMALL_SCORES`] the smallest.
 ///
 /// Compile time grows faster than the columns. On lavapipe (Mesa 22.3.6), first calls at
 /// 32, 48, 64, 96, 128 and 256 columns compiled for about 1.1, 1.7, 2.3 to 3.1, 4.9, 7.8 to 8.5
@@ -320,6 +321,17 @@ pub(crate) const FLASH_SUBGROUP_MAX_ROWS: u32 = 4;
 pub(crate) const FLASH_SUBGROUP_COLUMNS: u32 = 128;
 /// The bound for problems under [`FLASH_SUBGROUP_LARGE_SCORES`] scores.
 pub(crate) const FLASH_SUBGROUP_SMALL_COLUMNS: u32 = 32;
+/// The bound for problems under [`FLASH_SUBGROUP_SMALL_SCORES`] scores: one row per invocation
+/// up to head dim 32.
+pub(crate) const FLASH_SUBGROUP_TINY_COLUMNS: u32 = 16;
+
+/// Scores under which a call runs for milliseconds and its first call is mostly compilation:
+/// 1 Mi, as in 8 heads of 362 × 362. On lavapipe, on a slow, shared machine with Mesa's shader
+/// cache off, the MiniLM batch (B4 H12 S128 D32, 0.75 Mi scores) took 0.94 to 1.00 s on its
+/// first call with 1 row per invocation, against 1.99 to 2.25 s with 2. It then ran in 8.2 to
+/// 8.3 ms against 7.4 to 8.2 ms. So 2 rows would repay their compile time only after about
+/// 2,000 calls in one process, and not at all once Mesa's shader cache holds the program.
+pub(crate) const FLASH_SUBGROUP_SMALL_SCORES: u64 = 1 << 20;
 
 /// Scores (`batch × heads × seq_q × seq_kv`) from which a problem runs long enough that the
 /// larger row blocks of `flash_subgroup.wgsl` repay their compile time: 8 Mi, as in 8 heads of
@@ -350,8 +362,10 @@ impl FlashSubgroupTiles {
         let scores = (s.batch * s.heads * s.seq_q) as u64 * s.seq_kv as u64;
         let columns = if scores >= FLASH_SUBGROUP_LARGE_SCORES {
             FLASH_SUBGROUP_COLUMNS
-        } else {
+        } else if scores >= FLASH_SUBGROUP_SMALL_SCORES {
             FLASH_SUBGROUP_SMALL_COLUMNS
+        } else {
+            FLASH_SUBGROUP_TINY_COLUMNS
         };
         let packed_rows = (s.group_size() * s.seq_q) as u32;
         let rows = (columns / (d4 + d4v))
@@ -541,9 +555,11 @@ mod tests {
         assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 2048, 2048, 64)), 4);
         assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 1024, 1024, 128)), 2);
         assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 1024, 1024, 80)), 3);
-        // The MiniLM batch and 8 heads of 512 × 512 are small: 32 columns.
-        assert_eq!(subgroup_rows(AttentionShape::new(4, 12, 128, 128, 32)), 2);
+        // 8 heads of 512 × 512 are small: 32 columns, 2 rows at head dim 32.
+        assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 512, 512, 32)), 2);
         assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 512, 512, 64)), 1);
+        // The MiniLM batch is tiny: 16 columns, 1 row.
+        assert_eq!(subgroup_rows(AttentionShape::new(4, 12, 128, 128, 32)), 1);
         assert_eq!(subgroup_rows(AttentionShape::new(1, 8, 512, 512, 128)), 1);
         // No more rows per invocation than a key/value head has packed rows for.
         let decode = AttentionShape::new(1, 32, 12, 1 << 20, 32).with_kv_heads(8);
