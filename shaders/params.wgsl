@@ -55,6 +55,8 @@ const EXTRA_ALIBI: u32 = 1u;
 const EXTRA_SINKS: u32 = 2u;
 const EXTRA_KV_LENS: u32 = 4u;
 const EXTRA_PACKED: u32 = 8u;
+// Not a part of `aux`: the key lengths place the diagonals (KeyLengths::Cache).
+const EXTRA_LENS_PLACE_DIAGONAL: u32 = 16u;
 
 // Negative infinity, built at run time because WGSL constant expressions may not be infinite.
 fn neg_inf() -> f32 {
@@ -81,7 +83,7 @@ fn poisons_row(s: f32) -> bool {
 // One batch element's sequence.
 struct Sequence {
     // Query rows, and the key count that places the bottom-right diagonal: seq_q and seq_kv, or
-    // the packed sequence's own lengths.
+    // the packed sequence's own lengths; with EXTRA_LENS_PLACE_DIAGONAL, the key length.
     rows: u32,
     keys: u32,
     // Keys below this index exist and may be attended: `keys`, or the key length when smaller.
@@ -107,6 +109,9 @@ fn sequence(b: u32) -> Sequence {
     }
     if (params.extras & EXTRA_KV_LENS) != 0u {
         seq.key_limit = min(seq.key_limit, aux[2u * params.heads + b]);
+        if (params.extras & EXTRA_LENS_PLACE_DIAGONAL) != 0u {
+            seq.keys = seq.key_limit;
+        }
     }
     return seq;
 }

@@ -563,15 +563,12 @@ impl Context {
     /// [`PreparedAttention::record`] as often as needed with no further work on the host.
     ///
     /// The prepared call keeps the problem and the buffers: each recording reads and writes the
-    /// buffers as they are when the work runs. In a decoding loop of one query row per step,
-    /// allocate K and V for the longest sequence, declare that length as `seq_kv`, and give the
-    /// current lengths in a `kv_seq_lens` buffer that [`wgpu::Queue::write_buffer`] updates
-    /// before each step. The kernels then skip the keys past each length.
-    ///
-    /// Key lengths leave the causal, window and ALiBi diagonals at `seq_kv`. With no causal mask
-    /// or [`Causal::BottomRight`](crate::Causal::BottomRight) and one query row, that is the
-    /// same attention. With several rows per step, a sliding window or ALiBi, it is not: declare
-    /// each step's own `seq_kv` and prepare each step instead.
+    /// buffers as they are when the work runs. In a decoding loop, allocate K and V for the
+    /// longest sequence, declare that length as `seq_kv`, and set
+    /// [`KeyLengths::Cache`](crate::KeyLengths::Cache) on the problem. Then give the current
+    /// lengths in a `kv_seq_lens` buffer that [`wgpu::Queue::write_buffer`] updates before each
+    /// step. The kernels skip the keys past each length, and the causal mask, a sliding window
+    /// and ALiBi are placed by it.
     ///
     /// # Errors
     ///

@@ -3,7 +3,7 @@
 //! and offsets against an [`AttentionProblem`].
 
 use crate::error::{Error, Result};
-use crate::problem::{AttentionProblem, Layout, Sequence};
+use crate::problem::{AttentionProblem, KeyLengths, Layout, Sequence};
 
 /// Host-side inputs of one attention call, in the problem's layout, with elements of type `T`
 /// (`f32`, or [`half::f16`] for [`crate::Context::attention_f16`]).
@@ -159,9 +159,13 @@ impl<'a, T> AttentionInputs<'a, T> {
             sequence.rows = (cu_q[b + 1] - cu_q[b]) as usize;
             sequence.keys = (cu_kv[b + 1] - cu_kv[b]) as usize;
             sequence.key_limit = sequence.keys;
+            sequence.anchor = sequence.keys;
         }
         if let Some(lens) = self.kv_seq_lens {
             sequence.key_limit = sequence.key_limit.min(lens[b] as usize);
+            if problem.key_lengths == KeyLengths::Cache {
+                sequence.anchor = sequence.key_limit;
+            }
         }
         sequence
     }

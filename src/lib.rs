@@ -54,8 +54,8 @@ pub use half::f16;
 pub use inputs::{AttentionInputs, OwnedInputs};
 pub use merge::merge_partials;
 pub use problem::{
-    AttentionProblem, AttentionShape, Causal, Dtype, Layout, MAX_HEAD_DIM, MaskShape, Packed,
-    Sequence, Strides, TensorStrides, Window,
+    AttentionProblem, AttentionShape, Causal, Dtype, KeyLengths, Layout, MAX_HEAD_DIM, MaskShape,
+    Packed, Sequence, Strides, TensorStrides, Window,
 };
 /// The `wgpu` this crate is built with, for callers' own devices, buffers and encoders.
 pub use wgpu;

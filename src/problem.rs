@@ -304,6 +304,25 @@ pub struct AttentionProblem {
     pub layout: Layout,
     /// Packed variable-length sequences, when the batch stores no padding.
     pub packed: Option<Packed>,
+    /// The meaning of key lengths, when the inputs give them, for the diagonals.
+    pub key_lengths: KeyLengths,
+}
+
+/// The meaning of key lengths (`kv_seq_lens`) for the causal, window and ALiBi diagonals.
+///
+/// Without key lengths both are the same attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KeyLengths {
+    /// Keys past each length are padding and masked; the diagonals stay placed by `seq_kv` (by
+    /// the sequence's own keys when packed). This fits a batch padded on the right, whose
+    /// queries are padded alike.
+    #[default]
+    Padding,
+    /// Each length is the filled part of a key/value cache and places the diagonals: the
+    /// `seq_q` query rows are the last `seq_q` positions of the filled part, so row `i` has its
+    /// diagonal at key `i + length - seq_q`. FlashAttention's `cache_seqlens` mean the same.
+    /// This fits decoding and chunked prefill over a cache allocated for `seq_kv` keys.
+    Cache,
 }
 
 /// Element strides of one tensor over batch, head and sequence position; the head dim is
@@ -431,7 +450,15 @@ impl AttentionProblem {
             window: Window::default(),
             layout: Layout::Bhsd,
             packed: None,
+            key_lengths: KeyLengths::Padding,
         }
+    }
+
+    /// Sets what key lengths mean for the causal, window and ALiBi diagonals:
+    /// [`KeyLengths::Cache`] for a key/value cache.
+    pub fn with_key_lengths(mut self, key_lengths: KeyLengths) -> Self {
+        self.key_lengths = key_lengths;
+        self
     }
 
     /// Sets how Q, K, V and the output lie in memory.
@@ -717,7 +744,7 @@ impl AttentionProblem {
         }
         let causal_ok = self
             .causal
-            .last_key(i, sequence.rows, sequence.keys)
+            .last_key(i, sequence.rows, sequence.anchor)
             .is_some_and(|last| j <= last);
         let diagonal = sequence.diagonal(i);
         let j = j as i64;
@@ -778,6 +805,9 @@ impl AttentionProblem {
             Causal::TopLeft => label.push_str("_causal-tl"),
             Causal::BottomRight => label.push_str("_causal-br"),
         }
+        if self.key_lengths == KeyLengths::Cache {
+            label.push_str("_lens-cache");
+        }
         if s.head_dim_v != s.head_dim {
             label.push_str(&format!("_dv{}", s.head_dim_v));
         }
@@ -804,11 +834,14 @@ impl AttentionProblem {
 pub struct Sequence {
     /// Query rows; `seq_q` unless the sequences are packed.
     pub rows: usize,
-    /// Keys that place the bottom-right diagonal; `seq_kv` unless the sequences are packed.
+    /// Keys stored for the sequence; `seq_kv` unless the sequences are packed.
     pub keys: usize,
     /// Keys below this index may be attended: `keys`, or the sequence's key length when given
     /// and smaller.
     pub key_limit: usize,
+    /// Keys that place the bottom-right diagonal: `keys`, or `key_limit` with
+    /// [`KeyLengths::Cache`].
+    pub anchor: usize,
     /// The first row of the sequence in Q and the output; 0 unless packed.
     pub row_begin: usize,
     /// The first row of the sequence in K and V; 0 unless packed.
@@ -822,13 +855,15 @@ impl Sequence {
             rows: shape.seq_q,
             keys: shape.seq_kv,
             key_limit: shape.seq_kv,
+            anchor: shape.seq_kv,
             row_begin: 0,
             key_begin: 0,
         }
     }
 
-    /// Returns the bottom-right diagonal of row `i`: key `i + keys - rows`, which may be negative.
+    /// Returns the bottom-right diagonal of row `i`: key `i + anchor - rows`, which may be
+    /// negative.
     pub fn diagonal(&self, i: usize) -> i64 {
-        i as i64 + self.keys as i64 - self.rows as i64
+        i as i64 + self.anchor as i64 - self.rows as i64
     }
 }

@@ -7,7 +7,8 @@ use common::device_with_limits;
 use wgpu::util::DeviceExt;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{
-    AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, reference,
+    AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, KeyLengths,
+    reference,
 };
 
 fn storage(device: &wgpu::Device, data: &[f32]) -> wgpu::Buffer {
@@ -496,10 +497,14 @@ fn lengths(device: &wgpu::Device, lens: &[u32]) -> wgpu::Buffer {
 fn prepared_decoding_follows_key_lengths() {
     // A cache of 2,048 keys, enough for the fused kernel to split the keys, read at three
     // lengths per batch element, each written by the queue before the prepared call runs again.
+    // Two query rows per step, with the causal mask and a window placed by each length.
     let (device, queue) = device_with_limits(|_| {});
     let context = Context::from_device(device.clone(), queue.clone());
-    let shape = AttentionShape::new(2, 8, 1, 2048, 64).with_kv_heads(2);
-    let problem = AttentionProblem::new(shape);
+    let shape = AttentionShape::new(2, 8, 2, 2048, 64).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_window(Some(300), None)
+        .with_key_lengths(KeyLengths::Cache);
     let data = crate::common::random_inputs(&problem, 7, 0.0);
     let (q, k, v) = (
         storage(&device, &data.q),

@@ -46,7 +46,7 @@ macro_rules! variant_contract {
         mod $module {
             use super::*;
             use crate::common::{assert_matches_reference, context};
-            use wgpu_attention::{AttentionShape, Causal, Kernel};
+            use wgpu_attention::{AttentionShape, Causal, Kernel, KeyLengths};
 
             const KERNEL: Kernel = $kernel;
             const MAX_HEAD_DIM: usize = $max_head_dim;
@@ -121,6 +121,24 @@ macro_rules! variant_contract {
                     let mut data = crate::common::random_inputs(&problem, seed as u64, 0.0);
                     // Full, partial, a single key and none at all.
                     data.kv_seq_lens = Some(vec![150, 77, 1, 0]);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
+            }
+
+            #[test]
+            fn cache_lengths_place_diagonals() {
+                // Chunked prefill of 5 rows over caches filled to 180, 37, 5 and 3 keys of 300:
+                // the causal mask, the window and ALiBi all follow each length. The last
+                // element has fewer keys than rows, so its first rows see none.
+                let shape = AttentionShape::new(4, 8, 5, 300, 40).with_kv_heads(2);
+                for (seed, window) in [None, Some(16)].into_iter().enumerate() {
+                    let problem = AttentionProblem::new(shape)
+                        .with_causal(Causal::BottomRight)
+                        .with_window(window, None)
+                        .with_key_lengths(KeyLengths::Cache);
+                    let mut data = crate::common::random_inputs(&problem, 30 + seed as u64, 0.0);
+                    data.kv_seq_lens = Some(vec![180, 37, 5, 3]);
+                    data.alibi_slopes = Some(alibi_slopes(8));
                     assert_matches_reference(KERNEL, &problem, &data.inputs());
                 }
             }
@@ -455,6 +473,69 @@ fn probabilities_with_every_variant() {
                     assert!(total < 0.999, "a sink leaves less than 1: {total}");
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn cache_lengths_equal_a_cache_of_that_length() {
+    // KeyLengths::Cache over a cache of 64 keys filled to `len` is the attention of the first
+    // `len` keys alone, with the causal mask, the window and ALiBi placed by them.
+    use wgpu_attention::{AttentionInputs, AttentionShape, Causal, KeyLengths, reference};
+    let (heads, seq_q, capacity, dim) = (4, 3, 64, 8);
+    let shape = AttentionShape::new(2, heads, seq_q, capacity, dim).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_window(Some(5), None)
+        .with_key_lengths(KeyLengths::Cache);
+    let data = common::random_inputs(&problem, 40, 0.0);
+    let slopes = alibi_slopes(heads);
+
+    let lens = [20u32, 2];
+    let cached = reference::attention(
+        &problem,
+        &data
+            .inputs()
+            .with_kv_seq_lens(&lens)
+            .with_alibi_slopes(&slopes),
+    )
+    .unwrap();
+    for (b, &len) in lens.iter().enumerate() {
+        let len = len as usize;
+        let alone =
+            AttentionProblem::new(AttentionShape::new(1, heads, seq_q, len, dim).with_kv_heads(2))
+                .with_causal(Causal::BottomRight)
+                .with_window(Some(5), None);
+
+        let rows = |tensor: &[f32], heads: usize, seq: usize, keep: usize| {
+            let per_batch = heads * seq * dim;
+            tensor[b * per_batch..][..per_batch]
+                .chunks(seq * dim)
+                .flat_map(|head| head[..keep * dim].to_vec())
+                .collect::<Vec<f32>>()
+        };
+        let (q, k, v) = (
+            rows(&data.q, heads, seq_q, seq_q),
+            rows(&data.k, 2, capacity, len),
+            rows(&data.v, 2, capacity, len),
+        );
+        let expected = reference::attention(
+            &alone,
+            &AttentionInputs::new(&q, &k, &v).with_alibi_slopes(&slopes),
+        )
+        .unwrap();
+
+        let out_len = heads * seq_q * dim;
+        let got = &cached.out[b * out_len..][..out_len];
+        for (x, y) in got.iter().zip(&expected.out) {
+            assert!((x - y).abs() < 1e-12, "batch {b}: {x} against {y}");
+        }
+        let lse = &cached.lse[b * heads * seq_q..][..heads * seq_q];
+        for (x, y) in lse.iter().zip(&expected.lse) {
+            assert!(
+                x == y || (x - y).abs() < 1e-12,
+                "batch {b}: lse {x} against {y}"
+            );
         }
     }
 }

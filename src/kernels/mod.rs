@@ -53,6 +53,8 @@ pub(crate) const EXTRA_ALIBI: u32 = 1;
 pub(crate) const EXTRA_SINKS: u32 = 2;
 pub(crate) const EXTRA_KV_LENS: u32 = 4;
 pub(crate) const EXTRA_PACKED: u32 = 8;
+/// Not a part of `aux`: the key lengths place the diagonals ([`crate::KeyLengths::Cache`]).
+pub(crate) const EXTRA_LENS_PLACE_DIAGONAL: u32 = 16;
 
 /// Word offsets of the parts of the `aux` buffer, in the order `shaders/params.wgsl` reads them.
 pub(crate) struct AuxLayout {
@@ -116,7 +118,11 @@ impl KernelParams {
             v_strides: triple(strides.v),
             lse_head_stride: lse_head_stride as u32,
             out_strides: triple(strides.out),
-            extras,
+            extras: if problem.key_lengths == crate::problem::KeyLengths::Cache {
+                extras | EXTRA_LENS_PLACE_DIAGONAL
+            } else {
+                extras
+            },
         }
     }
 }

@@ -31,7 +31,7 @@ use wgpu_attention::random::SplitMix64;
 use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
 use wgpu_attention::{
     AttentionInputs, AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, Kernel,
-    Layout, OwnedInputs, Strides, TensorStrides, f16, reference,
+    KeyLengths, Layout, OwnedInputs, Strides, TensorStrides, f16, reference,
 };
 
 /// Query and key/value lengths of the odd-length part, which uses every pair.
@@ -375,6 +375,10 @@ fn variant_problems() -> Vec<GridProblem> {
                     kv_lens: combination & 4 != 0,
                     packed,
                 };
+                // Half of the problems with key lengths let them place the diagonals.
+                if extras.kv_lens && dim_index % 2 == 1 {
+                    problem = problem.with_key_lengths(KeyLengths::Cache);
+                }
                 problems.push(GridProblem { problem, extras });
             }
         }
@@ -495,6 +499,7 @@ fn features(grid: &GridProblem) -> Vec<String> {
         format!("alibi={}", extras.alibi),
         format!("sinks={}", extras.sinks),
         format!("kv_lens={}", extras.kv_lens),
+        format!("key_lengths={:?}", problem.key_lengths),
         format!("packed={}", extras.packed.is_some()),
     ]
 }
