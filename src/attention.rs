@@ -547,7 +547,8 @@ impl Context {
     ///
     /// An invalid problem, buffers smaller than the problem needs or without the usage they
     /// need, a mask or packed-sequence offsets given without their declaration in the problem
-    /// (or the reverse), or a tensor larger than the device's storage binding limit.
+    /// (or the reverse), [`KeyLengths::Cache`](crate::KeyLengths::Cache) without a key-length
+    /// buffer, or a tensor larger than the device's storage binding limit.
     pub fn record(
         &self,
         kernel: Kernel,
@@ -566,9 +567,13 @@ impl Context {
     /// buffers as they are when the work runs. In a decoding loop, allocate K and V for the
     /// longest sequence, declare that length as `seq_kv`, and set
     /// [`KeyLengths::Cache`](crate::KeyLengths::Cache) on the problem. Then give the current
-    /// lengths in a `kv_seq_lens` buffer that [`wgpu::Queue::write_buffer`] updates before each
-    /// step. The kernels skip the keys past each length, and the causal mask, a sliding window
-    /// and ALiBi are placed by it.
+    /// lengths in a `kv_seq_lens` buffer (`COPY_SRC | COPY_DST`) that
+    /// [`wgpu::Queue::write_buffer`] updates before each step. The kernels skip the keys past
+    /// each length, and the causal mask, a sliding window and ALiBi are placed by it.
+    ///
+    /// `seq_q` is part of the problem, so a chunked prefill and the one-row steps after it are
+    /// two prepared calls. The rows of a chunk are the last `seq_q` positions of each filled
+    /// cache: a batch element with fewer new tokens puts them in the last rows.
     ///
     /// # Errors
     ///

@@ -117,6 +117,15 @@ pub enum Error {
     #[error("{0}")]
     PackedMismatch(&'static str),
 
+    /// The problem gives key lengths the meaning of [`crate::KeyLengths::Cache`], but the call
+    /// has no key lengths.
+    #[error(
+        "the problem's key lengths are KeyLengths::Cache, but no kv_seq_lens were given; pass \
+         the filled length of each batch element's cache with with_kv_seq_lens, or leave the \
+         problem at KeyLengths::Padding"
+    )]
+    MissingKeyLengths,
+
     /// A length or offset in `kv_seq_lens`, `cu_seqlens_q` or `cu_seqlens_kv` is out of range.
     #[error("{tensor}[{index}] = {value} is invalid: {reason}; {fix}")]
     InvalidLengths {

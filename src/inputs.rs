@@ -104,7 +104,8 @@ impl<'a, T> AttentionInputs<'a, T> {
     ///
     /// [`Error::LengthMismatch`] for a slice of the wrong length, [`Error::MaskMismatch`] or
     /// [`Error::PackedMismatch`] for a tensor given without its declaration in the problem (or
-    /// the reverse), and [`Error::InvalidLengths`] for an offset or length out of range.
+    /// the reverse), [`Error::MissingKeyLengths`] for [`KeyLengths::Cache`] without key lengths,
+    /// and [`Error::InvalidLengths`] for an offset or length out of range.
     pub fn validate(&self, problem: &AttentionProblem) -> Result<()> {
         let s = &problem.shape;
         let spans = problem.spans();
@@ -231,8 +232,12 @@ impl OptionalLens {
                 check_len(tensor, len, s.heads, format!("[{}]", s.heads), exact)?;
             }
         }
-        if let Some(len) = self.kv_seq_lens {
-            check_len("kv_seq_lens", len, s.batch, format!("[{}]", s.batch), exact)?;
+        match self.kv_seq_lens {
+            Some(len) => check_len("kv_seq_lens", len, s.batch, format!("[{}]", s.batch), exact)?,
+            None if problem.key_lengths == KeyLengths::Cache => {
+                return Err(Error::MissingKeyLengths);
+            }
+            None => {}
         }
         match (problem.packed, self.cu_seqlens) {
             (None, None) => Ok(()),

@@ -714,3 +714,45 @@ fn reference_row_out_of_range() {
     }
     assert!(reference::attention_row(&problem, &inputs, 1, 2, 3).is_ok());
 }
+
+#[test]
+fn cache_key_lengths_need_lengths() {
+    use wgpu_attention::wgpu::util::DeviceExt;
+    use wgpu_attention::{GpuTensors, KeyLengths};
+    let shape = AttentionShape::new(2, 2, 1, 16, 8);
+    let problem = AttentionProblem::new(shape).with_key_lengths(KeyLengths::Cache);
+    let (q, kv) = (zeros(shape.q_len()), zeros(shape.k_len()));
+    let error = run(&problem, &AttentionInputs::new(&q, &kv, &kv));
+    assert!(matches!(error, Error::MissingKeyLengths), "{error}");
+    assert!(error.to_string().contains("with_kv_seq_lens"), "{error}");
+
+    // The same on the caller's buffers, where the lengths may be anywhere on the GPU.
+    let context = common::context();
+    let buffer = |data: &[f32]| {
+        context
+            .device()
+            .create_buffer_init(&wgpu_attention::wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu_attention::wgpu::BufferUsages::STORAGE,
+            })
+    };
+    let (q, kv, out) = (buffer(&q), buffer(&kv), buffer(&q));
+    let tensors = GpuTensors::new(&q, &kv, &kv, &out);
+    let error = context
+        .prepare(Kernel::Flash, &problem, &tensors)
+        .unwrap_err();
+    assert!(matches!(error, Error::MissingKeyLengths), "{error}");
+    // With lengths, the same call is accepted.
+    let lens =
+        context
+            .device()
+            .create_buffer_init(&wgpu_attention::wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&[3u32, 16]),
+                usage: wgpu_attention::wgpu::BufferUsages::COPY_SRC,
+            });
+    context
+        .prepare(Kernel::Flash, &problem, &tensors.with_kv_seq_lens(&lens))
+        .unwrap();
+}
