@@ -180,8 +180,8 @@ fn time_host(
 }
 
 /// Measures the host work per call that a decoding loop pays on every token, with the pipelines
-/// already compiled: `record` checks the call and creates its uniforms and bind groups each time, and a
-/// [`wgpu_attention::PreparedAttention`] only encodes what `prepare` built.
+/// already compiled. `record` checks the call and creates its uniforms and bind groups each
+/// time, and a [`wgpu_attention::PreparedAttention`] only encodes what `prepare` built.
 fn bench_host(c: &mut Criterion) {
     let context = Context::new()
         .unwrap_or_else(|error| panic!("cannot create a wgpu context for the benchmarks: {error}"));

@@ -148,7 +148,7 @@ pub struct AttentionOutput {
 }
 
 /// The caller's GPU buffers for [`Context::record`], each read from offset 0. A buffer may be
-/// larger than its tensor; the kernels use its first elements.
+/// larger than its tensor, and the kernels use its first elements.
 ///
 /// Inputs need [`wgpu::BufferUsages::STORAGE`]; `out` and `lse` are written by the kernels. The
 /// small per-head and per-sequence tensors are copied into one scratch buffer first, so they
@@ -496,10 +496,8 @@ impl Context {
                 mapped_at_creation: false,
             })
         });
-        encode(
-            &self.commands(kernel, problem, &tensors, probs.as_ref())?,
-            &mut encoder,
-        );
+        let (_, commands) = self.commands(kernel, problem, &tensors, probs.as_ref())?;
+        encode(&commands, &mut encoder);
         let out_staging = copy_to_staging(device, &mut encoder, &out);
         let lse_staging = copy_to_staging(device, &mut encoder, &lse);
         let probs_staging = probs
@@ -556,7 +554,8 @@ impl Context {
         encoder: &mut wgpu::CommandEncoder,
         tensors: &GpuTensors<'_>,
     ) -> Result<()> {
-        encode(&self.commands(kernel, problem, tensors, None)?, encoder);
+        let (_, commands) = self.commands(kernel, problem, tensors, None)?;
+        encode(&commands, encoder);
         Ok(())
     }
 
@@ -584,22 +583,20 @@ impl Context {
         problem: &AttentionProblem,
         tensors: &GpuTensors<'_>,
     ) -> Result<PreparedAttention> {
-        Ok(PreparedAttention {
-            kernel: kernel.resolve(problem, self),
-            commands: self.commands(kernel, problem, tensors, None)?,
-        })
+        let (kernel, commands) = self.commands(kernel, problem, tensors, None)?;
+        Ok(PreparedAttention { kernel, commands })
     }
 
     /// Checks the call and builds its commands: the copies of the small tensors, then the
-    /// kernels' passes. When `probs` is given, the three-stage kernel also copies the attention
-    /// probabilities into it.
+    /// kernels' passes. Returns them with the kernel that `kernel` resolves to. When `probs` is
+    /// given, the three-stage kernel also copies the attention probabilities into it.
     fn commands(
         &self,
         kernel: Kernel,
         problem: &AttentionProblem,
         tensors: &GpuTensors<'_>,
         probs: Option<&wgpu::Buffer>,
-    ) -> Result<Vec<Command>> {
+    ) -> Result<(Kernel, Vec<Command>)> {
         problem.validate()?;
         self.check_bindings(problem)?;
         if problem.dtype == Dtype::F16 && !self.features().contains(wgpu::Features::SHADER_F16) {
@@ -671,7 +668,8 @@ impl Context {
             aux: &aux,
             extras,
         };
-        match kernel.resolve(problem, self) {
+        let resolved = kernel.resolve(problem, self);
+        match resolved {
             kernel @ (Kernel::Flash
             | Kernel::FlashTiled
             | Kernel::FlashRows
@@ -690,7 +688,7 @@ impl Context {
                 commands.extend(three_stage::commands(self, problem, &bindings)?);
             }
         }
-        Ok(commands)
+        Ok((resolved, commands))
     }
 
     /// Returns the scratch buffer for the optional small tensors in the order of `aux` in

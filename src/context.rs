@@ -22,10 +22,10 @@ pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 /// A wgpu device and queue with the attention pipelines compiled for them.
 ///
 /// Pipelines are compiled on first use and cached, so later calls with the same kernel and tile
-/// sizes reuse them. The small scratch buffers that every call binds (the fused kernels' partial
-/// results, a log-sum-exp output where the caller passes none, and the per-head and per-sequence
-/// values) are kept too, each as large as the largest call so far needed, until
-/// [`Context::release_scratch`]. The three-stage kernel's score buffer is not kept. The context
+/// sizes reuse them. The small scratch buffers that every call binds are kept too, until
+/// [`Context::release_scratch`]: the fused kernels' partial results, a log-sum-exp output where
+/// the caller passes none, and the per-head and per-sequence values. Each grows to the largest
+/// size a call has needed. The three-stage kernel's score buffer is not kept. The context
 /// is `Send + Sync`: share it across threads behind an `Arc`.
 pub struct Context {
     device: wgpu::Device,
@@ -46,7 +46,7 @@ pub struct Context {
 pub(crate) enum Scratch {
     /// Bound in place of a mask when the problem has none, and never read.
     NoMask,
-    /// The log-sum-exp output when the caller passes no buffer for it; nothing reads it.
+    /// The log-sum-exp output when the caller passes no buffer for it. Nothing reads it.
     Lse,
     /// The per-head and per-sequence values that `gather_aux` copies from the caller's buffers.
     Aux,

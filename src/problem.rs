@@ -313,7 +313,7 @@ pub struct AttentionProblem {
 /// Without key lengths both are the same attention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KeyLengths {
-    /// Keys past each length are padding and masked; the diagonals stay placed by `seq_kv` (by
+    /// Keys past each length are padding and masked. The diagonals stay placed by `seq_kv` (by
     /// the sequence's own keys when packed). This fits a batch padded on the right, whose
     /// queries are padded alike.
     #[default]

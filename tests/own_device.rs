@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{
     AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, KeyLengths,
-    reference,
+    OwnedInputs, reference,
 };
 
 fn storage(device: &wgpu::Device, data: &[f32]) -> wgpu::Buffer {
@@ -17,6 +17,18 @@ fn storage(device: &wgpu::Device, data: &[f32]) -> wgpu::Buffer {
         contents: bytemuck::cast_slice(data),
         usage: wgpu::BufferUsages::STORAGE,
     })
+}
+
+/// Uploads the query, key and value tensors of `data` as storage buffers.
+fn upload_qkv(
+    device: &wgpu::Device,
+    data: &OwnedInputs,
+) -> (wgpu::Buffer, wgpu::Buffer, wgpu::Buffer) {
+    (
+        storage(device, &data.q),
+        storage(device, &data.k),
+        storage(device, &data.v),
+    )
 }
 
 fn output(device: &wgpu::Device, elements: usize) -> wgpu::Buffer {
@@ -67,11 +79,7 @@ fn record_into_callers_encoder() {
         .with_causal(Causal::TopLeft)
         .with_mask(2, 1);
     let data = crate::common::random_inputs(&problem, 1, 0.1);
-    let (q, k, v) = (
-        storage(&device, &data.q),
-        storage(&device, &data.k),
-        storage(&device, &data.v),
-    );
+    let (q, k, v) = upload_qkv(&device, &data);
     let mask = storage(&device, data.mask.as_ref().unwrap());
     let out = output(&device, shape.q_len());
     let lse = output(&device, shape.lse_len());
@@ -381,11 +389,7 @@ fn record_with_variant_buffers() {
     data.cu_seqlens = Some((cu_q.clone(), cu_kv.clone()));
     let expected = reference::attention(&problem, &data.inputs()).unwrap();
 
-    let (q, k, v) = (
-        storage(device, &data.q),
-        storage(device, &data.k),
-        storage(device, &data.v),
-    );
+    let (q, k, v) = upload_qkv(device, &data);
     let alibi = small(bytemuck::cast_slice(data.alibi_slopes.as_ref().unwrap()));
     let sinks = small(bytemuck::cast_slice(data.sinks.as_ref().unwrap()));
     let lens = small(bytemuck::cast_slice(data.kv_seq_lens.as_ref().unwrap()));
@@ -506,11 +510,7 @@ fn prepared_decoding_follows_key_lengths() {
         .with_window(Some(300), None)
         .with_key_lengths(KeyLengths::Cache);
     let data = crate::common::random_inputs(&problem, 7, 0.0);
-    let (q, k, v) = (
-        storage(&device, &data.q),
-        storage(&device, &data.k),
-        storage(&device, &data.v),
-    );
+    let (q, k, v) = upload_qkv(&device, &data);
     let out = output(&device, shape.q_len());
     let lse = output(&device, shape.lse_len());
     let lens = lengths(&device, &[2048, 2048]);
@@ -552,12 +552,8 @@ fn calls_in_one_encoder_share_scratch_buffers() {
     let mut calls = Vec::new();
     for (index, problem) in [large, small].into_iter().enumerate() {
         let data = crate::common::random_inputs(&problem, 20 + index as u64, 0.0);
-        let buffers = [
-            storage(&device, &data.q),
-            storage(&device, &data.k),
-            storage(&device, &data.v),
-            output(&device, problem.shape.q_len()),
-        ];
+        let (q, k, v) = upload_qkv(&device, &data);
+        let buffers = [q, k, v, output(&device, problem.shape.q_len())];
         calls.push((problem, data, buffers));
     }
     fn tensors(buffers: &[wgpu::Buffer; 4]) -> GpuTensors<'_> {

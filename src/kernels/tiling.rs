@@ -326,11 +326,11 @@ pub(crate) const FLASH_SUBGROUP_SMALL_COLUMNS: u32 = 32;
 pub(crate) const FLASH_SUBGROUP_TINY_COLUMNS: u32 = 16;
 
 /// Scores under which a call runs for milliseconds and its first call is mostly compilation:
-/// 1 Mi, as in 8 heads of 362 × 362. On lavapipe, on a slow, shared machine with Mesa's shader
-/// cache off, the MiniLM batch (B4 H12 S128 D32, 0.75 Mi scores) took 0.94 to 1.00 s on its
-/// first call with 1 row per invocation, against 1.99 to 2.25 s with 2. It then ran in 8.2 to
+/// 1 Mi, as in 8 heads of 362 × 362. The MiniLM batch (B4 H12 S128 D32) has 0.75 Mi scores. On
+/// lavapipe, on a slow, shared machine with Mesa's shader cache off, its first call took 0.91
+/// to 1.00 s with 1 row per invocation, against 1.99 to 2.25 s with 2. It then ran in 8.2 to
 /// 8.3 ms against 7.4 to 8.2 ms. So 2 rows would repay their compile time only after about
-/// 2,000 calls in one process, and not at all once Mesa's shader cache holds the program.
+/// 2,000 calls in one process, and not at all once Mesa's shader cache contains the program.
 pub(crate) const FLASH_SUBGROUP_SMALL_SCORES: u64 = 1 << 20;
 
 /// Scores (`batch × heads × seq_q × seq_kv`) from which a problem runs long enough that the
