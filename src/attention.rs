@@ -44,8 +44,8 @@ pub enum Kernel {
     /// The fused kernel's row program: one query row per invocation, head dims up to 128.
     FlashRows,
     /// The fused kernel's decoding program, for head dims up to 128. Each workgroup takes a block
-    /// of up to 4 query rows of one key/value head, and its invocations take turns over the keys,
-    /// reading each key and value row once for the whole block. [`Kernel::Flash`] picks it on CPU
+    /// of up to 4 query rows of one key/value head, and its invocations each take a run of
+    /// consecutive keys, reading each key and value row once for the whole block. [`Kernel::Flash`] picks it on CPU
     /// adapters for decoding, where a key/value head has at most 4 query rows, and wherever the
     /// subgroup program cannot run.
     FlashDecode,

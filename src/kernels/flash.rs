@@ -6,8 +6,8 @@
 //! `flash_rows.wgsl` gives each invocation one query row in private registers, so a CPU driver
 //! that runs invocations as SIMD lanes computes across rows with no exchange between lanes. On
 //! lavapipe it ran about twice as fast as the tiled program. `flash_decode.wgsl` gives each
-//! block of up to 4 query rows of one key/value head a workgroup whose invocations take turns
-//! over the keys, each key read once for the whole block. `flash_subgroup.wgsl` makes a workgroup
+//! block of up to 4 query rows of one key/value head a workgroup whose invocations each take a
+//! run of consecutive keys, each key read once for the whole block. `flash_subgroup.wgsl` makes a workgroup
 //! of one subgroup of 8 invocations, each with up to 4 query rows. At each step every invocation
 //! reads one key, and subgroup broadcasts pass it to the other seven.
 //!
@@ -117,7 +117,7 @@ pub(crate) enum FlashVariant {
     Tiled(FlashTiles),
     /// `flash_rows.wgsl`: one query row per invocation.
     Rows(FlashRowTiles),
-    /// `flash_decode.wgsl`: invocations take turns over the keys of a few rows.
+    /// `flash_decode.wgsl`: invocations take runs of consecutive keys for a few rows.
     Decode(FlashDecodeTiles),
     /// `flash_subgroup.wgsl`: rows per invocation, keys shared by subgroup broadcasts.
     Subgroup(FlashSubgroupTiles),

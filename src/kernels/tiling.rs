@@ -384,7 +384,7 @@ impl FlashSubgroupTiles {
 /// [`FLASH_DECODE_ROWS`] packed rows a workgroup of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FlashDecodeTiles {
-    /// Invocations per workgroup (`WG`), each taking every `workgroup`-th key.
+    /// Invocations per workgroup (`WG`), each taking one run of consecutive keys.
     pub workgroup: u32,
     /// Packed query rows per workgroup (`ROWS`), which share each key and value row read.
     pub rows: u32,
