@@ -17,7 +17,7 @@
 // Runs of consecutive keys read faster than keys dealt out in turn (x, x + WG, and so on), where
 // each read touches WG rows side by side. With `wgpu-attention bench` on lavapipe (Mesa 22.3, a
 // 2-core Xeon), decoding B1 H32 H_kv32 over 4,096 keys at head dim 128 took 11.8 to 12.0 ms with
-// runs, against 15.5 to 15.8 ms with keys in turn.
+// runs, against 15.0 to 15.8 ms with keys in turn.
 
 // The host declares these constants ahead of this file, as `const` rather than `override`:
 // - WG: invocations per workgroup, each taking one run of consecutive keys;
