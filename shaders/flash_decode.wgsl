@@ -49,44 +49,22 @@ fn main(
     let bkv = group.z;
     let b = bkv / params.kv_heads;
     let kv_head = bkv % params.kv_heads;
-    let heads_per_kv = params.heads / params.kv_heads;
-    let packed_rows = heads_per_kv * params.seq_q;
     let packed0 = group.x * ROWS;
     let split = group.y;
     let seq = sequence(b);
 
-    // Packed row p is query head kv_head · group + p / seq_q at position p % seq_q. A row past
-    // the packed rows or past its sequence's length is not valid and sees no key. The block's
-    // keys are the union of its rows' keys.
-    var heads: array<u32, ROWS>;
-    var positions: array<u32, ROWS>;
-    var valid: array<bool, ROWS>;
-    var row_keys: array<vec2<u32>, ROWS>;
-    var slopes: array<f32, ROWS>;
-    var diagonals: array<i32, ROWS>;
-    var mask_rows: array<u32, ROWS>;
+    // The block's rows, their scaled query rows, and the block's keys: the union of its rows'.
+    var rows: array<PackedRow, ROWS>;
     var q_rows: array<array<vec4<f32>, D4>, ROWS>;
     var block_keys = vec2<u32>(params.seq_kv, 0u);
     for (var r = 0u; r < ROWS; r++) {
-        let packed = min(packed0 + r, packed_rows - 1u);
-        let h = kv_head * heads_per_kv + packed / params.seq_q;
-        let position = packed % params.seq_q;
-        heads[r] = h;
-        positions[r] = position;
-        valid[r] = packed0 + r < packed_rows && position < seq.rows;
-        row_keys[r] = select(vec2<u32>(0u), key_range(seq, position), valid[r]);
-        slopes[r] = alibi_slope(h);
-        diagonals[r] = diagonal(seq, position);
-        mask_rows[r] = b * params.mask_batch_stride + h * params.mask_head_stride
-            + position * params.seq_kv;
-        if row_keys[r].x < row_keys[r].y {
-            block_keys = vec2<u32>(min(block_keys.x, row_keys[r].x), max(block_keys.y, row_keys[r].y));
+        rows[r] = packed_row(b, kv_head, seq, packed0 + r);
+        let keys = rows[r].keys;
+        if keys.x < keys.y {
+            block_keys = vec2<u32>(min(block_keys.x, keys.x), max(block_keys.y, keys.y));
         }
-
-        // The query row, scaled.
-        let q_base = q_offset(b, h, seq.row_begin + position);
         for (var c4 = 0u; c4 < D4; c4++) {
-            q_rows[r][c4] = load_q(q_base, c4);
+            q_rows[r][c4] = load_q(rows[r].q_base, c4);
         }
     }
 
@@ -99,7 +77,7 @@ fn main(
         m[r] = neg_inf();
         l[r] = 0.0;
         poisoned[r] = false;
-        let sink = sink_logit(heads[r]);
+        let sink = sink_logit(rows[r].head);
         if split == 0u && lane == 0u && sink != neg_inf() {
             m[r] = sink;
             l[r] = 1.0;
@@ -146,12 +124,12 @@ fn main(
                 score = cap_score(score);
             }
             if ALIBI != 0u {
-                score += alibi_bias(slopes[r], diagonals[r], key);
+                score += alibi_bias(rows[r].slope, rows[r].diagonal, key);
             }
             if MASK != 0u {
-                score += mask[mask_rows[r] + key];
+                score += mask[rows[r].mask_row + key];
             }
-            score = select(neg_inf(), score, key >= row_keys[r].x && key < row_keys[r].y);
+            score = select(neg_inf(), score, key >= rows[r].keys.x && key < rows[r].keys.y);
             poisoned[r] = poisoned[r] || poisons_row(score);
             let new_max = max(m[r], score);
             let seen = new_max != neg_inf();
@@ -202,11 +180,11 @@ fn main(
             row_sum += stats.y * weights[x];
         }
         let inv_sum = select(1.0 / row_sum, 0.0, fully_masked);
-        let h = heads[r];
-        let position = positions[r];
+        let h = rows[r].head;
+        let position = rows[r].position;
         let out_base = out_offset(b, h, seq.row_begin + position);
         let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
-        if valid[r] {
+        if rows[r].valid {
             // Invocation x merges columns x, x + WG, and so on. The loop runs a constant number
             // of times, so that NIR unrolls it and with it the loop over the rows; a rolled loop
             // over the rows would index the private arrays, and keep them in memory everywhere.

@@ -41,19 +41,15 @@ fn main(
     let split = group.y;
     let seq = sequence(b);
 
-    // Packed row r is query head kv_head · group + r / seq_q at position r % seq_q; rows past
-    // the packed rows or past the sequence's own length are not valid.
-    let packed = min(packed0 + local_index, packed_rows - 1u);
-    let h = kv_head * (params.heads / params.kv_heads) + packed / params.seq_q;
-    let position = packed % params.seq_q;
-    let valid = packed0 + local_index < packed_rows && position < seq.rows;
-    let mask_row = b * params.mask_batch_stride + h * params.mask_head_stride + position * params.seq_kv;
-    let q_base = q_offset(b, h, seq.row_begin + position);
-
-    // The query row, scaled, and zero past the end.
+    // This invocation's row, and its query row, scaled, and zero past the end.
+    let row = packed_row(b, kv_head, seq, packed0 + local_index);
+    let h = row.head;
+    let position = row.position;
+    let valid = row.valid;
+    let mask_row = row.mask_row;
     var q_row: array<vec4<f32>, MAX_D4>;
     for (var c4 = 0u; c4 < D4; c4++) {
-        q_row[c4] = select(vec4<f32>(0.0), load_q(q_base, c4), valid);
+        q_row[c4] = select(vec4<f32>(0.0), load_q(row.q_base, c4), valid);
     }
 
     // Keys of this split that some row of the block may attend to.
@@ -61,13 +57,9 @@ fn main(
     let key_begin = keys.x;
     let key_end = keys.y;
 
-    // This row's keys, ALiBi slope and diagonal; a row past the end sees no key.
-    var row_keys = key_range(seq, position);
-    if !valid {
-        row_keys = vec2<u32>(0u);
-    }
-    let slope = alibi_slope(h);
-    let diag = diagonal(seq, position);
+    let row_keys = row.keys;
+    let slope = row.slope;
+    let diag = row.diagonal;
 
     // The sink joins the first split's sum as a score with no value row.
     // `poisoned` records a NaN or +inf score, which makes the row NaN as in the reference.

@@ -51,41 +51,19 @@ fn main(
     let bkv = group.z;
     let b = bkv / params.kv_heads;
     let kv_head = bkv % params.kv_heads;
-    let heads_per_kv = params.heads / params.kv_heads;
-    let packed_rows = heads_per_kv * params.seq_q;
+    let packed_rows = (params.heads / params.kv_heads) * params.seq_q;
     let block_q = SG * ROWS;
     let packed0 = group.x * block_q;
     let split = group.y;
     let seq = sequence(b);
 
-    // Packed row p is query head kv_head · group + p / seq_q at position p % seq_q. A row past
-    // the packed rows or past its sequence's length is not valid and sees no key.
-    var heads: array<u32, ROWS>;
-    var positions: array<u32, ROWS>;
-    var valid: array<bool, ROWS>;
-    var row_keys: array<vec2<u32>, ROWS>;
-    var slopes: array<f32, ROWS>;
-    var diagonals: array<i32, ROWS>;
-    var mask_rows: array<u32, ROWS>;
+    // This invocation's rows and their scaled query rows.
+    var rows: array<PackedRow, ROWS>;
     var q_rows: array<array<vec4<f32>, D4>, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
-        let unclamped = packed0 + lane + SG * r;
-        let packed = min(unclamped, packed_rows - 1u);
-        let h = kv_head * heads_per_kv + packed / params.seq_q;
-        let position = packed % params.seq_q;
-        heads[r] = h;
-        positions[r] = position;
-        valid[r] = unclamped < packed_rows && position < seq.rows;
-        row_keys[r] = select(vec2<u32>(0u), key_range(seq, position), valid[r]);
-        slopes[r] = alibi_slope(h);
-        diagonals[r] = diagonal(seq, position);
-        mask_rows[r] = b * params.mask_batch_stride + h * params.mask_head_stride
-            + position * params.seq_kv;
-
-        // The query row, scaled.
-        let q_base = q_offset(b, h, seq.row_begin + position);
+        rows[r] = packed_row(b, kv_head, seq, packed0 + lane + SG * r);
         for (var c4 = 0u; c4 < D4; c4++) {
-            q_rows[r][c4] = load_q(q_base, c4);
+            q_rows[r][c4] = load_q(rows[r].q_base, c4);
         }
     }
 
@@ -104,7 +82,7 @@ fn main(
         m[r] = neg_inf();
         l[r] = 0.0;
         poisoned[r] = false;
-        let sink = sink_logit(heads[r]);
+        let sink = sink_logit(rows[r].head);
         if split == 0u && sink != neg_inf() {
             m[r] = sink;
             l[r] = 1.0;
@@ -170,12 +148,12 @@ fn main(
                     score = cap_score(score);
                 }
                 if ALIBI != 0u {
-                    score += alibi_bias(slopes[r], diagonals[r], key);
+                    score += alibi_bias(rows[r].slope, rows[r].diagonal, key);
                 }
                 if MASK != 0u {
-                    score += mask[mask_rows[r] + min(key, params.seq_kv - 1u)];
+                    score += mask[rows[r].mask_row + min(key, params.seq_kv - 1u)];
                 }
-                let seen_key = key >= row_keys[r].x && key < min(row_keys[r].y, key_end);
+                let seen_key = key >= rows[r].keys.x && key < min(rows[r].keys.y, key_end);
                 score = select(neg_inf(), score, seen_key);
                 poisoned[r] = poisoned[r] || poisons_row(score);
                 scores[j] = score;
@@ -215,9 +193,9 @@ fn main(
             row_m = nan();
             row_l = nan();
         }
-        let h = heads[r];
-        let position = positions[r];
-        if valid[r] && params.kv_splits == 1u {
+        let h = rows[r].head;
+        let position = rows[r].position;
+        if rows[r].valid && params.kv_splits == 1u {
             let out_base = out_offset(b, h, seq.row_begin + position);
             for (var c4 = 0u; c4 < D4V; c4++) {
                 for (var e = 0u; e < 4u; e++) {
@@ -230,7 +208,7 @@ fn main(
             }
             lse[lse_offset(b, h, seq.row_begin + position)] =
                 select(select(row_m + log(row_l), neg_inf(), fully_masked), nan(), poisoned[r]);
-        } else if valid[r] {
+        } else if rows[r].valid {
             let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
             for (var c4 = 0u; c4 < D4V; c4++) {
                 for (var e = 0u; e < 4u; e++) {

@@ -243,3 +243,40 @@ fn block_keys(seq: Sequence, packed0: u32, block_q: u32, packed_rows: u32, split
     }
     return vec2<u32>(key_begin, key_end);
 }
+
+// A query row of a fused program's block. Packed row p of a key/value head is query head
+// kv_head · (heads / kv_heads) + p / seq_q at position p % seq_q.
+struct PackedRow {
+    head: u32,
+    position: u32,
+    // False past the packed rows or past the sequence's length. Such a row sees no key.
+    valid: bool,
+    // The keys the row may attend to, as [x, y), empty when the row is not valid.
+    keys: vec2<u32>,
+    slope: f32,
+    diagonal: i32,
+    // Element offsets of the row in the mask and in Q.
+    mask_row: u32,
+    q_base: u32,
+}
+
+// Returns packed row `p` of key/value head `kv_head` in batch element `b`. A row past the packed
+// rows is not valid, and reads the last packed row's offsets so that its reads stay in bounds.
+fn packed_row(b: u32, kv_head: u32, seq: Sequence, p: u32) -> PackedRow {
+    let heads_per_kv = params.heads / params.kv_heads;
+    let packed_rows = heads_per_kv * params.seq_q;
+    let packed = min(p, packed_rows - 1u);
+    let h = kv_head * heads_per_kv + packed / params.seq_q;
+    let position = packed % params.seq_q;
+    let valid = p < packed_rows && position < seq.rows;
+    return PackedRow(
+        h,
+        position,
+        valid,
+        select(vec2<u32>(0u), key_range(seq, position), valid),
+        alibi_slope(h),
+        diagonal(seq, position),
+        b * params.mask_batch_stride + h * params.mask_head_stride + position * params.seq_kv,
+        q_offset(b, h, seq.row_begin + position),
+    );
+}
