@@ -153,9 +153,6 @@ fn main(
 
     // One row at a time, publish each invocation's state, then merge the row over the
     // invocations, which share its vec4 columns.
-    let all_rows = params.batch * params.heads * params.seq_q;
-    let dv = params.head_dim_v;
-    let split_out = params.kv_splits > 1u;
     for (var r = 0u; r < ROWS; r++) {
         lane_stats[lane] = vec2<f32>(m[r], l[r]);
         lane_poisoned[lane] = u32(poisoned[r]);
@@ -180,10 +177,7 @@ fn main(
             row_sum += stats.y * weights[x];
         }
         let inv_sum = select(1.0 / row_sum, 0.0, fully_masked);
-        let h = rows[r].head;
-        let position = rows[r].position;
-        let out_base = out_offset(b, h, seq.row_begin + position);
-        let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
+        let stores = row_stores(b, seq, rows[r], split);
         if rows[r].valid {
             // Invocation x merges columns x, x + WG, and so on. The loop runs a constant number
             // of times, so that NIR unrolls it and with it the loop over the rows; a rolled loop
@@ -198,29 +192,14 @@ fn main(
                     merged *= inv_sum;
                     for (var e = 0u; e < 4u; e++) {
                         let col = 4u * c4 + e;
-                        if col < dv && split_out {
-                            partial[partial_row * dv + col] = merged[e];
-                        } else if col < dv {
-                            out[out_base + col] = Storage(select(merged[e], nan(), row_poisoned));
+                        if col < params.head_dim_v {
+                            store_output(stores, col, merged[e], row_poisoned);
                         }
                     }
                 }
             }
             if lane == 0u {
-                var row_m = row_max;
-                var row_l = row_sum;
-                if row_poisoned {
-                    row_m = nan();
-                    row_l = nan();
-                }
-                if split_out {
-                    let stats = params.kv_splits * all_rows * dv + 2u * partial_row;
-                    partial[stats] = row_m;
-                    partial[stats + 1u] = row_l;
-                } else {
-                    lse[lse_offset(b, h, seq.row_begin + position)] =
-                        select(select(row_m + log(row_l), neg_inf(), fully_masked), nan(), row_poisoned);
-                }
+                store_row_stats(stores, row_max, row_sum, row_poisoned);
             }
         }
         workgroupBarrier();

@@ -182,45 +182,19 @@ fn main(
         }
     }
 
-    let dv = params.head_dim_v;
-    let all_rows = params.batch * params.heads * params.seq_q;
     for (var r = 0u; r < ROWS; r++) {
-        let fully_masked = m[r] == neg_inf();
-        let inv_sum = select(1.0 / l[r], 0.0, fully_masked);
-        var row_m = m[r];
-        var row_l = l[r];
-        if poisoned[r] {
-            row_m = nan();
-            row_l = nan();
-        }
-        let h = rows[r].head;
-        let position = rows[r].position;
-        if rows[r].valid && params.kv_splits == 1u {
-            let out_base = out_offset(b, h, seq.row_begin + position);
+        let inv_sum = select(1.0 / l[r], 0.0, m[r] == neg_inf());
+        let stores = row_stores(b, seq, rows[r], split);
+        if rows[r].valid {
             for (var c4 = 0u; c4 < D4V; c4++) {
                 for (var e = 0u; e < 4u; e++) {
                     let col = 4u * c4 + e;
-                    if col < dv {
-                        out[out_base + col] =
-                            Storage(select(acc[r][c4][e] * inv_sum, nan(), poisoned[r]));
+                    if col < params.head_dim_v {
+                        store_output(stores, col, acc[r][c4][e] * inv_sum, poisoned[r]);
                     }
                 }
             }
-            lse[lse_offset(b, h, seq.row_begin + position)] =
-                select(select(row_m + log(row_l), neg_inf(), fully_masked), nan(), poisoned[r]);
-        } else if rows[r].valid {
-            let partial_row = split * all_rows + (b * params.heads + h) * params.seq_q + position;
-            for (var c4 = 0u; c4 < D4V; c4++) {
-                for (var e = 0u; e < 4u; e++) {
-                    let col = 4u * c4 + e;
-                    if col < dv {
-                        partial[partial_row * dv + col] = acc[r][c4][e] * inv_sum;
-                    }
-                }
-            }
-            let stats = params.kv_splits * all_rows * dv + 2u * partial_row;
-            partial[stats] = row_m;
-            partial[stats + 1u] = row_l;
+            store_row_stats(stores, m[r], l[r], poisoned[r]);
         }
     }
 }
