@@ -35,8 +35,8 @@ fn load_q(base: u32, c4: u32) -> vec4<f32> {
     return value;
 }
 
-// Where a finished row's results go: element offsets in the output, or in split `split`'s
-// partial outputs, and of its log-sum-exp, or of the split's maximum and sum for the row.
+// Element offsets of a finished row's results: its output row and log-sum-exp, and its partial
+// output row and statistics (maximum, then sum) in one split.
 struct RowStores {
     out_base: u32,
     lse_index: u32,
@@ -45,8 +45,9 @@ struct RowStores {
 }
 
 // Returns where `row`'s results go, worked out once per row. Recomputed in every store, the
-// offsets lengthened the decoding program's unrolled stores until lavapipe compiled it again at
-// every dispatch: 88 to 93 ms per call instead of 5.3 ms, 13.9 s with Mesa's shader cache off.
+// offsets lengthened the 4-row decoding program's unrolled stores until a call on lavapipe took
+// 88 to 93 ms instead of 5.3 ms, and 13.9 s with Mesa's shader cache off, so lavapipe compiled
+// the program again at every dispatch.
 fn row_stores(b: u32, seq: Sequence, row: PackedRow, split: u32) -> RowStores {
     let all_rows = params.batch * params.heads * params.seq_q;
     let head_row = (b * params.heads + row.head) * params.seq_q + row.position;
