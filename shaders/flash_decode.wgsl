@@ -98,14 +98,14 @@ fn main(
         let k_base = k_offset(b, kv_head, seq.key_begin + key);
         let v_base = v_offset(b, kv_head, seq.key_begin + key);
         var dots: array<vec4<f32>, ROWS>;
-        // K and V columns come two at a time from load_k8 and load_v8; once NIR unrolls these
-        // loops, each read and its test on c4 are constant.
-        var k8: array<vec4<f32>, 2>;
+        // K and V columns come READ_COLS at a time from read_k and read_v; once NIR unrolls
+        // these loops, each read and its test on c4 are constant.
+        var k_read: array<vec4<f32>, READ_COLS>;
         for (var c4 = 0u; c4 < D4; c4++) {
-            if c4 % 2u == 0u {
-                k8 = load_k8(k_base, c4 / 2u);
+            if c4 % READ_COLS == 0u {
+                k_read = read_k(k_base, c4 / READ_COLS);
             }
-            let k4 = k8[c4 % 2u];
+            let k4 = k_read[c4 % READ_COLS];
             for (var r = 0u; r < ROWS; r++) {
                 dots[r] = fma(q_rows[r][c4], k4, dots[r]);
             }
@@ -138,12 +138,12 @@ fn main(
             l[r] = l[r] * alphas[r] + ps[r];
             m[r] = new_max;
         }
-        var v8: array<vec4<f32>, 2>;
+        var v_read: array<vec4<f32>, READ_COLS>;
         for (var c4 = 0u; c4 < D4V; c4++) {
-            if c4 % 2u == 0u {
-                v8 = load_v8(v_base, c4 / 2u);
+            if c4 % READ_COLS == 0u {
+                v_read = read_v(v_base, c4 / READ_COLS);
             }
-            let v4 = v8[c4 % 2u];
+            let v4 = v_read[c4 % READ_COLS];
             for (var r = 0u; r < ROWS; r++) {
                 let scaled = acc[r][c4] * alphas[r];
                 acc[r][c4] = select(fma(vec4<f32>(ps[r]), v4, scaled), scaled, ps[r] == 0.0);

@@ -101,23 +101,23 @@ fn main(
         let read_key = seq.key_begin + min(own_key, key_end - 1u);
         let k_base = k_offset(b, kv_head, read_key);
         let v_base = v_offset(b, kv_head, read_key);
-        // Columns come two at a time from load_k8 and load_v8; once NIR unrolls these loops,
-        // each read and its test on c4 are constant.
+        // Columns come READ_COLS at a time from read_k and read_v; once NIR unrolls these
+        // loops, each read and its test on c4 are constant.
         var k_own: array<vec4<f32>, D4>;
-        var k8: array<vec4<f32>, 2>;
+        var k_read: array<vec4<f32>, READ_COLS>;
         for (var c4 = 0u; c4 < D4; c4++) {
-            if c4 % 2u == 0u {
-                k8 = load_k8(k_base, c4 / 2u);
+            if c4 % READ_COLS == 0u {
+                k_read = read_k(k_base, c4 / READ_COLS);
             }
-            k_own[c4] = select(vec4<f32>(0.0), k8[c4 % 2u], in_range);
+            k_own[c4] = select(vec4<f32>(0.0), k_read[c4 % READ_COLS], in_range);
         }
         var v_own: array<vec4<f32>, D4V>;
-        var v8: array<vec4<f32>, 2>;
+        var v_read: array<vec4<f32>, READ_COLS>;
         for (var c4 = 0u; c4 < D4V; c4++) {
-            if c4 % 2u == 0u {
-                v8 = load_v8(v_base, c4 / 2u);
+            if c4 % READ_COLS == 0u {
+                v_read = read_v(v_base, c4 / READ_COLS);
             }
-            v_own[c4] = select(vec4<f32>(0.0), v8[c4 % 2u], in_range);
+            v_own[c4] = select(vec4<f32>(0.0), v_read[c4 % READ_COLS], in_range);
         }
 
         // Scores of every row against the 8 keys of the step.

@@ -1,10 +1,12 @@
 // Row loads shared by the programs that read K and V rows into private vec4 arrays
 // (`flash_rows.wgsl`, `flash_decode.wgsl` and `flash_subgroup.wgsl`), which declare `k` and `v`
 // as arrays of `KvElement`. This version reads one element at a time, for any head dim and
-// strides; `load_rows_vec4.wgsl` reads whole vec4s and `load_rows_u64.wgsl` 8 floats at a time
-// where both allow it. The first program reads through load_k and load_v, the other two through
-// load_k8 and load_v8, two vec4 columns at a time.
+// strides; `load_rows_vec4.wgsl` reads whole vec4s, and `load_rows_u64.wgsl` and
+// `load_rows_u64_f16.wgsl` 8 floats or 16 halves at a time, where the rows allow it. The first
+// program reads through load_k and load_v, the other two through read_k and read_v, READ_COLS
+// vec4 columns at a time.
 alias KvElement = Storage;
+const READ_COLS = 2u;
 
 // Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim. The loads are
 // clamped to the row and masked with select rather than a branch, which keeps the unrolled
@@ -35,14 +37,14 @@ fn load_v(base: u32, c4: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), value, col <= vec4<u32>(last));
 }
 
-// Reads the vec4 columns 2 · c8 and 2 · c8 + 1 of the K row at element offset `base`, zero past
+// Reads the vec4 columns 2 · i and 2 · i + 1 of the K row at element offset `base`, zero past
 // head_dim.
-fn load_k8(base: u32, c8: u32) -> array<vec4<f32>, 2> {
-    return array<vec4<f32>, 2>(load_k(base, 2u * c8), load_k(base, 2u * c8 + 1u));
+fn read_k(base: u32, i: u32) -> array<vec4<f32>, READ_COLS> {
+    return array<vec4<f32>, 2>(load_k(base, 2u * i), load_k(base, 2u * i + 1u));
 }
 
-// Reads the vec4 columns 2 · c8 and 2 · c8 + 1 of the V row at element offset `base`, zero past
+// Reads the vec4 columns 2 · i and 2 · i + 1 of the V row at element offset `base`, zero past
 // head_dim_v.
-fn load_v8(base: u32, c8: u32) -> array<vec4<f32>, 2> {
-    return array<vec4<f32>, 2>(load_v(base, 2u * c8), load_v(base, 2u * c8 + 1u));
+fn read_v(base: u32, i: u32) -> array<vec4<f32>, READ_COLS> {
+    return array<vec4<f32>, 2>(load_v(base, 2u * i), load_v(base, 2u * i + 1u));
 }

@@ -4,6 +4,7 @@
 // llvmpipe reads memory in a loop over the SIMD lanes, one pass per read whatever its width, so
 // this halves the passes of `load_rows_vec4.wgsl`. `base` is an element offset, a multiple of 8.
 alias KvElement = vec4<u64>;
+const READ_COLS = 2u;
 
 // The four floats whose bits `lo` and `hi` hold, low half first, as stored in little-endian
 // memory.
@@ -16,14 +17,14 @@ fn unpack_floats(lo: u64, hi: u64) -> vec4<f32> {
     );
 }
 
-// Reads the vec4 columns 2 · c8 and 2 · c8 + 1 of the K row at element offset `base`.
-fn load_k8(base: u32, c8: u32) -> array<vec4<f32>, 2> {
-    let w = k[base / 8u + c8];
+// Reads the vec4 columns 2 · i and 2 · i + 1 of the K row at element offset `base`.
+fn read_k(base: u32, i: u32) -> array<vec4<f32>, READ_COLS> {
+    let w = k[base / 8u + i];
     return array<vec4<f32>, 2>(unpack_floats(w.x, w.y), unpack_floats(w.z, w.w));
 }
 
-// Reads the vec4 columns 2 · c8 and 2 · c8 + 1 of the V row at element offset `base`.
-fn load_v8(base: u32, c8: u32) -> array<vec4<f32>, 2> {
-    let w = v[base / 8u + c8];
+// Reads the vec4 columns 2 · i and 2 · i + 1 of the V row at element offset `base`.
+fn read_v(base: u32, i: u32) -> array<vec4<f32>, READ_COLS> {
+    let w = v[base / 8u + i];
     return array<vec4<f32>, 2>(unpack_floats(w.x, w.y), unpack_floats(w.z, w.w));
 }

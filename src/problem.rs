@@ -276,6 +276,13 @@ impl Dtype {
             Dtype::F16 => "f16",
         }
     }
+
+    /// Parses a name returned by [`Dtype::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Dtype::F32, Dtype::F16]
+            .into_iter()
+            .find(|dtype| dtype.name() == name)
+    }
 }
 
 /// The shape and options of one attention call:

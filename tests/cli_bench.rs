@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every field that `bench --json` writes on each line.
-const JSON_FIELDS: [&str; 21] = [
+const JSON_FIELDS: [&str; 22] = [
     "case",
     "batch",
     "heads",
@@ -14,6 +14,7 @@ const JSON_FIELDS: [&str; 21] = [
     "seq_kv",
     "head_dim",
     "causal",
+    "dtype",
     "kernel",
     "status",
     "median_ms",
@@ -77,6 +78,7 @@ fn bench_json_reports_every_kernel() {
         assert_eq!(row["case"], "b1_h2_hkv2_q64_kv64_d32", "{row}");
         assert_eq!(row["seq_kv"], 64, "{row}");
         assert_eq!(row["causal"], "none", "{row}");
+        assert_eq!(row["dtype"], "f32", "{row}");
         assert_eq!(row["status"], "ok", "{row}");
         assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["gflops"].as_f64().unwrap() > 0.0, "{row}");
@@ -96,20 +98,68 @@ fn bench_json_reports_every_kernel() {
 }
 
 #[test]
-fn bench_rejects_short_shape() {
-    let output = bench(&["--shape", "1,2,3"]);
-    assert!(!output.status.success());
+fn bench_f16_counts_two_bytes_per_element() {
+    // A decoding step: Q, K, V and the output are 2 · 2 · 2,048 · 64 + 2 · 2 · 64 values, so one
+    // call moves 1,048,576 + 512 bytes in f16 and twice that in f32.
+    let shape = ["--shape", "1,2,2,1,2048,64", "--kernel", "flash", "--json"];
+    let mut rows = Vec::new();
+    for dtype in ["f16", "f32"] {
+        let output = bench(&[&shape[..], &["--dtype", dtype]].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        rows.extend(json_lines(&output));
+    }
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["case"], "b1_h2_hkv2_q1_kv2048_d64_f16");
+    assert_eq!(rows[1]["case"], "b1_h2_hkv2_q1_kv2048_d64");
+    for (row, (dtype, bytes)) in rows
+        .iter()
+        .zip([("f16", 1_049_088.0), ("f32", 2_098_176.0)])
+    {
+        assert_eq!(row["dtype"], dtype, "{row}");
+        assert_eq!(row["status"], "ok", "{row}");
+        let seconds = row["median_ms"].as_f64().unwrap() / 1e3;
+        let gbps = row["gbps"].as_f64().unwrap();
+        let measured = gbps * 1e9 * seconds;
+        assert!(
+            (measured - bytes).abs() < 1e-6 * bytes,
+            "{row}: {measured} bytes"
+        );
+    }
+}
+
+/// Runs `bench` with `args`, which it must refuse, and checks that its message contains each
+/// of `parts`.
+fn assert_refused(args: &[&str], parts: &[&str]) {
+    let output = bench(args);
+    assert!(!output.status.success(), "bench {args:?} succeeded");
     let message = stderr(&output);
-    assert!(message.contains("`1,2,3` has 3 values"), "{message}");
-    assert!(message.contains("B,H,HKV,SQ,SKV,D"), "{message}");
+    for part in parts {
+        assert!(message.contains(part), "{message}");
+    }
+}
+
+#[test]
+fn bench_rejects_unknown_dtype() {
+    assert_refused(
+        &["--shape", "1,1,1,8,8,8", "--dtype", "bf16"],
+        &["unknown dtype `bf16`", "f32 or f16"],
+    );
+}
+
+#[test]
+fn bench_rejects_short_shape() {
+    assert_refused(
+        &["--shape", "1,2,3"],
+        &["`1,2,3` has 3 values", "B,H,HKV,SQ,SKV,D"],
+    );
 }
 
 #[test]
 fn bench_rejects_unknown_kernel() {
-    let output = bench(&["--shape", "1,1,1,8,8,8", "--kernel", "flash,fast"]);
-    assert!(!output.status.success());
-    let message = stderr(&output);
-    assert!(message.contains("unknown kernel `fast`"), "{message}");
+    assert_refused(
+        &["--shape", "1,1,1,8,8,8", "--kernel", "flash,fast"],
+        &["unknown kernel `fast`"],
+    );
 }
 
 #[test]
@@ -124,14 +174,13 @@ fn bench_filter_selects_cases() {
 
 #[test]
 fn bench_filter_without_match_fails() {
-    let output = bench(&["--filter", "no-such-case"]);
-    assert!(!output.status.success());
-    let message = stderr(&output);
-    assert!(
-        message.contains("no case label contains `no-such-case`"),
-        "{message}"
+    assert_refused(
+        &["--filter", "no-such-case"],
+        &[
+            "no case label contains `no-such-case`",
+            "b1_h8_hkv8_q512_kv512_d64",
+        ],
     );
-    assert!(message.contains("b1_h8_hkv8_q512_kv512_d64"), "{message}");
 }
 
 #[test]

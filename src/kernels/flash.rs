@@ -48,8 +48,8 @@ const FLASH_ROWS_VEC4_WGSL: &str = concat!(
     include_str!("../../shaders/flash_rows.wgsl")
 );
 
-/// A program that reads K and V rows through `load_k8` and `load_v8`, after the fused programs'
-/// bindings and each of the three files that define those reads, in the order of [`RowLoads`].
+/// A program that reads K and V rows through `read_k` and `read_v`, after the fused programs'
+/// bindings and each of the four files that define those reads, in the order of [`RowLoads`].
 macro_rules! with_row_loads {
     ($program:literal) => {
         [
@@ -68,12 +68,17 @@ macro_rules! with_row_loads {
                 include_str!("../../shaders/load_rows_u64.wgsl"),
                 include_str!($program)
             ),
+            concat!(
+                include_str!("../../shaders/fused_bindings.wgsl"),
+                include_str!("../../shaders/load_rows_u64_f16.wgsl"),
+                include_str!($program)
+            ),
         ]
     };
 }
 
-const FLASH_DECODE_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_decode.wgsl");
-const FLASH_SUBGROUP_WGSL: [&str; 3] = with_row_loads!("../../shaders/flash_subgroup.wgsl");
+const FLASH_DECODE_WGSL: [&str; 4] = with_row_loads!("../../shaders/flash_decode.wgsl");
+const FLASH_SUBGROUP_WGSL: [&str; 4] = with_row_loads!("../../shaders/flash_subgroup.wgsl");
 
 /// Returns the constants that the decoding and subgroup programs share: the vec4 columns of the
 /// head dims, and 1 or 0 for soft-capping, ALiBi and the mask, which are compile-time constants
@@ -94,11 +99,12 @@ fn row_constants(
 }
 
 /// Returns the source of a program built by [`with_row_loads`] for `loads`.
-fn with_loads(sources: &[&'static str; 3], loads: RowLoads) -> &'static str {
+fn with_loads(sources: &[&'static str; 4], loads: RowLoads) -> &'static str {
     match loads {
         RowLoads::Scalar => sources[0],
         RowLoads::Vec4 => sources[1],
         RowLoads::Wide => sources[2],
+        RowLoads::WideF16 => sources[3],
     }
 }
 const COMBINE_WGSL: &str = include_str!("../../shaders/combine.wgsl");
@@ -240,7 +246,7 @@ impl FlashVariant {
                     shader: match tiles.loads {
                         RowLoads::Scalar => "flash_decode.wgsl",
                         RowLoads::Vec4 => "flash_decode.wgsl with vec4 loads",
-                        RowLoads::Wide => "flash_decode.wgsl with u64 loads",
+                        RowLoads::Wide | RowLoads::WideF16 => "flash_decode.wgsl with u64 loads",
                     },
                     dtype: problem.dtype,
                     constants,
@@ -254,7 +260,7 @@ impl FlashVariant {
                     shader: match tiles.loads {
                         RowLoads::Scalar => "flash_subgroup.wgsl",
                         RowLoads::Vec4 => "flash_subgroup.wgsl with vec4 loads",
-                        RowLoads::Wide => "flash_subgroup.wgsl with u64 loads",
+                        RowLoads::Wide | RowLoads::WideF16 => "flash_subgroup.wgsl with u64 loads",
                     },
                     dtype: problem.dtype,
                     constants,

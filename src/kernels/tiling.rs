@@ -263,14 +263,21 @@ pub(crate) enum RowLoads {
     /// halves the passes. On lavapipe it made decoding 1.7× faster (B1 H32 Skv4096 D128) and
     /// prefill 1.1× faster (B1 H8 S2048 D64).
     Wide,
+    /// Sixteen f16 values per read, as one `vec4<u64>`, where those are multiples of 16, the
+    /// storage is f16 and the device has `SHADER_INT64` (`load_rows_u64_f16.wgsl`).
+    WideF16,
 }
 
 impl RowLoads {
     /// Returns the widest reads that `problem`'s rows allow on a device with `features`.
     pub fn choose(problem: &AttentionProblem, features: wgpu::Features) -> Self {
         let int64 = features.contains(wgpu::Features::SHADER_INT64);
-        if int64 && problem.dtype == Dtype::F32 && rows_in_groups_of(problem, 8) {
-            RowLoads::Wide
+        let wide = match problem.dtype {
+            Dtype::F32 => rows_in_groups_of(problem, 8).then_some(RowLoads::Wide),
+            Dtype::F16 => rows_in_groups_of(problem, 16).then_some(RowLoads::WideF16),
+        };
+        if let Some(wide) = wide.filter(|_| int64) {
+            wide
         } else if vec4_rows(problem) {
             RowLoads::Vec4
         } else {
@@ -536,8 +543,11 @@ mod tests {
         assert_eq!(RowLoads::choose(&problem(64), none), RowLoads::Vec4);
         assert_eq!(RowLoads::choose(&problem(36), all), RowLoads::Vec4);
         assert_eq!(RowLoads::choose(&problem(33), all), RowLoads::Scalar);
-        let f16 = problem(64).with_dtype(Dtype::F16);
-        assert_eq!(RowLoads::choose(&f16, all), RowLoads::Vec4);
+        let f16 = |head_dim| problem(head_dim).with_dtype(Dtype::F16);
+        assert_eq!(RowLoads::choose(&f16(64), all), RowLoads::WideF16);
+        assert_eq!(RowLoads::choose(&f16(64), none), RowLoads::Vec4);
+        // 8 halves fill only half a read of 16.
+        assert_eq!(RowLoads::choose(&f16(40), all), RowLoads::Vec4);
         let wide_values =
             AttentionProblem::new(AttentionShape::new(1, 2, 3, 5, 64).with_head_dim_v(36));
         assert_eq!(RowLoads::choose(&wide_values, all), RowLoads::Vec4);

@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionProblem, AttentionShape, Causal, Context, Error, GpuTensors, Kernel, OwnedInputs,
-    reference,
+    AttentionProblem, AttentionShape, Causal, Context, Dtype, Error, GpuTensors, Kernel,
+    OwnedInputs, reference,
 };
 
 /// Assumed speed of [`reference::attention`], in FLOP/s as [`AttentionProblem::flops`] counts
@@ -39,6 +39,10 @@ pub(crate) struct BenchArgs {
     /// Causal masking of --shape: none, top_left or bottom_right [default: none].
     #[arg(long, requires = "shape", value_parser = parse_causal)]
     causal: Option<Causal>,
+    /// Element type of Q, K, V and the output in GPU memory: f32, or f16 (the adapter needs
+    /// SHADER_F16). Arithmetic is f32 either way, and the reference always runs in f64.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: Dtype,
     /// Kernels to time, comma-separated: flash (the fused program chosen for the adapter),
     /// flash-tiled, flash-rows, flash-decode, flash-subgroup, three-stage, reference (the f64
     /// CPU reference, skipped where one run is estimated to take over 10 s), auto, or all
@@ -145,6 +149,10 @@ fn parse_causal(text: &str) -> Result<Causal, String> {
     })
 }
 
+fn parse_dtype(text: &str) -> Result<Dtype, String> {
+    Dtype::from_name(text).ok_or_else(|| format!("unknown dtype `{text}`; expected f32 or f16"))
+}
+
 fn parse_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
@@ -175,13 +183,17 @@ fn default_grid() -> Vec<AttentionProblem> {
 /// Returns the cases that `--shape`, `--causal` and `--filter` select, or an error message when
 /// `--filter` matches none.
 fn select_cases(args: &BenchArgs) -> Result<Vec<AttentionProblem>, String> {
-    let cases = match args.shape {
+    let cases: Vec<AttentionProblem> = match args.shape {
         Some(shape) => {
             let causal = args.causal.unwrap_or_default();
             vec![AttentionProblem::new(shape).with_causal(causal)]
         }
         None => default_grid(),
     };
+    let cases = cases
+        .into_iter()
+        .map(|case| case.with_dtype(args.dtype))
+        .collect::<Vec<_>>();
     let Some(filter) = &args.filter else {
         return Ok(cases);
     };
@@ -364,9 +376,8 @@ impl Session<'_> {
             self.progress.set_message(label);
             let outcome = match kernel {
                 BenchKernel::Gpu(gpu_kernel) => {
-                    let tensors = device.get_or_insert_with(|| {
-                        DeviceTensors::upload(self.context, &problem.shape, &host)
-                    });
+                    let tensors = device
+                        .get_or_insert_with(|| DeviceTensors::upload(self.context, problem, &host));
                     match tensors {
                         Ok(tensors) => self.time_gpu_kernel(gpu_kernel, problem, tensors),
                         Err(error) => Outcome::from_error(error),
@@ -444,16 +455,19 @@ struct DeviceTensors {
 }
 
 impl DeviceTensors {
-    /// Uploads the inputs and creates the outputs, returning wgpu's error if any buffer fails.
+    /// Uploads the inputs in the problem's dtype and creates the outputs, returning wgpu's error
+    /// if any buffer fails.
     fn upload(
         context: &Context,
-        shape: &AttentionShape,
+        problem: &AttentionProblem,
         host: &OwnedInputs,
     ) -> wgpu_attention::Result<Self> {
         let device = context.device();
+        let shape = &problem.shape;
+        let element_bytes = problem.dtype.bytes() as u64;
         let max_buffer_size = context.limits().max_buffer_size;
         for (tensor, elements) in [("q", shape.q_len()), ("k and v", shape.k_len())] {
-            let bytes = 4 * elements as u64;
+            let bytes = element_bytes * elements as u64;
             if bytes > max_buffer_size {
                 return Err(Error::ExceedsLimit {
                     what: format!("tensor {tensor}"),
@@ -467,16 +481,24 @@ impl DeviceTensors {
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let input = |label: &str, data: &[f32]| {
+            let f16_data: Vec<half::f16>;
+            let contents: &[u8] = match problem.dtype {
+                Dtype::F32 => bytemuck::cast_slice(data),
+                Dtype::F16 => {
+                    f16_data = data.iter().copied().map(half::f16::from_f32).collect();
+                    bytemuck::cast_slice(&f16_data)
+                }
+            };
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents: bytemuck::cast_slice(data),
+                contents,
                 usage: wgpu::BufferUsages::STORAGE,
             })
         };
-        let output = |label: &str, elements: usize| {
+        let output = |label: &str, bytes: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: 4 * elements as u64,
+                size: bytes,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })
@@ -485,8 +507,8 @@ impl DeviceTensors {
             q: input("bench q", &host.q),
             k: input("bench k", &host.k),
             v: input("bench v", &host.v),
-            out: output("bench out", shape.q_len()),
-            lse: output("bench lse", shape.lse_len()),
+            out: output("bench out", element_bytes * shape.out_len() as u64),
+            lse: output("bench lse", 4 * shape.lse_len() as u64),
         };
         check_error_scopes(validation, out_of_memory, "uploading the bench inputs")?;
         Ok(tensors)
@@ -855,6 +877,7 @@ fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
         "seq_kv": shape.seq_kv,
         "head_dim": shape.head_dim,
         "causal": row.problem.causal.name(),
+        "dtype": row.problem.dtype.name(),
         "kernel": row.kernel_name,
         "requested_kernel": row.requested.name(),
         "status": row.outcome.status(),
