@@ -197,7 +197,8 @@ impl FlashVariant {
                 u64::from(tiles.block_q() * tiles.d_pad()).div_ceil(invocations)
             }
             FlashVariant::Rows(_) => 0,
-            // The merge: a loop over the vec4 columns, with the loops over invocations inside.
+            // The merge runs one iteration per row, and NIR unrolls the loops inside it. The count
+            // treats those loops, over the vec4 columns and the invocations, as rolled.
             FlashVariant::Decode(tiles) => {
                 u64::from(tiles.rows) * (u64::from(tiles.d4v.div_ceil(tiles.workgroup)) + 8)
             }

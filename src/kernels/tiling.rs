@@ -405,7 +405,8 @@ pub(crate) struct FlashDecodeTiles {
 
 impl FlashDecodeTiles {
     /// Chooses the sizes, or returns `None` when a head dim is over
-    /// [`FLASH_ROWS_MAX_HEAD_DIM`] or the merge buffers do not fit the workgroup memory.
+    /// [`FLASH_ROWS_MAX_HEAD_DIM`] or the merge buffers of one row do not fit the workgroup
+    /// memory. Where those of all the block's rows do not fit, the block takes fewer rows.
     ///
     /// The workgroup has 8 invocations, the SIMD width of llvmpipe on 256-bit vectors. When a
     /// key/value head has at most [`FLASH_DECODE_ROWS`] packed rows, as in grouped-query
@@ -427,21 +428,27 @@ impl FlashDecodeTiles {
         let packed_rows = (s.group_size() * s.seq_q) as u32;
         let d4 = (s.head_dim as u32).div_ceil(4);
         let d4v = (s.head_dim_v as u32).div_ceil(4);
-        let rows = if packed_rows <= FLASH_DECODE_ROWS {
+        let mut rows = if packed_rows <= FLASH_DECODE_ROWS {
             packed_rows
         } else {
             let by_columns = FLASH_DECODE_COLUMNS / (d4 + d4v);
             floor_power_of_two(by_columns.max(1)).min(FLASH_DECODE_ROWS)
         };
-        let tiles = Self {
+        // The merge keeps every invocation's state for every row in workgroup memory.
+        let bytes = |rows: u32| rows * workgroup * (12 + 16 * d4v);
+        while bytes(rows) > limits.max_compute_workgroup_storage_size {
+            if rows == 1 {
+                return None;
+            }
+            rows = rows.div_ceil(2);
+        }
+        Some(Self {
             workgroup,
             rows,
             d4,
             d4v,
             loads,
-        };
-        let bytes = workgroup * (12 + 16 * tiles.d4v);
-        (bytes <= limits.max_compute_workgroup_storage_size).then_some(tiles)
+        })
     }
 }
 
@@ -458,7 +465,8 @@ pub(crate) const FLASH_DECODE_ROWS: u32 = 4;
 /// took 3 to 4 s at 128 (4 rows at head dim 64, or 2 at 128). They took 12 to 14 s at 256, and
 /// 57 s at 512 (8 rows at head dim 128). A key/value head of at most [`FLASH_DECODE_ROWS`] packed
 /// rows is one block whatever its size: in grouped-query decoding at head dim 128, 4 rows
-/// compiled for 12.7 s and then ran 1.6× faster than 2 rows.
+/// compiled for 12.7 s and then ran 1.6× faster than 2 rows. (These times predate the merge's
+/// rolled loop over the rows, which brought the 4 rows at head dim 128 to 8.7 to 9.6 s.)
 pub(crate) const FLASH_DECODE_COLUMNS: u32 = 128;
 
 /// Largest head dim the row-per-invocation kernel takes. On llvmpipe (Mesa 22.3) its loops over
@@ -508,11 +516,20 @@ mod tests {
     use super::*;
     use crate::problem::AttentionShape;
 
+    /// Returns the rows per block of the decoding program on a device with `workgroup_bytes` of
+    /// workgroup memory, or 0 where the program cannot run.
+    fn decode_rows_within(shape: AttentionShape, workgroup_bytes: u32) -> u32 {
+        let limits = wgpu::Limits {
+            max_compute_workgroup_storage_size: workgroup_bytes,
+            ..wgpu::Limits::default()
+        };
+        FlashDecodeTiles::choose(&AttentionProblem::new(shape), &limits, RowLoads::Vec4)
+            .map_or(0, |tiles| tiles.rows)
+    }
+
+    /// Returns the rows per block on lavapipe, which has 32 KiB of workgroup memory.
     fn decode_rows(shape: AttentionShape) -> u32 {
-        let problem = AttentionProblem::new(shape);
-        FlashDecodeTiles::choose(&problem, &wgpu::Limits::default(), RowLoads::Vec4)
-            .expect("head dims up to 128 fit")
-            .rows
+        decode_rows_within(shape, 32 << 10)
     }
 
     #[test]
@@ -523,6 +540,18 @@ mod tests {
         assert_eq!(decode_rows(shape), 1);
         let shape = AttentionShape::new(2, 4, 3, 50, 64);
         assert_eq!(decode_rows(shape), 3);
+    }
+
+    #[test]
+    fn decode_block_shrinks_to_fit_workgroup_memory() {
+        // 4 rows of 8 invocations at head dim 128 keep 4 · 8 · (12 + 512) = 16,768 bytes for
+        // the merge, over WebGPU's default 16 KiB, so the block takes 2 rows (8,384 bytes).
+        let group = AttentionShape::new(1, 32, 1, 4096, 128).with_kv_heads(8);
+        assert_eq!(decode_rows_within(group, 16 << 10), 2);
+        assert_eq!(decode_rows_within(group, 16_768), 4);
+        // One row keeps 4,192 bytes.
+        assert_eq!(decode_rows_within(group, 4_192), 1);
+        assert_eq!(decode_rows_within(group, 4_191), 0);
     }
 
     #[test]
