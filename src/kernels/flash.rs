@@ -320,7 +320,7 @@ pub(crate) fn plan(
     let decode = || FlashDecodeTiles::choose(problem, limits, loads).map(FlashVariant::Decode);
     let subgroup_fits = context.fixed_subgroup_size() == Some(FLASH_SUBGROUP_SIZE);
     let subgroup = || {
-        FlashSubgroupTiles::choose(problem, loads)
+        FlashSubgroupTiles::choose(problem, limits, loads)
             .filter(|_| subgroup_fits)
             .map(FlashVariant::Subgroup)
     };

@@ -324,7 +324,8 @@ pub(crate) const FLASH_SUBGROUP_MAX_ROWS: u32 = 4;
 /// columns) ran in 205 ms against 232 ms for 3 and 276 ms for 2. At B1 H8 S1024 D128, 2 rows
 /// (128 columns) ran in 157 ms. At the MiniLM batch, B4 H12 S128 D32, 2 rows (32 columns) ran
 /// in 4.0 ms against 3.2 ms for 4, but compiled for 1.1 s against 2.3 s, which a first call
-/// pays.
+/// pays. (These times predate the rolled loops of the output stores, which brought 128 columns
+/// at B1 H8 S2048 D64 from 8.5 to 5.1 s.)
 pub(crate) const FLASH_SUBGROUP_COLUMNS: u32 = 128;
 /// The bound for problems under [`FLASH_SUBGROUP_LARGE_SCORES`] scores.
 pub(crate) const FLASH_SUBGROUP_SMALL_COLUMNS: u32 = 32;
@@ -352,14 +353,20 @@ impl FlashSubgroupTiles {
         FLASH_SUBGROUP_SIZE * self.rows
     }
 
-    /// Chooses the sizes, or returns `None` when a head dim is over [`FLASH_ROWS_MAX_HEAD_DIM`].
+    /// Chooses the sizes, or returns `None` when a head dim is over [`FLASH_ROWS_MAX_HEAD_DIM`]
+    /// or one row per invocation does not fit the workgroup memory.
     ///
     /// Each invocation takes as many query rows as the column bound allows (see
     /// [`FLASH_SUBGROUP_COLUMNS`]), from 1 to [`FLASH_SUBGROUP_MAX_ROWS`]. It takes no more than
     /// one block needs to cover the packed rows of a key/value head (heads per key/value head ×
-    /// `seq_q`). At B1 H8 S2048 D64 that is 4 rows per invocation, a block of 32, and at head
-    /// dim 128 it is 2 rows.
-    pub fn choose(problem: &AttentionProblem, loads: RowLoads) -> Option<Self> {
+    /// `seq_q`), and fewer where the finished rows do not fit the workgroup memory. At
+    /// B1 H8 S2048 D64 that is 4 rows per invocation, a block of 32, and at head dim 128 it is
+    /// 2 rows.
+    pub fn choose(
+        problem: &AttentionProblem,
+        limits: &wgpu::Limits,
+        loads: RowLoads,
+    ) -> Option<Self> {
         let s = &problem.shape;
         if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
             return None;
@@ -375,9 +382,17 @@ impl FlashSubgroupTiles {
             FLASH_SUBGROUP_TINY_COLUMNS
         };
         let packed_rows = (s.group_size() * s.seq_q) as u32;
-        let rows = (columns / (d4 + d4v))
+        let mut rows = (columns / (d4 + d4v))
             .min(packed_rows.div_ceil(FLASH_SUBGROUP_SIZE))
             .clamp(1, FLASH_SUBGROUP_MAX_ROWS);
+        // The finished rows wait in workgroup memory for the output stores.
+        let bytes = |rows: u32| rows * FLASH_SUBGROUP_SIZE * (16 * d4v + 4);
+        while bytes(rows) > limits.max_compute_workgroup_storage_size {
+            if rows == 1 {
+                return None;
+            }
+            rows = rows.div_ceil(2);
+        }
         Some(Self {
             rows,
             d4,
@@ -583,9 +598,13 @@ mod tests {
     }
 
     fn subgroup_rows(shape: AttentionShape) -> u32 {
-        FlashSubgroupTiles::choose(&AttentionProblem::new(shape), RowLoads::Vec4)
-            .expect("head dims up to 128 fit")
-            .rows
+        FlashSubgroupTiles::choose(
+            &AttentionProblem::new(shape),
+            &wgpu::Limits::default(),
+            RowLoads::Vec4,
+        )
+        .expect("head dims up to 128 fit")
+        .rows
     }
 
     #[test]
@@ -606,6 +625,25 @@ mod tests {
         let decode = AttentionShape::new(1, 32, 2, 1 << 20, 32).with_kv_heads(8);
         assert_eq!(subgroup_rows(decode), 1);
         let wide = AttentionProblem::new(AttentionShape::new(1, 1, 8, 8, 129));
-        assert!(FlashSubgroupTiles::choose(&wide, RowLoads::Vec4).is_none());
+        let limits = wgpu::Limits::default();
+        assert!(FlashSubgroupTiles::choose(&wide, &limits, RowLoads::Vec4).is_none());
+    }
+
+    #[test]
+    fn subgroup_block_shrinks_to_fit_workgroup_memory() {
+        // 4 rows of 8 invocations at head dim 64 keep 4 · 8 · (16 · 16 + 4) = 8,320 bytes.
+        let problem = AttentionProblem::new(AttentionShape::new(1, 8, 2048, 2048, 64));
+        let rows_within = |bytes: u32| {
+            let limits = wgpu::Limits {
+                max_compute_workgroup_storage_size: bytes,
+                ..wgpu::Limits::default()
+            };
+            FlashSubgroupTiles::choose(&problem, &limits, RowLoads::Vec4).map(|tiles| tiles.rows)
+        };
+        assert_eq!(rows_within(8_320), Some(4));
+        assert_eq!(rows_within(8_319), Some(2));
+        // One row keeps 2,080 bytes.
+        assert_eq!(rows_within(2_080), Some(1));
+        assert_eq!(rows_within(2_079), None);
     }
 }
