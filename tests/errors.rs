@@ -270,6 +270,19 @@ fn write_fixture(
     path
 }
 
+/// Writes a fixture as `write_fixture` does, loads it, which must fail, and asserts that the
+/// error message contains `expected`.
+fn assert_load_fails(
+    name: &str,
+    tensors: Vec<(&str, Vec<usize>, Vec<f32>)>,
+    metadata: &[(&str, &str)],
+    expected: &str,
+) {
+    let path = write_fixture(name, tensors, metadata);
+    let error = Fixture::load(&path).unwrap_err();
+    assert!(error.to_string().contains(expected), "{error}");
+}
+
 fn small_case() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
     let dims = vec![1, 1, 2, 4];
     vec![
@@ -317,13 +330,11 @@ fn fixture_unsupported_options_are_named() {
     let base = [("scale", "0.5"), ("causal", "none")];
     let mut metadata = base.to_vec();
     metadata.push(("window_align", "top_left"));
-    let path = write_fixture("window-align.safetensors", small_case(), &metadata);
-    let error = Fixture::load(&path).unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("unsupported `window_align` = top_left"),
-        "{error}"
+    assert_load_fails(
+        "window-align.safetensors",
+        small_case(),
+        &metadata,
+        "unsupported `window_align` = top_left",
     );
 }
 
@@ -368,9 +379,12 @@ fn fixture_variant_tensors_load_and_are_checked() {
     ] {
         let mut tensors = small_case();
         tensors.push((tensor, dims, data));
-        let path = write_fixture(&format!("bad-{tensor}.safetensors"), tensors, &base);
-        let error = Fixture::load(&path).unwrap_err();
-        assert!(error.to_string().contains(expected), "{error}");
+        assert_load_fails(
+            &format!("bad-{tensor}.safetensors"),
+            tensors,
+            &base,
+            expected,
+        );
     }
 }
 
@@ -403,16 +417,8 @@ fn fixture_bad_softcap_or_window() {
         ),
     ] {
         let metadata = [("scale", "0.5"), ("causal", "none"), (key, value)];
-        let path = write_fixture(
-            &format!("bad-{key}-{value}.safetensors"),
-            small_case(),
-            &metadata,
-        );
-        let error = Fixture::load(&path).unwrap_err();
-        assert!(
-            error.to_string().contains(expected),
-            "{key} = {value}: {error}"
-        );
+        let name = format!("bad-{key}-{value}.safetensors");
+        assert_load_fails(&name, small_case(), &metadata, expected);
     }
 }
 
@@ -441,69 +447,50 @@ fn softcap_and_window_validation() {
 
 #[test]
 fn fixture_missing_key_or_tensor() {
-    let path = write_fixture("no-scale.safetensors", small_case(), &[("causal", "none")]);
-    let error = Fixture::load(&path).unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("metadata key `scale` is missing"),
-        "{error}"
+    assert_load_fails(
+        "no-scale.safetensors",
+        small_case(),
+        &[("causal", "none")],
+        "metadata key `scale` is missing",
     );
 
     let mut tensors = small_case();
     tensors.retain(|(name, _, _)| *name != "v");
-    let path = write_fixture(
+    assert_load_fails(
         "no-v.safetensors",
         tensors,
         &[("scale", "1"), ("causal", "none")],
-    );
-    let error = Fixture::load(&path).unwrap_err();
-    assert!(
-        error.to_string().contains("tensor `v` is missing"),
-        "{error}"
+        "tensor `v` is missing",
     );
 }
 
 #[test]
 fn fixture_bad_values() {
-    let path = write_fixture(
+    assert_load_fails(
         "bad-causal.safetensors",
         small_case(),
         &[("scale", "1"), ("causal", "sideways")],
+        "`causal` = sideways",
     );
-    let error = Fixture::load(&path).unwrap_err();
-    assert!(error.to_string().contains("`causal` = sideways"), "{error}");
 
     let mut tensors = small_case();
     tensors[3].1 = vec![1, 1, 2, 3];
     tensors[3].2 = zeros(6);
-    let path = write_fixture(
+    assert_load_fails(
         "bad-out.safetensors",
         tensors,
         &[("scale", "1"), ("causal", "none")],
-    );
-    let error = Fixture::load(&path).unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("tensor `out` has shape [1, 1, 2, 3]"),
-        "{error}"
+        "tensor `out` has shape [1, 1, 2, 3]",
     );
 
     let mut tensors = small_case();
     tensors[2].1 = vec![1, 1, 2, 6];
     tensors[2].2 = zeros(12);
-    let path = write_fixture(
+    assert_load_fails(
         "value-dim.safetensors",
         tensors,
         &[("scale", "1"), ("causal", "none")],
-    );
-    let error = Fixture::load(&path).unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("tensor `out` has shape [1, 1, 2, 4]; expected [1, 1, 2, 6]"),
-        "{error}"
+        "tensor `out` has shape [1, 1, 2, 4]; expected [1, 1, 2, 6]",
     );
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::device_with_limits;
+use common::{assert_matches_reference_on, device_with_limits};
 use wgpu::util::DeviceExt;
 use wgpu_attention::validate::{ErrorStats, Tolerance};
 use wgpu_attention::{
@@ -159,12 +159,7 @@ fn small_dispatch_limit_splits_grids() {
         .with_causal(Causal::BottomRight)
         .with_mask(1, 3);
     let data = crate::common::random_inputs(&problem, 2, 0.1);
-    let gpu = context
-        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
-        .unwrap();
-    let expected = reference::attention(&problem, &data.inputs()).unwrap();
-    let stats = ErrorStats::compare(&gpu.out, &expected.out);
-    assert!(stats.passes(&Tolerance::F32), "{stats}");
+    assert_matches_reference_on(&context, Kernel::ThreeStage, &problem, &data.inputs());
 }
 
 #[test]
@@ -177,12 +172,7 @@ fn small_binding_limit_chunks_heads() {
     let shape = AttentionShape::new(2, 4, 90, 90, 16).with_kv_heads(2);
     let problem = AttentionProblem::new(shape).with_causal(Causal::TopLeft);
     let data = crate::common::random_inputs(&problem, 3, 0.0);
-    let gpu = context
-        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
-        .unwrap();
-    let expected = reference::attention(&problem, &data.inputs()).unwrap();
-    let stats = ErrorStats::compare(&gpu.out, &expected.out);
-    assert!(stats.passes(&Tolerance::F32), "{stats}");
+    assert_matches_reference_on(&context, Kernel::ThreeStage, &problem, &data.inputs());
 }
 
 #[test]
@@ -251,12 +241,7 @@ fn flash_runs_where_three_stage_exceeds_binding() {
         Kernel::Auto.resolve(&problem, &context),
         Kernel::FlashDecode | Kernel::FlashSubgroup | Kernel::FlashRows | Kernel::FlashTiled
     ));
-    let gpu = context
-        .attention_with(Kernel::Auto, &problem, &data.inputs())
-        .unwrap();
-    let expected = reference::attention(&problem, &data.inputs()).unwrap();
-    let stats = ErrorStats::compare(&gpu.out, &expected.out);
-    assert!(stats.passes(&Tolerance::F32), "{stats}");
+    assert_matches_reference_on(&context, Kernel::Auto, &problem, &data.inputs());
 }
 
 #[test]

@@ -95,8 +95,19 @@ pub fn assert_matches_reference(
     problem: &AttentionProblem,
     inputs: &AttentionInputs<'_>,
 ) {
-    let result = context().attention_with(kernel, problem, inputs);
-    if !runs_on(context(), kernel) {
+    assert_matches_reference_on(context(), kernel, problem, inputs);
+}
+
+/// Runs `kernel` on `context` and asserts that output and log-sum-exp match the f64 reference
+/// within the f32 tolerance.
+pub fn assert_matches_reference_on(
+    context: &Context,
+    kernel: Kernel,
+    problem: &AttentionProblem,
+    inputs: &AttentionInputs<'_>,
+) {
+    let result = context.attention_with(kernel, problem, inputs);
+    if !runs_on(context, kernel) {
         // The device cannot run the program, so the call must return a typed error.
         let error = result.unwrap_err();
         assert!(matches!(error, Error::Unsupported { .. }), "{error}");
