@@ -286,6 +286,18 @@ impl RowLoads {
     }
 }
 
+/// Returns `rows`, halved (rounding up) until the workgroup memory that `bytes` gives for them
+/// fits the device, or `None` where one row does not fit.
+fn rows_that_fit(mut rows: u32, limits: &wgpu::Limits, bytes: impl Fn(u32) -> u32) -> Option<u32> {
+    while bytes(rows) > limits.max_compute_workgroup_storage_size {
+        if rows == 1 {
+            return None;
+        }
+        rows = rows.div_ceil(2);
+    }
+    Some(rows)
+}
+
 /// Returns the largest power of two not above `value`, which must be at least 1.
 fn floor_power_of_two(value: u32) -> u32 {
     1 << (31 - value.leading_zeros())
@@ -382,17 +394,13 @@ impl FlashSubgroupTiles {
             FLASH_SUBGROUP_TINY_COLUMNS
         };
         let packed_rows = (s.group_size() * s.seq_q) as u32;
-        let mut rows = (columns / (d4 + d4v))
+        let rows = (columns / (d4 + d4v))
             .min(packed_rows.div_ceil(FLASH_SUBGROUP_SIZE))
             .clamp(1, FLASH_SUBGROUP_MAX_ROWS);
         // The finished rows wait in workgroup memory for the output stores.
-        let bytes = |rows: u32| rows * FLASH_SUBGROUP_SIZE * (16 * d4v + 4);
-        while bytes(rows) > limits.max_compute_workgroup_storage_size {
-            if rows == 1 {
-                return None;
-            }
-            rows = rows.div_ceil(2);
-        }
+        let rows = rows_that_fit(rows, limits, |rows| {
+            rows * FLASH_SUBGROUP_SIZE * (16 * d4v + 4)
+        })?;
         Some(Self {
             rows,
             d4,
@@ -443,20 +451,14 @@ impl FlashDecodeTiles {
         let packed_rows = (s.group_size() * s.seq_q) as u32;
         let d4 = (s.head_dim as u32).div_ceil(4);
         let d4v = (s.head_dim_v as u32).div_ceil(4);
-        let mut rows = if packed_rows <= FLASH_DECODE_ROWS {
+        let rows = if packed_rows <= FLASH_DECODE_ROWS {
             packed_rows
         } else {
             let by_columns = FLASH_DECODE_COLUMNS / (d4 + d4v);
             floor_power_of_two(by_columns.max(1)).min(FLASH_DECODE_ROWS)
         };
         // The merge keeps every invocation's state for every row in workgroup memory.
-        let bytes = |rows: u32| rows * workgroup * (12 + 16 * d4v);
-        while bytes(rows) > limits.max_compute_workgroup_storage_size {
-            if rows == 1 {
-                return None;
-            }
-            rows = rows.div_ceil(2);
-        }
+        let rows = rows_that_fit(rows, limits, |rows| rows * workgroup * (12 + 16 * d4v))?;
         Some(Self {
             workgroup,
             rows,
