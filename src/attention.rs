@@ -602,7 +602,7 @@ impl Context {
         if problem.dtype == Dtype::F16 && !self.features().contains(wgpu::Features::SHADER_F16) {
             return Err(Error::MissingFeature {
                 feature: "SHADER_F16",
-                what: "f16 tensors in GPU buffers",
+                what: "keeping f16 tensors in GPU buffers",
                 fix: "convert the tensors to f32, or call attention_f16, which converts on the host",
             });
         }

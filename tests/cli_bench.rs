@@ -150,7 +150,7 @@ fn bench_rejects_unknown_dtype() {
 fn bench_rejects_short_shape() {
     assert_refused(
         &["--shape", "1,2,3"],
-        &["`1,2,3` has 3 values", "B,H,HKV,SQ,SKV,D"],
+        &["`1,2,3` has 3 comma-separated values", "B,H,HKV,SQ,SKV,D"],
     );
 }
 

@@ -94,6 +94,11 @@ struct KernelList(Vec<BenchKernel>);
 fn parse_kernels(text: &str) -> Result<KernelList, String> {
     let mut kernels = Vec::new();
     for name in text.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(format!(
+                "`{text}` has an empty kernel name; expected {KERNEL_CHOICES}, comma-separated"
+            ));
+        }
         let named: &[BenchKernel] = match name {
             "all" => &[
                 BenchKernel::Gpu(Kernel::Flash),
@@ -123,10 +128,12 @@ fn parse_shape(text: &str) -> Result<AttentionShape, String> {
     const NAMES: [&str; 6] = ["B", "H", "HKV", "SQ", "SKV", "D"];
     let parts: Vec<&str> = text.split(',').map(str::trim).collect();
     if parts.len() != NAMES.len() {
+        let count = parts.len();
+        let noun = if count == 1 { "value" } else { "values" };
         return Err(format!(
-            "`{text}` has {} values but a shape needs 6: B,H,HKV,SQ,SKV,D (batch, query heads, \
-             key/value heads, query rows, key/value rows, head dim), e.g. 1,8,8,1024,1024,64",
-            parts.len()
+            "`{text}` has {count} comma-separated {noun} but a shape needs 6: B,H,HKV,SQ,SKV,D \
+             (batch, query heads, key/value heads, query rows, key/value rows, head dim), e.g. \
+             1,8,8,1024,1024,64"
         ));
     }
     let mut values = [0usize; 6];
@@ -143,8 +150,10 @@ fn parse_shape(text: &str) -> Result<AttentionShape, String> {
     Ok(shape)
 }
 
+/// Parses a causal alignment, with `-` accepted for `_` (`top-left` as `top_left`), as kernel
+/// names and case labels use dashes.
 fn parse_causal(text: &str) -> Result<Causal, String> {
-    Causal::from_name(text).ok_or_else(|| {
+    Causal::from_name(&text.replace('-', "_")).ok_or_else(|| {
         format!("unknown causal masking `{text}`; expected none, top_left or bottom_right")
     })
 }
@@ -289,6 +298,10 @@ impl Outcome {
             Error::Unsupported { .. } | Error::ExceedsLimit { .. } => {
                 Outcome::Unsupported(error.to_string())
             }
+            Error::MissingFeature { feature, what, .. } => Outcome::Unsupported(format!(
+                "{what} needs the device feature {feature}, which this adapter lacks; use \
+                 --dtype f32, or an adapter that has it (see `wgpu-attention info`)"
+            )),
             _ => Outcome::Failed(error.to_string()),
         }
     }
@@ -334,7 +347,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
     }
     session.progress.finish_and_clear();
     if !session.json {
-        print_footer(&context, session.gpu_timing());
+        let reference = args.kernel.0.contains(&BenchKernel::Reference);
+        print_footer(&context, session.gpu_timing(), reference);
     }
     Ok(if failed {
         ExitCode::FAILURE
@@ -837,7 +851,9 @@ impl Table {
     }
 }
 
-fn print_footer(context: &Context, gpu_timing: Timing) {
+/// Prints the adapter and what the times measure, naming the reference's clock where a
+/// reference row was requested.
+fn print_footer(context: &Context, gpu_timing: Timing, reference: bool) {
     println!();
     let info = context.adapter_info();
     println!(
@@ -852,7 +868,11 @@ fn print_footer(context: &Context, gpu_timing: Timing) {
              TIMESTAMP_QUERY_INSIDE_ENCODERS)"
         }
     };
-    println!("GPU kernel times: {gpu_clock}; reference times: host clock");
+    if reference {
+        println!("GPU kernel times: {gpu_clock}; reference times: host clock");
+    } else {
+        println!("GPU kernel times: {gpu_clock}");
+    }
     println!(
         "first call ms: the warm-up run, including recording and any pipeline compilation it \
          triggered"
@@ -894,4 +914,48 @@ fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
         "driver_info": info.driver_info.as_str(),
         "crate_version": env!("CARGO_PKG_VERSION"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_feature_is_unsupported() {
+        let error = Error::MissingFeature {
+            feature: "SHADER_F16",
+            what: "keeping f16 tensors in GPU buffers",
+            fix: "convert the tensors to f32",
+        };
+        let outcome = Outcome::from_error(&error);
+        assert_eq!(outcome.status(), "unsupported");
+        let message = outcome.message().unwrap();
+        assert!(message.contains("SHADER_F16"), "{message}");
+        assert!(message.contains("--dtype f32"), "{message}");
+    }
+
+    #[test]
+    fn causal_takes_dashes_or_underscores() {
+        assert_eq!(parse_causal("top-left"), Ok(Causal::TopLeft));
+        assert_eq!(parse_causal("bottom_right"), Ok(Causal::BottomRight));
+        assert!(parse_causal("sideways").is_err());
+    }
+
+    #[test]
+    fn kernel_list_rejects_empty_name() {
+        let message = parse_kernels("flash,").unwrap_err();
+        assert!(
+            message.contains("`flash,` has an empty kernel name"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn shape_counts_one_value() {
+        let message = parse_shape("1x32x8x1x4096x128").unwrap_err();
+        assert!(
+            message.contains("has 1 comma-separated value but"),
+            "{message}"
+        );
+    }
 }
