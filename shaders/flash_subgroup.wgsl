@@ -19,7 +19,9 @@
 // - ROWS: packed rows per invocation; the block holds 8 · ROWS, row r of invocation x being
 //   row x + 8 · r of the block;
 // - D4 and D4V: vec4 columns of the query/key head dim and of the value head dim;
-// - SOFTCAP, ALIBI and MASK: 1 where the problem has soft-capping, ALiBi or a mask, else 0.
+// - SOFTCAP, ALIBI and MASK: 1 where the problem has soft-capping, ALiBi or a mask, else 0;
+// - STAGED_STORES: 1 where the block is large enough that its outputs go through workgroup
+//   memory to rolled store loops, which compile faster, else 0 (see the end of main).
 // As in `flash_decode.wgsl`, each loop over a private array runs over its whole length with the
 // loop counter as the index, so that Mesa's NIR unrolls it and keeps the array in registers.
 
@@ -188,7 +190,28 @@ fn main(
         }
     }
 
-    // Store each row's statistics, and keep its output, divided by its sum, in workgroup memory.
+    // Small blocks store each row's output in the unrolled loop over the rows.
+    if STAGED_STORES == 0u {
+        for (var r = 0u; r < ROWS; r++) {
+            let inv_sum = select(1.0 / l[r], 0.0, m[r] == neg_inf());
+            let stores = row_stores(b, seq, rows[r], split);
+            if rows[r].valid {
+                for (var c4 = 0u; c4 < D4V; c4++) {
+                    for (var e = 0u; e < 4u; e++) {
+                        let col = 4u * c4 + e;
+                        if col < params.head_dim_v {
+                            store_output(stores, col, acc[r][c4][e] * inv_sum, poisoned[r]);
+                        }
+                    }
+                }
+                store_row_stats(stores, m[r], l[r], poisoned[r]);
+            }
+        }
+        return;
+    }
+
+    // Larger blocks store each row's statistics, and keep its output, divided by its sum, in
+    // workgroup memory.
     for (var r = 0u; r < ROWS; r++) {
         let slot = r * SG + lane;
         let inv_sum = select(1.0 / l[r], 0.0, m[r] == neg_inf());
@@ -201,11 +224,10 @@ fn main(
         }
     }
 
-    // Then store the outputs, one element per iteration of loops bounded by values known only
-    // at run time, which NIR leaves rolled. Unrolled over the rows and columns, as the loops
-    // above are, the stores took 45% of the first call's compile time at B1 H8 S2048 D64 on
-    // lavapipe (8.7 s in all, 4.7 s without them). Each invocation reads back only the slots it
-    // wrote, so no barrier is needed.
+    // Then they store the outputs in loops bounded by values known only at run time, which NIR
+    // leaves rolled. Unrolled over the rows and columns, the stores took 45% of the first call's
+    // compile time at B1 H8 S2048 D64 on lavapipe (8.7 s in all, 4.7 s without them). Each
+    // invocation reads back only the slots it wrote, so no barrier is needed.
     let own_rows = min(ROWS, (packed_rows - min(packed0 + lane, packed_rows) + SG - 1u) / SG);
     for (var r = 0u; r < own_rows; r++) {
         let row = packed_row(b, kv_head, seq, packed0 + lane + SG * r);
@@ -215,9 +237,14 @@ fn main(
         let slot = r * SG + lane;
         let stores = row_stores(b, seq, row, split);
         let row_poisoned = out_poisoned[slot] != 0u;
-        for (var col = 0u; col < params.head_dim_v; col++) {
-            let value = out_rows[slot * D4V + col / 4u][col % 4u];
-            store_output(stores, col, value, row_poisoned);
+        for (var c4 = 0u; c4 < (params.head_dim_v + 3u) / 4u; c4++) {
+            let values = out_rows[slot * D4V + c4];
+            for (var e = 0u; e < 4u; e++) {
+                let col = 4u * c4 + e;
+                if col < params.head_dim_v {
+                    store_output(stores, col, values[e], row_poisoned);
+                }
+            }
         }
     }
 }

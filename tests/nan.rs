@@ -46,34 +46,44 @@ fn check(name: &str, problem: &AttentionProblem, data: &RandomInputs, nan_rows: 
     }
 }
 
-fn causal_problem() -> AttentionProblem {
-    AttentionProblem::new(AttentionShape::new(1, 1, 40, 40, 16)).with_causal(Causal::TopLeft)
+/// Head dims of the causal cases: at 128 the subgroup program stores its outputs through
+/// workgroup memory, at 16 straight from its accumulators.
+const HEAD_DIMS: [usize; 2] = [16, 128];
+
+fn causal_problem(head_dim: usize) -> AttentionProblem {
+    AttentionProblem::new(AttentionShape::new(1, 1, 40, 40, head_dim)).with_causal(Causal::TopLeft)
 }
 
 #[test]
 fn masked_nan_value_unused() {
     // Key 30 is masked for rows 0 to 29, which share its key tile in every kernel.
-    let problem = causal_problem();
-    let mut data = crate::common::random_inputs(&problem, 1, 0.0);
-    data.v[30 * 16 + 3] = f32::NAN;
-    data.v[31 * 16] = f32::INFINITY;
-    check("nan value", &problem, &data, &(30..40).collect::<Vec<_>>());
+    for d in HEAD_DIMS {
+        let problem = causal_problem(d);
+        let mut data = crate::common::random_inputs(&problem, 1, 0.0);
+        data.v[30 * d + 3] = f32::NAN;
+        data.v[31 * d] = f32::INFINITY;
+        check("nan value", &problem, &data, &(30..40).collect::<Vec<_>>());
+    }
 }
 
 #[test]
 fn nan_key_makes_attending_rows_nan() {
-    let problem = causal_problem();
-    let mut data = crate::common::random_inputs(&problem, 2, 0.0);
-    data.k[10 * 16 + 5] = f32::NAN;
-    check("nan key", &problem, &data, &(10..40).collect::<Vec<_>>());
+    for d in HEAD_DIMS {
+        let problem = causal_problem(d);
+        let mut data = crate::common::random_inputs(&problem, 2, 0.0);
+        data.k[10 * d + 5] = f32::NAN;
+        check("nan key", &problem, &data, &(10..40).collect::<Vec<_>>());
+    }
 }
 
 #[test]
 fn infinite_query_makes_its_row_nan() {
-    let problem = causal_problem();
-    let mut data = crate::common::random_inputs(&problem, 3, 0.0);
-    data.q[5 * 16] = f32::INFINITY;
-    check("infinite query", &problem, &data, &[5]);
+    for d in HEAD_DIMS {
+        let problem = causal_problem(d);
+        let mut data = crate::common::random_inputs(&problem, 3, 0.0);
+        data.q[5 * d] = f32::INFINITY;
+        check("infinite query", &problem, &data, &[5]);
+    }
 }
 
 #[test]

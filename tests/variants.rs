@@ -239,18 +239,22 @@ macro_rules! variant_contract {
 
             #[test]
             fn packed_with_every_option() {
-                let lengths = [(30, 90), (7, 7), (50, 120)];
-                let shape = AttentionShape::new(3, 4, 50, 120, 40).with_kv_heads(4);
-                let problem = AttentionProblem::new(shape)
-                    .with_causal(Causal::BottomRight)
-                    .with_window(Some(20), Some(3))
-                    .with_softcap(10.0)
-                    .with_layout(Layout::Bshd);
-                let (problem, mut data) = packed(problem, &lengths, 21);
-                data.alibi_slopes = Some(alibi_slopes(4));
-                data.sinks = Some(vec![0.5, -1.0, 2.0, 0.0]);
-                data.kv_seq_lens = Some(vec![60, 7, 100]);
-                assert_matches_reference(KERNEL, &problem, &data.inputs());
+                // At head dim 128 the subgroup program stores its outputs through workgroup
+                // memory, and at 40 straight from its accumulators.
+                for head_dim in [40, 128] {
+                    let lengths = [(30, 90), (7, 7), (50, 120)];
+                    let shape = AttentionShape::new(3, 4, 50, 120, head_dim).with_kv_heads(4);
+                    let problem = AttentionProblem::new(shape)
+                        .with_causal(Causal::BottomRight)
+                        .with_window(Some(20), Some(3))
+                        .with_softcap(10.0)
+                        .with_layout(Layout::Bshd);
+                    let (problem, mut data) = packed(problem, &lengths, 21);
+                    data.alibi_slopes = Some(alibi_slopes(4));
+                    data.sinks = Some(vec![0.5, -1.0, 2.0, 0.0]);
+                    data.kv_seq_lens = Some(vec![60, 7, 100]);
+                    assert_matches_reference(KERNEL, &problem, &data.inputs());
+                }
             }
 
             #[test]

@@ -255,7 +255,11 @@ impl FlashVariant {
                 }
             }
             FlashVariant::Subgroup(tiles) => {
-                let mut constants = vec![("SG", FLASH_SUBGROUP_SIZE), ("ROWS", tiles.rows)];
+                let mut constants = vec![
+                    ("SG", FLASH_SUBGROUP_SIZE),
+                    ("ROWS", tiles.rows),
+                    ("STAGED_STORES", u32::from(tiles.staged_stores())),
+                ];
                 constants.extend(row_constants(tiles.d4, tiles.d4v, problem, extras));
                 PipelineKey {
                     shader: match tiles.loads {

@@ -310,8 +310,8 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     // shape, which validation keeps far below u32::MAX, so no counter can wrap past its bound.
     // Without bounds checks, `flash_decode.wgsl` and `flash_subgroup.wgsl` stay within their
     // arrays: they index the private ones with loop counters below their lengths, and the
-    // workgroup ones (of the decoding program) with the invocation index and counters below WG
-    // and D4V. Their storage buffer offsets come from the validated shape and strides, with
+    // workgroup ones with slots of a row below ROWS and an invocation below the workgroup size,
+    // and with vec4 columns below D4V. Their storage buffer offsets come from the validated shape and strides, with
     // every key read clamped below seq_kv. Packed sequences keep the checks, because a GPU
     // caller's offsets reach the programs unchecked. llvmpipe also checks every storage buffer
     // access against the buffer's size.

@@ -325,6 +325,14 @@ pub(crate) const FLASH_SUBGROUP_SIZE: u32 = 8;
 /// Most query rows per invocation of `flash_subgroup.wgsl`.
 pub(crate) const FLASH_SUBGROUP_MAX_ROWS: u32 = 4;
 
+/// Most rows × vec4 value columns per invocation whose output stores `flash_subgroup.wgsl`
+/// unrolls. Larger blocks keep their outputs in workgroup memory and store them in rolled
+/// loops. On lavapipe that made the first call at B1 H8 S2048 D64 (4 rows × 16 columns) take
+/// 5.2 to 5.3 s instead of 8.7 s. At B1 H8 S1024 D128 (2 × 32) it took 6.0 s instead of 9.3 to
+/// 10.5 s. The MiniLM batch (1 × 8) stays unrolled: rolled, it ran in 5.02 to 5.38 ms against
+/// 4.65 to 4.83 ms, for a first call 40 to 80 ms shorter.
+pub(crate) const FLASH_SUBGROUP_UNROLLED_STORES: u32 = 16;
+
 /// Bounds on the vec4 columns each invocation of `flash_subgroup.wgsl` keeps per row block,
 /// `rows × (d4 + d4v)`: the query rows and output accumulators. Problems with at least
 /// [`FLASH_SUBGROUP_LARGE_SCORES`] scores get the largest bound, and those under
@@ -363,6 +371,12 @@ impl FlashSubgroupTiles {
     /// Packed query rows per workgroup.
     pub fn block_q(&self) -> u32 {
         FLASH_SUBGROUP_SIZE * self.rows
+    }
+
+    /// Returns whether the program stores its outputs through workgroup memory in rolled
+    /// loops, as blocks over [`FLASH_SUBGROUP_UNROLLED_STORES`] do.
+    pub fn staged_stores(&self) -> bool {
+        self.rows * self.d4v > FLASH_SUBGROUP_UNROLLED_STORES
     }
 
     /// Chooses the sizes, or returns `None` when a head dim is over [`FLASH_ROWS_MAX_HEAD_DIM`]
