@@ -857,7 +857,8 @@ fn naive_f16_rows(
     Ok(out)
 }
 
-/// Runs [`naive_f16_attention`] on flat head `head = b · heads + h` alone.
+/// Runs [`naive_f16_attention`] on flat head `head = b · heads + h` alone, with the head's ALiBi
+/// slope and sink and the batch element's key length.
 fn naive_f16_head(
     problem: &AttentionProblem,
     data: &CaseData,
@@ -880,12 +881,16 @@ fn naive_f16_head(
         }
         _ => None,
     };
+    let tensors = &data.tensors;
     let inputs = AttentionInputs {
         mask,
+        alibi_slopes: tensors.alibi_slopes.as_deref().map(|slopes| &slopes[h..=h]),
+        sinks: tensors.sinks.as_deref().map(|sinks| &sinks[h..=h]),
+        kv_seq_lens: tensors.kv_seq_lens.as_deref().map(|lens| &lens[b..=b]),
         ..AttentionInputs::new(
-            &data.tensors.q[head * q_len..][..q_len],
-            &data.tensors.k[kv_head * k_len..][..k_len],
-            &data.tensors.v[kv_head * v_len..][..v_len],
+            &tensors.q[head * q_len..][..q_len],
+            &tensors.k[kv_head * k_len..][..k_len],
+            &tensors.v[kv_head * v_len..][..v_len],
         )
     };
     naive_f16_attention(&single, &inputs)
@@ -1247,5 +1252,44 @@ fn print_status(json: bool, line: &str) {
         eprintln!("{line}");
     } else {
         println!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn naive_rows_match_whole_naive_baseline() {
+        // Sampled f16 problems take the naive baseline head by head, which must pass each head
+        // its ALiBi slope, sink and key length as the whole problem does.
+        let shape = AttentionShape::new(2, 4, 5, 40, 16).with_kv_heads(2);
+        let problem = AttentionProblem::new(shape)
+            .with_causal(Causal::BottomRight)
+            .with_key_lengths(KeyLengths::Cache)
+            .with_mask(1, 4)
+            .with_dtype(Dtype::F16);
+        let extras = Extras {
+            alibi: true,
+            sinks: true,
+            kv_lens: true,
+            packed: None,
+        };
+        let data = CaseData::generate(&problem, &extras, 5);
+        let whole = naive_f16_attention(&problem, &data.inputs()).unwrap();
+        let rows: Vec<usize> = (0..2 * 4 * 5).step_by(3).collect();
+        let by_head = naive_f16_rows(&problem, &data, &rows).unwrap();
+        let d = shape.head_dim_v;
+        for (n, &row) in rows.iter().enumerate() {
+            let expected = &whole[row * d..(row + 1) * d];
+            let got = &by_head[n * d..(n + 1) * d];
+            assert!(
+                expected
+                    .iter()
+                    .zip(got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {row}: {got:?} against {expected:?}"
+            );
+        }
     }
 }
