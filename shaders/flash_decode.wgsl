@@ -169,7 +169,7 @@ fn main(
     // rows, which keeps NIR from unrolling it: unrolled once per row, as the loops above are,
     // the merge took half of the first call's compile time (12.6 to 12.9 s in all at
     // B1 H32 H_kv8 Skv4096 D128 on lavapipe, against 6.0 s without a merge).
-    let packed_rows = params.heads / params.kv_heads * params.seq_q;
+    let packed_rows = packed_rows_per_kv_head();
     let block_rows = min(ROWS, packed_rows - min(packed0, packed_rows));
     for (var r = 0u; r < block_rows; r++) {
         let row = packed_row(b, kv_head, seq, packed0 + r);

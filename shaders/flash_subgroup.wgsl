@@ -59,7 +59,7 @@ fn main(
     let bkv = group.z;
     let b = bkv / params.kv_heads;
     let kv_head = bkv % params.kv_heads;
-    let packed_rows = (params.heads / params.kv_heads) * params.seq_q;
+    let packed_rows = packed_rows_per_kv_head();
     let block_q = SG * ROWS;
     let packed0 = group.x * block_q;
     let split = group.y;

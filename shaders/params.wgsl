@@ -260,11 +260,16 @@ struct PackedRow {
     q_base: u32,
 }
 
+// Returns how many packed rows one key/value head has: seq_q rows for each of its query heads.
+fn packed_rows_per_kv_head() -> u32 {
+    return params.heads / params.kv_heads * params.seq_q;
+}
+
 // Returns packed row `p` of key/value head `kv_head` in batch element `b`. A row past the packed
 // rows is not valid, and reads the last packed row's offsets so that its reads stay in bounds.
 fn packed_row(b: u32, kv_head: u32, seq: Sequence, p: u32) -> PackedRow {
     let heads_per_kv = params.heads / params.kv_heads;
-    let packed_rows = heads_per_kv * params.seq_q;
+    let packed_rows = packed_rows_per_kv_head();
     let packed = min(p, packed_rows - 1u);
     let h = kv_head * heads_per_kv + packed / params.seq_q;
     let position = packed % params.seq_q;

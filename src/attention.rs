@@ -45,9 +45,9 @@ pub enum Kernel {
     FlashRows,
     /// The fused kernel's decoding program, for head dims up to 128. Each workgroup takes a block
     /// of up to 4 query rows of one key/value head, and its invocations each take a run of
-    /// consecutive keys, reading each key and value row once for the whole block. [`Kernel::Flash`] picks it on CPU
-    /// adapters for decoding, where a key/value head has at most 4 query rows, and wherever the
-    /// subgroup program cannot run.
+    /// consecutive keys, reading each key and value row once for the whole block.
+    /// [`Kernel::Flash`] picks it on CPU adapters for decoding, where a key/value head has at
+    /// most 4 query rows, and wherever the subgroup program cannot run.
     FlashDecode,
     /// The fused kernel's subgroup program, for head dims up to 128 on devices with the
     /// `SUBGROUP` feature whose subgroups all have 8 invocations, such as lavapipe. A workgroup is one subgroup, each invocation owns up

@@ -99,8 +99,8 @@ fn bench_json_reports_every_kernel() {
 
 #[test]
 fn bench_f16_counts_two_bytes_per_element() {
-    // A decoding step: Q, K, V and the output are 2 · 2 · 2,048 · 64 + 2 · 2 · 64 values, so one
-    // call moves 1,048,576 + 512 bytes in f16 and twice that in f32.
+    // A decoding step: Q, K, V and the output are 2 · 2 · 2,048 · 64 + 2 · 2 · 64 values, so
+    // one call moves 1,048,576 + 512 bytes in f16 and twice that in f32.
     let shape = ["--shape", "1,2,2,1,2048,64", "--kernel", "flash", "--json"];
     let mut rows = Vec::new();
     for dtype in ["f16", "f32"] {
@@ -127,9 +127,9 @@ fn bench_f16_counts_two_bytes_per_element() {
     }
 }
 
-/// Runs `bench` with `args`, which it must refuse, and checks that its message contains each
+/// Runs `bench` with `args`, which it must reject, and checks that its message contains each
 /// of `parts`.
-fn assert_refused(args: &[&str], parts: &[&str]) {
+fn assert_rejected(args: &[&str], parts: &[&str]) {
     let output = bench(args);
     assert!(!output.status.success(), "bench {args:?} succeeded");
     let message = stderr(&output);
@@ -140,7 +140,7 @@ fn assert_refused(args: &[&str], parts: &[&str]) {
 
 #[test]
 fn bench_rejects_unknown_dtype() {
-    assert_refused(
+    assert_rejected(
         &["--shape", "1,1,1,8,8,8", "--dtype", "bf16"],
         &["unknown dtype `bf16`", "f32 or f16"],
     );
@@ -148,7 +148,7 @@ fn bench_rejects_unknown_dtype() {
 
 #[test]
 fn bench_rejects_short_shape() {
-    assert_refused(
+    assert_rejected(
         &["--shape", "1,2,3"],
         &["`1,2,3` has 3 comma-separated values", "B,H,HKV,SQ,SKV,D"],
     );
@@ -156,7 +156,7 @@ fn bench_rejects_short_shape() {
 
 #[test]
 fn bench_rejects_unknown_kernel() {
-    assert_refused(
+    assert_rejected(
         &["--shape", "1,1,1,8,8,8", "--kernel", "flash,fast"],
         &["unknown kernel `fast`"],
     );
@@ -174,7 +174,7 @@ fn bench_filter_selects_cases() {
 
 #[test]
 fn bench_filter_without_match_fails() {
-    assert_refused(
+    assert_rejected(
         &["--filter", "no-such-case"],
         &[
             "no case label contains `no-such-case`",

@@ -122,7 +122,7 @@ fn f16_matches_reference_both_kernels() {
         AttentionProblem::new(AttentionShape::new(2, 4, 17, 113, 64).with_kv_heads(2)),
         AttentionProblem::new(AttentionShape::new(1, 2, 33, 33, 59)).with_causal(Causal::TopLeft),
         AttentionProblem::new(AttentionShape::new(1, 8, 1, 500, 128).with_kv_heads(1)),
-        // Head dim 40 reads vec4s of halves; 64 and 128 read 16 halves at a time.
+        // Head dim 40 reads vec4s of halves, while 64 and 128 read 16 halves at a time.
         AttentionProblem::new(AttentionShape::new(1, 4, 3, 77, 40).with_kv_heads(2)),
         AttentionProblem::new(AttentionShape::new(2, 2, 9, 9, 3)).with_mask(2, 1),
         AttentionProblem::new(AttentionShape::new(1, 4, 40, 90, 64).with_kv_heads(2))

@@ -311,8 +311,8 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     // Without bounds checks, `flash_decode.wgsl` and `flash_subgroup.wgsl` stay within their
     // arrays: they index the private ones with loop counters below their lengths, and the
     // workgroup ones with slots of a row below ROWS and an invocation below the workgroup size,
-    // and with vec4 columns below D4V. Their storage buffer offsets come from the validated shape and strides, with
-    // every key read clamped below seq_kv. Packed sequences keep the checks, because a GPU
+    // and with vec4 columns below D4V. Their storage buffer offsets come from the validated
+    // shape and strides, with every key read clamped below seq_kv. Packed sequences keep the checks, because a GPU
     // caller's offsets reach the programs unchecked. llvmpipe also checks every storage buffer
     // access against the buffer's size.
     let module = unsafe {

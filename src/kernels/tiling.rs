@@ -272,11 +272,12 @@ impl RowLoads {
     /// Returns the widest reads that `problem`'s rows allow on a device with `features`.
     pub fn choose(problem: &AttentionProblem, features: wgpu::Features) -> Self {
         let int64 = features.contains(wgpu::Features::SHADER_INT64);
-        let wide = match problem.dtype {
-            Dtype::F32 => rows_in_groups_of(problem, 8).then_some(RowLoads::Wide),
-            Dtype::F16 => rows_in_groups_of(problem, 16).then_some(RowLoads::WideF16),
+        // One vec4<u64> read holds 8 f32 or 16 f16 elements.
+        let (wide, elements) = match problem.dtype {
+            Dtype::F32 => (RowLoads::Wide, 8),
+            Dtype::F16 => (RowLoads::WideF16, 16),
         };
-        if let Some(wide) = wide.filter(|_| int64) {
+        if int64 && rows_in_groups_of(problem, elements) {
             wide
         } else if vec4_rows(problem) {
             RowLoads::Vec4
