@@ -81,6 +81,73 @@ fn check_save_writes_outputs() {
     }
 }
 
+/// Writes a copy of the first MiniLM fixture whose expected output has `shift` added to one
+/// element, and returns its path.
+fn fixture_with_shifted_output(name: &str, shift: f32) -> PathBuf {
+    let bytes = std::fs::read(&fixtures()[0]).unwrap();
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data().to_vec();
+            (name, view.dtype(), view.shape().to_vec(), data)
+        })
+        .collect();
+    let out = owned.iter_mut().find(|(name, ..)| name == "out").unwrap();
+    let first = f32::from_le_bytes(out.3[..4].try_into().unwrap()) + shift;
+    out.3[..4].copy_from_slice(&first.to_le_bytes());
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(name, dtype, dims, data)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, dims.clone(), data);
+            (name.as_str(), view.unwrap())
+        })
+        .collect();
+    let path = scratch_dir(name).join("shifted.safetensors");
+    let file = safetensors::serialize(views, metadata.metadata().clone()).unwrap();
+    std::fs::write(&path, file).unwrap();
+    path
+}
+
+#[test]
+fn check_reference_alone_judges_the_files() {
+    let output = binary()
+        .args(["check", "--json", "--kernel", "reference"])
+        .args(fixtures())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    for line in stdout.lines() {
+        let object: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(object["status"], "pass", "{object}");
+        assert_eq!(object["kernel"], "reference", "{object}");
+        assert_eq!(object["adapter"], "none", "{object}");
+        assert!(object["gpu_vs_expected"].is_null(), "{object}");
+        assert!(
+            object["reference_vs_expected"]["max_abs"].as_f64().unwrap() < 1e-5,
+            "{object}"
+        );
+    }
+    assert_eq!(stdout.lines().count(), 6, "{stdout}");
+
+    // An expected output off by 1e-3 in one element fails the f32 tolerance.
+    let shifted = fixture_with_shifted_output("reference-shifted", 1e-3);
+    let output = binary()
+        .args(["check", "--kernel", "reference"])
+        .arg(&shifted)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("FAIL ") && stdout.contains("0 passed, 1 failed"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn check_reports_malformed_file_and_fails() {
     let dir = scratch_dir("malformed");

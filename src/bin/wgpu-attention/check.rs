@@ -1,5 +1,5 @@
-//! `check`: runs the kernels and the reference on fixture files and compares them with the
-//! files' expected outputs.
+//! `check`: runs a kernel and the reference on fixture files and compares them with the files'
+//! expected outputs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,21 +22,50 @@ pub(crate) struct CheckArgs {
     /// WGPU_ATTENTION_ADAPTER, then to the best adapter found.
     #[arg(long)]
     adapter: Option<String>,
-    /// Kernel to check: auto, flash, flash-tiled, flash-rows, flash-decode, flash-subgroup or
-    /// three-stage.
-    #[arg(long, default_value = "auto", value_parser = crate::parse_kernel)]
-    kernel: Kernel,
-    /// Write each file's GPU output to DIR/<file stem>.safetensors (tensors `out` and `lse`),
-    /// also for files that fail.
+    /// The kernel to check: a GPU kernel (auto, flash, flash-tiled, flash-rows, flash-decode,
+    /// flash-subgroup or three-stage), or reference, the f64 CPU reference alone, which needs
+    /// no adapter.
+    #[arg(long, default_value = "auto", value_parser = parse_checked)]
+    kernel: Checked,
+    /// Write each file's output to DIR/<file stem>.safetensors (tensors `out` and `lse`), also
+    /// for files that fail; with `--kernel reference`, the reference's output rounded to f32.
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
 }
 
+/// The GPU kernel or the reference that `check` runs on each file.
+#[derive(Clone, Copy, Debug)]
+enum Checked {
+    Gpu(Kernel),
+    Reference,
+}
+
+fn parse_checked(name: &str) -> Result<Checked, String> {
+    if name == "reference" {
+        return Ok(Checked::Reference);
+    }
+    Kernel::from_name(name).map(Checked::Gpu).ok_or_else(|| {
+        format!(
+            "unknown kernel `{name}`; expected auto, flash, flash-tiled, flash-rows, flash-decode, \
+             flash-subgroup, three-stage or reference"
+        )
+    })
+}
+
+/// Error statistics of a GPU kernel's output.
+struct GpuStats {
+    vs_expected: ErrorStats,
+    vs_reference: ErrorStats,
+}
+
 /// The comparisons made for one file.
 struct Report {
-    gpu_vs_expected: ErrorStats,
-    gpu_vs_reference: ErrorStats,
+    /// The kernel that ran, or `reference`.
+    checked: &'static str,
+    /// Absent with `--kernel reference`.
+    gpu: Option<GpuStats>,
     reference_vs_expected: ErrorStats,
+    /// The checked output's log-sum-exp against the file's, where the file has one.
     lse_vs_expected: Option<ErrorStats>,
     /// The limits the file was judged by: f16 for files with f16 inputs, else f32.
     tolerance: Tolerance,
@@ -44,8 +73,13 @@ struct Report {
 }
 
 pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
-    let context = crate::open_context(args.adapter.as_deref())?;
-    let adapter = crate::adapter_label(&context);
+    let context = match args.kernel {
+        Checked::Gpu(_) => Some(crate::open_context(args.adapter.as_deref())?),
+        Checked::Reference => None,
+    };
+    let adapter = context
+        .as_ref()
+        .map_or_else(|| "none".to_string(), crate::adapter_label);
     if let Some(dir) = &args.save {
         std::fs::create_dir_all(dir).map_err(|source| wgpu_attention::Error::Io {
             path: dir.display().to_string(),
@@ -53,22 +87,25 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
         })?;
     }
     if !args.json {
-        println!("adapter: {adapter}, kernel: {}", args.kernel.name());
+        let kernel = match args.kernel {
+            Checked::Gpu(kernel) => kernel.name(),
+            Checked::Reference => "reference (f64, CPU)",
+        };
+        println!("adapter: {adapter}, kernel: {kernel}");
     }
     let (mut passed, mut failed) = (0, 0);
     for path in &args.files {
-        match check_file(&context, args, path) {
+        match check_file(context.as_ref(), args, path) {
             Ok((fixture, report)) => {
                 if report.passed {
                     passed += 1;
                 } else {
                     failed += 1;
                 }
-                let kernel = args.kernel.resolve(&fixture.problem, &context);
                 if args.json {
-                    println!("{}", report_json(path, &adapter, kernel, &fixture, &report));
+                    println!("{}", report_json(path, &adapter, &fixture, &report));
                 } else {
-                    print_report(path, kernel, &fixture, &report);
+                    print_report(path, &fixture, &report);
                 }
             }
             Err(error) => {
@@ -104,103 +141,126 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
     })
 }
 
-fn check_file(
+/// Runs `kernel` on the fixture's inputs, in f16 storage for files with f16 inputs.
+fn run_gpu(
     context: &Context,
+    kernel: Kernel,
+    fixture: &Fixture,
+) -> wgpu_attention::Result<AttentionOutput> {
+    let inputs = fixture.inputs();
+    if !fixture.f16_inputs {
+        return context.attention_with(kernel, &fixture.problem, &inputs);
+    }
+    let half = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+    let (q, k, v) = (
+        half(&fixture.tensors.q),
+        half(&fixture.tensors.k),
+        half(&fixture.tensors.v),
+    );
+    let output =
+        context.attention_f16(kernel, &fixture.problem, &inputs.with_tensors(&q, &k, &v))?;
+    Ok(AttentionOutput {
+        out: output.out.iter().map(|x| x.to_f32()).collect(),
+        lse: output.lse,
+    })
+}
+
+fn check_file(
+    context: Option<&Context>,
     args: &CheckArgs,
     path: &Path,
 ) -> wgpu_attention::Result<(Fixture, Report)> {
     let fixture = Fixture::load(path)?;
-    let inputs = fixture.inputs();
-    // Files with f16 inputs run with f16 storage and are judged by the f16 tolerance.
-    let (gpu, tolerance) = if fixture.f16_inputs {
-        let half = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
-        let (q, k, v) = (
-            half(&fixture.tensors.q),
-            half(&fixture.tensors.k),
-            half(&fixture.tensors.v),
-        );
-        let half_inputs = inputs.with_tensors(&q, &k, &v);
-        let output = context.attention_f16(args.kernel, &fixture.problem, &half_inputs)?;
-        let out = output.out.iter().map(|x| x.to_f32()).collect();
-        (
-            AttentionOutput {
-                out,
-                lse: output.lse,
-            },
-            Tolerance::F16,
-        )
+    // Files with f16 inputs are judged by the f16 tolerance.
+    let tolerance = if fixture.f16_inputs {
+        Tolerance::F16
     } else {
-        (
-            context.attention_with(args.kernel, &fixture.problem, &inputs)?,
-            Tolerance::F32,
-        )
+        Tolerance::F32
     };
-    let tolerance = &tolerance;
+    let reference = reference::attention(&fixture.problem, &fixture.inputs())?;
+    let reference_vs_expected = ErrorStats::compare(&reference.out, &fixture.out);
+    let (checked, output, gpu) = match (args.kernel, context) {
+        (Checked::Gpu(kernel), Some(context)) => {
+            let output = run_gpu(context, kernel, &fixture)?;
+            let stats = GpuStats {
+                vs_expected: ErrorStats::compare(&output.out, &fixture.out),
+                vs_reference: ErrorStats::compare(&output.out, &reference.out),
+            };
+            let name = kernel.resolve(&fixture.problem, context).name();
+            (name, output, Some(stats))
+        }
+        _ => {
+            let output = AttentionOutput {
+                out: reference.out_f32(),
+                lse: reference.lse.iter().map(|&x| x as f32).collect(),
+            };
+            ("reference", output, None)
+        }
+    };
     if let Some(dir) = &args.save {
         let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let adapter = context.map_or_else(|| "none".to_string(), crate::adapter_label);
         let metadata = HashMap::from([
             (
                 "source".to_string(),
                 format!("wgpu-attention {}", env!("CARGO_PKG_VERSION")),
             ),
-            (
-                "kernel".to_string(),
-                args.kernel
-                    .resolve(&fixture.problem, context)
-                    .name()
-                    .to_string(),
-            ),
-            ("adapter".to_string(), crate::adapter_label(context)),
+            ("kernel".to_string(), checked.to_string()),
+            ("adapter".to_string(), adapter),
             ("input".to_string(), path.display().to_string()),
         ]);
         fixture::save_output(
             dir.join(format!("{stem}.safetensors")),
             &fixture.problem,
-            &gpu.out,
-            Some(&gpu.lse),
+            &output.out,
+            Some(&output.lse),
             metadata,
         )?;
     }
-    let reference = reference::attention(&fixture.problem, &inputs)?;
-    let gpu_vs_expected = ErrorStats::compare(&gpu.out, &fixture.out);
-    let gpu_vs_reference = ErrorStats::compare(&gpu.out, &reference.out);
-    let reference_vs_expected = ErrorStats::compare(&reference.out, &fixture.out);
     let lse_vs_expected = fixture
         .lse
         .as_ref()
-        .map(|lse| ErrorStats::compare(&gpu.lse, lse));
-    let passed = gpu_vs_expected.passes(tolerance)
-        && gpu_vs_reference.passes(tolerance)
-        && lse_vs_expected
-            .as_ref()
-            .is_none_or(|stats| stats.passes(tolerance));
+        .map(|lse| ErrorStats::compare(&output.lse, lse));
+    let passed = match &gpu {
+        Some(stats) => {
+            stats.vs_expected.passes(&tolerance) && stats.vs_reference.passes(&tolerance)
+        }
+        None => reference_vs_expected.passes(&tolerance),
+    } && lse_vs_expected
+        .as_ref()
+        .is_none_or(|stats| stats.passes(&tolerance));
     let report = Report {
-        gpu_vs_expected,
-        gpu_vs_reference,
+        checked,
+        gpu,
         reference_vs_expected,
         lse_vs_expected,
-        tolerance: *tolerance,
+        tolerance,
         passed,
     };
     Ok((fixture, report))
 }
 
-fn print_report(path: &Path, kernel: Kernel, fixture: &Fixture, report: &Report) {
+fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
     let status = if report.passed { "PASS" } else { "FAIL" };
     println!(
         "{status} {} ({}, {})",
         path.display(),
         fixture.problem.label(),
-        kernel.name()
+        report.checked
     );
-    println!("    gpu vs expected        {}", report.gpu_vs_expected);
-    println!("    gpu vs reference       {}", report.gpu_vs_reference);
-    println!(
-        "    reference vs expected  {}",
-        report.reference_vs_expected
-    );
+    let line = |label: &str, stats: &ErrorStats| println!("    {label:<26} {stats}");
+    if let Some(gpu) = &report.gpu {
+        line("gpu vs expected", &gpu.vs_expected);
+        line("gpu vs reference", &gpu.vs_reference);
+    }
+    line("reference vs expected", &report.reference_vs_expected);
     if let Some(stats) = &report.lse_vs_expected {
-        println!("    gpu lse vs expected    {stats}");
+        let source = if report.gpu.is_some() {
+            "gpu"
+        } else {
+            "reference"
+        };
+        line(&format!("{source} lse vs expected"), stats);
     }
 }
 
@@ -217,19 +277,19 @@ fn stats_json(stats: &ErrorStats) -> serde_json::Value {
 fn report_json(
     path: &Path,
     adapter: &str,
-    kernel: Kernel,
     fixture: &Fixture,
     report: &Report,
 ) -> serde_json::Value {
     let tolerance = &report.tolerance;
+    let gpu = report.gpu.as_ref();
     json!({
         "file": path.display().to_string(),
         "adapter": adapter,
-        "kernel": kernel.name(),
+        "kernel": report.checked,
         "problem": fixture.problem.label(),
         "status": if report.passed { "pass" } else { "fail" },
-        "gpu_vs_expected": stats_json(&report.gpu_vs_expected),
-        "gpu_vs_reference": stats_json(&report.gpu_vs_reference),
+        "gpu_vs_expected": gpu.map(|stats| stats_json(&stats.vs_expected)),
+        "gpu_vs_reference": gpu.map(|stats| stats_json(&stats.vs_reference)),
         "reference_vs_expected": stats_json(&report.reference_vs_expected),
         "lse_vs_expected": report.lse_vs_expected.as_ref().map(stats_json),
         "tolerance": { "abs": tolerance.abs, "nmse": tolerance.nmse },

@@ -8,7 +8,7 @@ mod validate;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wgpu_attention::{Context, Kernel};
+use wgpu_attention::Context;
 
 #[derive(Parser)]
 #[command(
@@ -60,16 +60,6 @@ pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Cont
         Some(name) => Context::with_adapter(Some(name)),
         None => Context::new(),
     }
-}
-
-/// Parses `--kernel`.
-pub(crate) fn parse_kernel(name: &str) -> Result<Kernel, String> {
-    Kernel::from_name(name).ok_or_else(|| {
-        format!(
-            "unknown kernel `{name}`; expected auto, flash, flash-tiled, flash-rows, flash-decode, \
-             flash-subgroup or three-stage"
-        )
-    })
 }
 
 /// Returns the driver's name and version for reports, or only the version where the backend
