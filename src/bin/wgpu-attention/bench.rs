@@ -909,7 +909,7 @@ fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
         "timing": measurement.map(|m| m.timing.name()),
         "adapter": info.name.as_str(),
         "backend": wgpu_attention::backend_name(info.backend),
-        "driver": info.driver.as_str(),
+        "driver": crate::driver_name(info),
         "driver_info": info.driver_info.as_str(),
         "crate_version": env!("CARGO_PKG_VERSION"),
     })

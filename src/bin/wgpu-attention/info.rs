@@ -61,7 +61,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
                 "name": info.name,
                 "backend": wgpu_attention::backend_name(info.backend),
                 "device_type": format!("{:?}", info.device_type),
-                "driver": info.driver,
+                "driver": crate::driver_name(&info),
                 "driver_info": info.driver_info,
                 "shader_f16": f16,
                 "shader_int64": int64,

@@ -62,6 +62,16 @@ pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Cont
     }
 }
 
+/// The driver's name for JSON reports; where the backend gives none (OpenGL), its version
+/// string, which names the driver (such as `4.5 (Core Profile) Mesa 22.3.6`).
+pub(crate) fn driver_name(info: &wgpu::AdapterInfo) -> &str {
+    if info.driver.is_empty() {
+        &info.driver_info
+    } else {
+        &info.driver
+    }
+}
+
 /// Returns the driver's name and version for reports, or only the version where the backend
 /// gives no name (as OpenGL does).
 pub(crate) fn driver_label(info: &wgpu::AdapterInfo) -> String {
