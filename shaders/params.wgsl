@@ -116,6 +116,22 @@ fn sequence(b: u32) -> Sequence {
     return seq;
 }
 
+// The head that a workgroup of the three-stage path works on. Those programs run the heads in
+// chunks that start at head params.bh_offset; `chunk_index` counts from there and indexes the
+// chunk's scores, and b, h and kv_head place the head in Q, K, V and the output.
+struct ChunkHead {
+    chunk_index: u32,
+    b: u32,
+    h: u32,
+    kv_head: u32,
+}
+
+fn chunk_head(chunk_index: u32) -> ChunkHead {
+    let bh = params.bh_offset + chunk_index;
+    let h = bh % params.heads;
+    return ChunkHead(chunk_index, bh / params.heads, h, h / (params.heads / params.kv_heads));
+}
+
 // Element offsets of row `row` (already including row_begin) of head `h` in batch element `b`.
 fn q_offset(b: u32, h: u32, row: u32) -> u32 {
     return b * params.q_strides.x + h * params.q_strides.y + row * params.q_strides.z;

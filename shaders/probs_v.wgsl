@@ -41,14 +41,10 @@ fn main(
     let tile_d = WG_D * COLS;
     let invocations = WG_Q * WG_D;
     let group = workgroup_id + params.group_offset;
-    let head_local = group.z;
-    let bh = params.bh_offset + head_local;
-    let b = bh / params.heads;
-    let h = bh % params.heads;
-    let kv_head = h / (params.heads / params.kv_heads);
+    let head = chunk_head(group.z);
     let d = params.head_dim_v;
-    let seq = sequence(b);
-    let p_base = head_local * params.seq_q * params.seq_kv;
+    let seq = sequence(head.b);
+    let p_base = head.chunk_index * params.seq_q * params.seq_kv;
     let row0 = group.y * tile_q;
     let col0 = group.x * tile_d;
     let key_end = block_key_end(seq, min(row0 + tile_q, seq.rows));
@@ -72,7 +68,7 @@ fn main(
             let col = col0 + t % tile_d;
             var value = 0.0;
             if key < key_end && col < d {
-                value = f32(v[v_offset(b, kv_head, seq.key_begin + key) + col]);
+                value = f32(v[v_offset(head.b, head.kv_head, seq.key_begin + key) + col]);
             }
             v_tile[t] = value;
         }
@@ -103,7 +99,7 @@ fn main(
         if row >= seq.rows {
             continue;
         }
-        let out_base = out_offset(b, h, seq.row_begin + row);
+        let out_base = out_offset(head.b, head.h, seq.row_begin + row);
         for (var cc = 0u; cc < COLS; cc++) {
             let col = col0 + local_id.x + cc * WG_D;
             if col < d {

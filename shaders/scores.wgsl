@@ -41,13 +41,9 @@ fn main(
     let tile_kv = WG_KV * COLS;
     let invocations = WG_Q * WG_KV;
     let group = workgroup_id + params.group_offset;
-    let head_local = group.z;
-    let bh = params.bh_offset + head_local;
-    let b = bh / params.heads;
-    let h = bh % params.heads;
-    let kv_head = h / (params.heads / params.kv_heads);
+    let head = chunk_head(group.z);
     let d = params.head_dim;
-    let seq = sequence(b);
+    let seq = sequence(head.b);
     let row0 = group.y * tile_q;
     let col0 = group.x * tile_kv;
 
@@ -67,7 +63,7 @@ fn main(
                 let col = d0 + t % TILE_D;
                 var value = 0.0;
                 if row < seq.rows && col < d {
-                    value = f32(q[q_offset(b, h, seq.row_begin + row) + col]);
+                    value = f32(q[q_offset(head.b, head.h, seq.row_begin + row) + col]);
                 }
                 q_tile[t] = value;
             }
@@ -77,7 +73,8 @@ fn main(
                 let c = t % TILE_D;
                 var value = 0.0;
                 if col0 + key < seq.key_limit && d0 + c < d {
-                    value = f32(k[k_offset(b, kv_head, seq.key_begin + col0 + key) + d0 + c]);
+                    let row = k_offset(head.b, head.kv_head, seq.key_begin + col0 + key);
+                    value = f32(k[row + d0 + c]);
                 }
                 k_tile[c * tile_kv + key] = value;
             }
@@ -101,14 +98,14 @@ fn main(
 
     // Scale, cap, add the bias and the mask, apply the causal mask and window, write. Rows past
     // the sequence are not written; the softmax stage fills them with zeros.
-    let mask_base = b * params.mask_batch_stride + h * params.mask_head_stride;
+    let mask_base = head.b * params.mask_batch_stride + head.h * params.mask_head_stride;
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + local_id.y + r * WG_Q;
         if row >= seq.rows {
             continue;
         }
         let keys = key_range(seq, row);
-        let slope = alibi_slope(h);
+        let slope = alibi_slope(head.h);
         let diag = diagonal(seq, row);
         for (var cc = 0u; cc < COLS; cc++) {
             let col = col0 + local_id.x + cc * WG_KV;
@@ -122,7 +119,7 @@ fn main(
             if col < keys.x || col >= keys.y {
                 s = neg_inf();
             }
-            scores[(head_local * params.seq_q + row) * params.seq_kv + col] = s;
+            scores[(head.chunk_index * params.seq_q + row) * params.seq_kv + col] = s;
         }
     }
 }

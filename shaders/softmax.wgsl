@@ -41,12 +41,9 @@ fn main(
 ) {
     let group = workgroup_id + params.group_offset;
     let row = group.x;
-    let head_local = group.z;
-    let row_base = (head_local * params.seq_q + row) * params.seq_kv;
-    let bh = params.bh_offset + head_local;
-    let b = bh / params.heads;
-    let h = bh % params.heads;
-    let seq = sequence(b);
+    let head = chunk_head(group.z);
+    let row_base = (head.chunk_index * params.seq_q + row) * params.seq_kv;
+    let seq = sequence(head.b);
     if row >= seq.rows {
         // A row past a packed sequence's end: its probabilities read as zeros.
         for (var j = local_index; j < params.seq_kv; j += WG) {
@@ -60,7 +57,7 @@ fn main(
     var m = neg_inf();
     var l = 0.0;
     var poisoned = 0u;
-    let sink = sink_logit(h);
+    let sink = sink_logit(head.h);
     if local_index == 0u && sink != neg_inf() {
         m = sink;
         l = 1.0;
@@ -116,7 +113,7 @@ fn main(
         scores[row_base + j] = select(exp(s - safe_max) * inv_sum, nan(), row_poisoned);
     }
     if local_index == 0u {
-        lse[lse_offset(b, h, seq.row_begin + row)] =
+        lse[lse_offset(head.b, head.h, seq.row_begin + row)] =
             select(row_max + log(row_sum), nan(), row_poisoned);
     }
 }
