@@ -50,17 +50,21 @@ pub enum Error {
         max: usize,
     },
 
-    /// The softmax scale is NaN or infinite.
+    /// The softmax scale is NaN, or infinite once rounded to the kernels' f32.
     #[error(
-        "scale = {scale} is not finite; pass a finite scale or leave it unset for 1/sqrt(head_dim)"
+        "scale = {scale} is not a finite f32, which the kernels compute in; pass a scale of \
+         magnitude at most 3.4e38, or leave it unset for 1/sqrt(head_dim)"
     )]
     InvalidScale {
         /// The rejected scale.
         scale: f64,
     },
 
-    /// The soft-capping value is not a positive finite number.
-    #[error("softcap = {softcap} is invalid; pass a positive finite value, or none for no capping")]
+    /// The soft-capping value is not a positive number within the range of a normal f32.
+    #[error(
+        "softcap = {softcap} is invalid; pass a value from 1.2e-38 to 3.4e38 (a positive normal \
+         f32, which the kernels compute in), or none for no capping"
+    )]
     InvalidSoftcap {
         /// The rejected value.
         softcap: f64,

@@ -641,13 +641,16 @@ impl AttentionProblem {
     /// Checks every dimension and option, returning the first problem found.
     pub fn validate(&self) -> Result<()> {
         self.shape.check()?;
+        // The kernels take both values as f32: a scale past f32's range would make every score
+        // infinite, and a soft-cap that rounds to infinity, zero or a subnormal would make the
+        // capped scores NaN or lose their precision.
         if let Some(scale) = self.scale
-            && !scale.is_finite()
+            && !(scale as f32).is_finite()
         {
             return Err(Error::InvalidScale { scale });
         }
         if let Some(softcap) = self.softcap
-            && !(softcap.is_finite() && softcap > 0.0)
+            && !(softcap > 0.0 && (softcap as f32).is_normal())
         {
             return Err(Error::InvalidSoftcap { softcap });
         }

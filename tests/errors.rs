@@ -196,12 +196,18 @@ fn mask_given_without_mask_shape_and_reverse() {
 #[test]
 fn scale_not_finite() {
     let shape = AttentionShape::new(1, 1, 2, 2, 4);
-    for scale in [f64::NAN, f64::INFINITY] {
+    // 1e39 is finite in f64 but infinite in the kernels' f32.
+    for scale in [f64::NAN, f64::INFINITY, 1e39, -1e300] {
         let error = AttentionProblem::new(shape)
             .with_scale(scale)
             .validate()
             .unwrap_err();
         assert!(matches!(error, Error::InvalidScale { .. }), "{error}");
+        assert!(error.to_string().contains("3.4e38"), "{error}");
+    }
+    for scale in [-3e38, 1e-300, 0.0] {
+        let problem = AttentionProblem::new(shape).with_scale(scale);
+        assert!(problem.validate().is_ok(), "{scale}");
     }
 }
 
@@ -425,7 +431,8 @@ fn fixture_bad_softcap_or_window() {
 #[test]
 fn softcap_and_window_validation() {
     let shape = AttentionShape::new(1, 1, 2, 2, 4);
-    for softcap in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+    // 1e300 rounds to an infinite f32 and 1e-300 to 0, and 1e-39 is subnormal in f32.
+    for softcap in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300, 1e-300, 1e-39] {
         let error = AttentionProblem::new(shape)
             .with_softcap(softcap)
             .validate()
