@@ -1,8 +1,9 @@
 //! The crate's error type.
 
 /// How an adapter is requested through [`crate::Context::new`] or `--adapter`.
-const ADAPTER_HINT: &str = "set WGPU_ATTENTION_ADAPTER (or --adapter) to a part of an adapter name \
-     or to a backend (vulkan, metal, dx12, gl); `wgpu-attention info` lists the adapters";
+const ADAPTER_HINT: &str = "set WGPU_ATTENTION_ADAPTER (the command-line tool's --adapter) to a \
+     part of an adapter name or to a backend (vulkan, metal, dx12, gl); the tool's \
+     `wgpu-attention info` lists the adapters";
 
 /// How to get an adapter on a machine without a GPU.
 pub const INSTALL_HINT: &str = "install a Vulkan driver: on a machine without a GPU, Mesa's \

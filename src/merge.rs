@@ -37,7 +37,7 @@ pub fn merge_partials(
                 tensor,
                 expected,
                 actual,
-                shape: format!("[{rows} rows, head_dim {head_dim}], from the first result's lse"),
+                shape: format!("[{rows}, {head_dim}] (the first result's lse rows × head_dim)"),
             })
         }
     };
