@@ -358,7 +358,8 @@ impl Context {
     ///
     /// With `SHADER_F16` the tensors stay f16 in GPU memory and every product, sum and the
     /// softmax run in f32. Without it the inputs are widened to f32 on the host (exactly), the
-    /// f32 kernels run, and the output is rounded to f16; a warning is logged.
+    /// f32 kernels run, and the output is rounded to f16; a warning is logged. The problem's
+    /// `dtype` need not be set: the slices' type decides it.
     ///
     /// # Errors
     ///
@@ -625,7 +626,8 @@ impl Context {
             (None, None) => {}
             (Some(_), None) => {
                 return Err(Error::MaskMismatch(
-                    "the problem has a mask shape but no mask buffer was given",
+                    "the problem has a mask shape but no mask buffer was given; pass the mask \
+                     buffer in GpuTensors::with_mask, or remove the mask shape",
                 ));
             }
             (None, Some(_)) => {
@@ -647,6 +649,30 @@ impl Context {
         }
         .check(problem, false)?;
 
+        // What the checks above cannot see, such as a destroyed buffer or one from another
+        // device, wgpu reports when the bind groups are created, and by default it panics on
+        // such an error. The scope returns it as an error instead.
+        let scope = self
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::Validation);
+        let built = self.build_commands(kernel, problem, tensors, probs);
+        if let Some(source) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device {
+                during: "binding the buffers",
+                source,
+            });
+        }
+        built
+    }
+
+    /// Builds the commands of a call that [`Context::commands`] has checked.
+    fn build_commands(
+        &self,
+        kernel: Kernel,
+        problem: &AttentionProblem,
+        tensors: &GpuTensors<'_>,
+        probs: Option<&wgpu::Buffer>,
+    ) -> Result<(Kernel, Vec<Command>)> {
         let no_mask = self.scratch(Scratch::NoMask, 4);
         let lse_scratch;
         let lse = match tensors.lse {
@@ -820,14 +846,19 @@ fn check_buffer(
             missing: wgpu::BufferUsages::STORAGE,
         });
     }
-    let actual = buffer.size() as usize / element_bytes;
-    if actual < expected {
-        return Err(Error::LengthMismatch {
+    let size = buffer.size();
+    let needed = (expected * element_bytes) as u64;
+    if size < needed {
+        return Err(Error::BufferTooSmall {
             tensor,
-            expected,
-            actual,
+            size,
+            needed,
             shape: shape.to_string(),
+            element_bytes,
         });
+    }
+    if !size.is_multiple_of(4) {
+        return Err(Error::UnalignedBuffer { tensor, size });
     }
     Ok(())
 }

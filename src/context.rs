@@ -157,6 +157,15 @@ impl Context {
     /// Creates a context on the caller's own device and queue.
     ///
     /// The kernels respect the device's limits and use only the features it was created with.
+    /// The fused kernels bind 8 storage buffers per shader stage and the three-stage path 5, so
+    /// create the device with at least `wgpu::Limits::default()`'s 8; with fewer, calls return
+    /// [`Error::ExceedsLimit`] naming `max_storage_buffers_per_shader_stage`.
+    /// `examples/own_device.rs` creates a device, records into its own encoder and reads the
+    /// output back.
+    ///
+    /// Buffers passed to [`Context::record`] and [`Context::prepare`] must come from this
+    /// device. wgpu reports a buffer of another device of the same `wgpu::Instance`, which
+    /// `record` returns as [`Error::Device`]; a buffer from another instance can go unnoticed.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let limits = device.limits();
         let features = device.features();

@@ -97,7 +97,7 @@ pub enum Error {
         heads: usize,
     },
 
-    /// A host slice or GPU buffer holds the wrong number of elements for the shape.
+    /// A host slice contains the wrong number of elements for the shape.
     #[error(
         "tensor `{tensor}` has {actual} {}, but shape {shape} needs {expected}; \
          pass a tensor of that shape",
@@ -112,6 +112,37 @@ pub enum Error {
         actual: usize,
         /// The expected shape, written out.
         shape: String,
+    },
+
+    /// A GPU buffer is smaller than the shape needs.
+    #[error(
+        "buffer `{tensor}` is {size} bytes, but shape {shape} of {element_bytes}-byte elements \
+         needs {needed}; create it with at least {needed} bytes"
+    )]
+    BufferTooSmall {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The buffer's size in bytes.
+        size: u64,
+        /// The bytes the shape needs.
+        needed: u64,
+        /// The expected shape, written out.
+        shape: String,
+        /// Bytes per element: 4 for f32 and u32, 2 for f16.
+        element_bytes: usize,
+    },
+
+    /// A GPU buffer's size is not a multiple of 4 bytes, which storage bindings need.
+    #[error(
+        "buffer `{tensor}` is {size} bytes, but storage bindings take a multiple of 4 bytes; \
+         create it with {} bytes",
+        .size.next_multiple_of(4)
+    )]
+    UnalignedBuffer {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The buffer's size in bytes.
+        size: u64,
     },
 
     /// A mask tensor was given without a mask shape in the problem, or the reverse.

@@ -2,6 +2,8 @@
 //! devices whose limits force the kernels to split grids and chunk heads.
 
 mod common;
+#[path = "../examples/own_device.rs"]
+mod example;
 
 use common::{assert_matches_reference_on, device_with_limits};
 use wgpu::util::DeviceExt;
@@ -65,6 +67,13 @@ fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Ve
 }
 
 #[test]
+fn own_device_example_matches_reference() {
+    let (device, queue) = example::create_device().unwrap();
+    let stats = example::attention_on(&device, &queue).unwrap();
+    assert!(stats.passes(&Tolerance::F32), "{stats}");
+}
+
+#[test]
 fn context_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Context>();
@@ -116,7 +125,156 @@ fn record_rejects_small_buffer() {
         .record(Kernel::Auto, &problem, &mut encoder, &tensors)
         .unwrap_err();
     assert!(
-        matches!(error, Error::LengthMismatch { tensor: "out", .. }),
+        matches!(
+            error,
+            Error::BufferTooSmall {
+                tensor: "out",
+                size: 1020,
+                needed: 1024,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("create it with at least 1024 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn record_rejects_unaligned_f16_buffer() {
+    let context = common::context();
+    if !context.features().contains(wgpu::Features::SHADER_F16) {
+        panic!("the test adapter lacks SHADER_F16, which lavapipe has; run it on lavapipe");
+    }
+    let device = context.device();
+    // Three f16 values take 6 bytes, which no storage binding can hold exactly.
+    let shape = AttentionShape::new(1, 1, 1, 3, 3);
+    let problem = AttentionProblem::new(shape).with_dtype(wgpu_attention::Dtype::F16);
+    let buffer = |size: u64| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let (q, kv, out) = (buffer(6), buffer(20), buffer(8));
+    let tensors = GpuTensors::new(&q, &kv, &kv, &out);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let error = context
+        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::UnalignedBuffer {
+                tensor: "q",
+                size: 6
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("create it with 8 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn record_returns_wgpu_errors_for_destroyed_and_foreign_buffers() {
+    let context = common::context();
+    let device = context.device();
+    let shape = AttentionShape::new(1, 2, 4, 8, 16);
+    let problem = AttentionProblem::new(shape);
+    let data = common::random_inputs(&problem, 4, 0.0);
+    let (q, k, v) = upload_qkv(device, &data);
+    let out = output(device, shape.out_len());
+
+    // Without the error scope in record, wgpu's default handler panics.
+    q.destroy();
+    let tensors = GpuTensors::new(&q, &k, &v, &out);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let error = context
+        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+        .unwrap_err();
+    assert!(matches!(error, Error::Device { .. }), "{error}");
+    assert!(error.to_string().contains("destroyed"), "{error}");
+
+    // A buffer of another device of the same instance.
+    let instance = wgpu::Instance::default();
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let device_pair = || pollster::block_on(adapter.request_device(&Default::default())).unwrap();
+    let ((first, first_queue), (second, _)) = (device_pair(), device_pair());
+    let own = Context::from_device(first.clone(), first_queue);
+    let (own_k, own_v) = (storage(&first, &data.k), storage(&first, &data.v));
+    let own_out = output(&first, shape.out_len());
+    let foreign = storage(&second, &data.q);
+    let tensors = GpuTensors::new(&foreign, &own_k, &own_v, &own_out);
+    let mut own_encoder = first.create_command_encoder(&Default::default());
+    let error = own
+        .record(Kernel::Auto, &problem, &mut own_encoder, &tensors)
+        .unwrap_err();
+    assert!(matches!(error, Error::Device { .. }), "{error}");
+
+    // The context still works afterwards.
+    let q = storage(device, &data.q);
+    let tensors = GpuTensors::new(&q, &k, &v, &out);
+    context
+        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
+        .unwrap();
+}
+
+#[test]
+fn too_few_storage_buffers_per_stage() {
+    // 5 storage buffers per stage fit the three-stage path but not the fused programs, which
+    // Kernel::Auto then avoids; 4 fit neither.
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffers_per_shader_stage = 5);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(1, 2, 9, 9, 8);
+    let problem = AttentionProblem::new(shape).with_causal(Causal::BottomRight);
+    let data = crate::common::random_inputs(&problem, 5, 0.0);
+    assert_eq!(Kernel::Auto.resolve(&problem, &context), Kernel::ThreeStage);
+    assert_matches_reference_on(&context, Kernel::Auto, &problem, &data.inputs());
+    let error = context
+        .attention_with(Kernel::Flash, &problem, &data.inputs())
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ExceedsLimit {
+                limit_name: "max_storage_buffers_per_shader_stage",
+                value: 8,
+                limit: 5,
+                ..
+            }
+        ),
+        "{error}"
+    );
+
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_storage_buffers_per_shader_stage = 4);
+    let context = Context::from_device(device, queue);
+    let error = context
+        .attention_with(Kernel::Auto, &problem, &data.inputs())
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ExceedsLimit {
+                value: 5,
+                limit: 4,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("wgpu::Limits::default()"),
         "{error}"
     );
 }

@@ -315,6 +315,11 @@ pub(crate) fn plan(
     kernel: Kernel,
     problem: &AttentionProblem,
 ) -> Result<FlashPlan> {
+    crate::kernels::check_storage_buffers(
+        context,
+        kernel.name(),
+        crate::kernels::FLASH_STORAGE_BUFFERS,
+    )?;
     let limits = context.limits();
     let s = &problem.shape;
     let on_cpu = context.on_cpu();

@@ -338,12 +338,36 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     });
     if let Some(source) = pollster::block_on(scope.pop()) {
         return Err(Error::Device {
-            during: "shader compilation",
+            during: "pipeline creation",
             source,
         });
     }
     let layout = pipeline.get_bind_group_layout(0);
     Ok(Pipeline { pipeline, layout })
+}
+
+/// Storage buffers that the fused programs bind: Q, K, V, the mask, the output, the log-sum-exp,
+/// the partial results and the small tensors.
+pub(crate) const FLASH_STORAGE_BUFFERS: u32 = 8;
+
+/// Storage buffers that the three-stage path binds at most, in its first stage: Q, K, the mask,
+/// the scores and the small tensors.
+pub(crate) const THREE_STAGE_STORAGE_BUFFERS: u32 = 5;
+
+/// Checks that the device lets one shader stage bind the `needed` storage buffers of `kernel`.
+pub(crate) fn check_storage_buffers(context: &Context, kernel: &str, needed: u32) -> Result<()> {
+    let limit = context.limits().max_storage_buffers_per_shader_stage;
+    if limit < needed {
+        return Err(Error::ExceedsLimit {
+            what: format!("the {kernel} kernel's storage buffers in one shader stage"),
+            value: needed.into(),
+            limit_name: "max_storage_buffers_per_shader_stage",
+            limit: limit.into(),
+            fix: "create the device with at least 8 storage buffers per shader stage, as \
+                  wgpu::Limits::default() has, for every kernel (5 for the three-stage path)",
+        });
+    }
+    Ok(())
 }
 
 /// Creates a bind group whose binding `i` is the whole of `buffers[i]`.

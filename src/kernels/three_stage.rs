@@ -11,7 +11,8 @@ use crate::context::{Context, Pipeline, PipelineKey};
 use crate::error::{Error, Result};
 use crate::kernels::tiling::ThreeStageTiles;
 use crate::kernels::{
-    Command, KernelParams, check_loop_cap, compile, grid_dispatches, max_binding_bytes,
+    Command, KernelParams, THREE_STAGE_STORAGE_BUFFERS, check_loop_cap, check_storage_buffers,
+    compile, grid_dispatches, max_binding_bytes,
 };
 use crate::problem::{AttentionProblem, Dtype};
 
@@ -70,6 +71,7 @@ pub(crate) fn heads_per_chunk(problem: &AttentionProblem, limits: &wgpu::Limits)
 
 /// Checks that the three-stage kernel can run `problem` on `context`'s device.
 pub(crate) fn check(context: &Context, problem: &AttentionProblem) -> Result<()> {
+    check_storage_buffers(context, "three-stage", THREE_STAGE_STORAGE_BUFFERS)?;
     let tiles = ThreeStageTiles::choose(problem, context.limits());
     heads_per_chunk(problem, context.limits())?;
     check_loop_iterations(context, problem, &tiles)
@@ -82,11 +84,11 @@ pub(crate) fn commands(
     problem: &AttentionProblem,
     bindings: &Bindings<'_>,
 ) -> Result<Vec<Command>> {
+    check(context, problem)?;
     let device = context.device();
     let limits = context.limits();
     let tiles = ThreeStageTiles::choose(problem, limits);
     let chunk = heads_per_chunk(problem, limits)?;
-    check_loop_iterations(context, problem, &tiles)?;
 
     let (scores_pipeline, softmax_pipeline, probs_v_pipeline) =
         pipelines(context, problem.dtype, &tiles)?;
