@@ -3,6 +3,7 @@
 //! and offsets against an [`AttentionProblem`].
 
 use crate::error::{Error, Result};
+use crate::f16;
 use crate::problem::{AttentionProblem, KeyLengths, Layout, Sequence};
 
 /// Host-side inputs of one attention call, in the problem's layout, with elements of type `T`
@@ -211,6 +212,32 @@ impl<T> OwnedInputs<T> {
     }
 }
 
+impl OwnedInputs {
+    /// Rounds Q, K and V to f16, keeps the rounded values here as f32, and returns the inputs
+    /// with Q, K and V in f16 and the other tensors copied.
+    ///
+    /// Both then hold the same numbers: the returned inputs suit
+    /// [`Context::attention_f16`](crate::Context::attention_f16), and these the f64 reference,
+    /// which takes f32 only. Values past f16's range (±65504) become infinite.
+    pub fn round_to_f16(&mut self) -> OwnedInputs<f16> {
+        let round = |values: &mut Vec<f32>| {
+            let rounded: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+            *values = rounded.iter().map(|x| x.to_f32()).collect();
+            rounded
+        };
+        OwnedInputs {
+            q: round(&mut self.q),
+            k: round(&mut self.k),
+            v: round(&mut self.v),
+            mask: self.mask.clone(),
+            alibi_slopes: self.alibi_slopes.clone(),
+            sinks: self.sinks.clone(),
+            kv_seq_lens: self.kv_seq_lens.clone(),
+            cu_seqlens: self.cu_seqlens.clone(),
+        }
+    }
+}
+
 /// Lengths of the optional per-head and per-sequence tensors, however they are stored.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct OptionalLens {
@@ -345,5 +372,38 @@ pub(crate) fn check_mask(problem: &AttentionProblem, mask_len: Option<usize>) ->
             "a mask tensor was given but the problem has no mask shape; call \
              AttentionProblem::with_mask with its leading dimensions",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_to_f16_keeps_both_copies_equal() {
+        let mut inputs = OwnedInputs {
+            q: vec![0.1, -1.0 / 3.0],
+            k: vec![1e5, 2.0],
+            v: vec![65504.0, 1e-8],
+            sinks: Some(vec![0.1]),
+            kv_seq_lens: Some(vec![7]),
+            ..OwnedInputs::default()
+        };
+        let half = inputs.round_to_f16();
+        assert_eq!(half.q, [f16::from_f32(0.1), f16::from_f32(-1.0 / 3.0)]);
+        for (wide, narrow) in [
+            (&inputs.q, &half.q),
+            (&inputs.k, &half.k),
+            (&inputs.v, &half.v),
+        ] {
+            let widened: Vec<f32> = narrow.iter().map(|x| x.to_f32()).collect();
+            assert_eq!(wide, &widened);
+        }
+        assert_ne!(inputs.q[0], 0.1);
+        assert_eq!(inputs.k[0], f32::INFINITY);
+        assert_eq!(inputs.v[0], 65504.0);
+        // The optional tensors stay f32 and u32, copied unchanged.
+        assert_eq!(half.sinks, Some(vec![0.1]));
+        assert_eq!(half.kv_seq_lens, Some(vec![7]));
     }
 }

@@ -11,19 +11,13 @@ use common::{RandomInputs, context, device_with_limits};
 use wgpu_attention::validate::{ErrorStats, Tolerance, naive_f16_attention};
 use wgpu_attention::{
     AttentionInputs, AttentionInputsF16, AttentionProblem, AttentionShape, Causal, Context, Dtype,
-    Error, GpuTensors, Kernel, f16, reference,
+    Error, GpuTensors, Kernel, OwnedInputs, f16, reference,
 };
 
 /// Inputs rounded to f16, as f16 and as the f32 values they represent.
 struct HalfInputs {
-    q: Vec<f16>,
-    k: Vec<f16>,
-    v: Vec<f16>,
-    q32: Vec<f32>,
-    k32: Vec<f32>,
-    v32: Vec<f32>,
-    /// The mask and the optional per-head and per-sequence tensors.
-    base: RandomInputs,
+    half: OwnedInputs<f16>,
+    widened: RandomInputs,
 }
 
 impl HalfInputs {
@@ -38,35 +32,21 @@ impl HalfInputs {
         amplitude: f32,
         setup: impl FnOnce(&mut RandomInputs),
     ) -> Self {
-        let mut data = crate::common::random_inputs(problem, seed, 0.1);
-        setup(&mut data);
-        let half = |x: &[f32]| {
-            x.iter()
-                .map(|&x| f16::from_f32(x * amplitude))
-                .collect::<Vec<_>>()
-        };
-        let widen = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
-        let (q, k, v) = (half(&data.q), half(&data.k), half(&data.v));
-        let (q32, k32, v32) = (widen(&q), widen(&k), widen(&v));
-        Self {
-            q,
-            k,
-            v,
-            q32,
-            k32,
-            v32,
-            base: data,
+        let mut widened = crate::common::random_inputs(problem, seed, 0.1);
+        setup(&mut widened);
+        for values in [&mut widened.q, &mut widened.k, &mut widened.v] {
+            values.iter_mut().for_each(|x| *x *= amplitude);
         }
+        let half = widened.round_to_f16();
+        Self { half, widened }
     }
 
     fn inputs(&self) -> AttentionInputsF16<'_> {
-        self.base.inputs().with_tensors(&self.q, &self.k, &self.v)
+        self.half.inputs()
     }
 
     fn widened(&self) -> AttentionInputs<'_> {
-        self.base
-            .inputs()
-            .with_tensors(&self.q32, &self.k32, &self.v32)
+        self.widened.inputs()
     }
 }
 

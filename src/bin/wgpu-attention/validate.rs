@@ -629,8 +629,8 @@ fn seed_for(name: &str) -> u64 {
 /// f32, so that the reference gets exactly the kernel's inputs.
 struct CaseData {
     tensors: OwnedInputs,
-    /// Q, K and V in f16, for f16 problems.
-    half: Option<[Vec<f16>; 3]>,
+    /// The same inputs with Q, K and V in f16, for f16 problems.
+    half: Option<OwnedInputs<f16>>,
 }
 
 impl CaseData {
@@ -642,7 +642,7 @@ impl CaseData {
         let s = &problem.shape;
         let mut draw = |len: usize| (0..len).map(|_| rng.symmetric()).collect::<Vec<f32>>();
         let [q_len, k_len, v_len, _] = problem.spans();
-        let (mut q, mut k, mut v) = (draw(q_len), draw(k_len), draw(v_len));
+        let (q, k, v) = (draw(q_len), draw(k_len), draw(v_len));
         let mask = problem.mask.map(|_| generate_mask(problem, &mut rng));
         let alibi_slopes = extras.alibi.then(|| {
             (0..s.heads)
@@ -656,15 +656,7 @@ impl CaseData {
             kv_seq_lens,
             cu_seqlens,
         } = SequenceLengths::of(problem, extras);
-        let half = (problem.dtype == Dtype::F16).then(|| {
-            let round = |values: &mut Vec<f32>| {
-                let rounded: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
-                *values = rounded.iter().map(|x| x.to_f32()).collect();
-                rounded
-            };
-            [round(&mut q), round(&mut k), round(&mut v)]
-        });
-        let tensors = OwnedInputs {
+        let mut tensors = OwnedInputs {
             q,
             k,
             v,
@@ -674,6 +666,7 @@ impl CaseData {
             kv_seq_lens,
             cu_seqlens,
         };
+        let half = (problem.dtype == Dtype::F16).then(|| tensors.round_to_f16());
         Self { tensors, half }
     }
 
@@ -965,9 +958,8 @@ fn run_kernel(
             let output = context.attention_with(kernel, problem, &data.inputs())?;
             Ok((output.out, output.lse))
         }
-        Some([q, k, v]) => {
-            let inputs = data.inputs().with_tensors(q, k, v);
-            let output = context.attention_f16(kernel, problem, &inputs)?;
+        Some(half) => {
+            let output = context.attention_f16(kernel, problem, &half.inputs())?;
             let out = output.out.iter().map(|x| x.to_f32()).collect();
             Ok((out, output.lse))
         }
