@@ -193,10 +193,7 @@ fn f16_buffers_without_shader_f16_are_rejected() {
         mapped_at_creation: false,
     });
     let tensors = GpuTensors::new(&buffer, &buffer, &buffer, &buffer);
-    let mut encoder = device.create_command_encoder(&Default::default());
-    let error = context
-        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
-        .unwrap_err();
+    let error = common::record_error(&context, &problem, &tensors);
     assert!(
         matches!(
             error,

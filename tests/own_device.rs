@@ -120,10 +120,7 @@ fn record_rejects_small_buffer() {
     let full = storage(device, &vec![0.0; shape.q_len()]);
     let short = output(device, shape.q_len() - 1);
     let tensors = GpuTensors::new(&full, &full, &full, &short);
-    let mut encoder = device.create_command_encoder(&Default::default());
-    let error = context
-        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
-        .unwrap_err();
+    let error = common::record_error(context, &problem, &tensors);
     assert!(
         matches!(
             error,
@@ -164,10 +161,7 @@ fn record_rejects_unaligned_f16_buffer() {
     };
     let (q, kv, out) = (buffer(6), buffer(20), buffer(8));
     let tensors = GpuTensors::new(&q, &kv, &kv, &out);
-    let mut encoder = device.create_command_encoder(&Default::default());
-    let error = context
-        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
-        .unwrap_err();
+    let error = common::record_error(context, &problem, &tensors);
     assert!(
         matches!(
             error,
@@ -197,10 +191,7 @@ fn record_returns_wgpu_errors_for_destroyed_and_foreign_buffers() {
     // Without the error scope in record, wgpu's default handler panics.
     q.destroy();
     let tensors = GpuTensors::new(&q, &k, &v, &out);
-    let mut encoder = device.create_command_encoder(&Default::default());
-    let error = context
-        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
-        .unwrap_err();
+    let error = common::record_error(context, &problem, &tensors);
     assert!(matches!(error, Error::Device { .. }), "{error}");
     assert!(error.to_string().contains("destroyed"), "{error}");
 
@@ -214,15 +205,13 @@ fn record_returns_wgpu_errors_for_destroyed_and_foreign_buffers() {
     let own_out = output(&first, shape.out_len());
     let foreign = storage(&second, &data.q);
     let tensors = GpuTensors::new(&foreign, &own_k, &own_v, &own_out);
-    let mut own_encoder = first.create_command_encoder(&Default::default());
-    let error = own
-        .record(Kernel::Auto, &problem, &mut own_encoder, &tensors)
-        .unwrap_err();
+    let error = common::record_error(&own, &problem, &tensors);
     assert!(matches!(error, Error::Device { .. }), "{error}");
 
     // The context still works afterwards.
     let q = storage(device, &data.q);
     let tensors = GpuTensors::new(&q, &k, &v, &out);
+    let mut encoder = device.create_command_encoder(&Default::default());
     context
         .record(Kernel::Auto, &problem, &mut encoder, &tensors)
         .unwrap();
@@ -294,10 +283,7 @@ fn record_rejects_buffer_without_storage_usage() {
     });
     let out = output(device, shape.q_len());
     let tensors = GpuTensors::new(&uniform, &full, &full, &out);
-    let mut encoder = device.create_command_encoder(&Default::default());
-    let error = context
-        .record(Kernel::Auto, &problem, &mut encoder, &tensors)
-        .unwrap_err();
+    let error = common::record_error(context, &problem, &tensors);
     assert!(
         matches!(error, Error::BufferUsage { tensor: "q", .. }),
         "{error}"

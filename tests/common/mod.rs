@@ -131,6 +131,20 @@ pub fn assert_matches_reference_on(
 
 /// Creates a device on the default adapter, with no optional features and with `adjust` applied
 /// to the adapter's limits.
+/// Records `problem` on `tensors` with [`Kernel::Auto`] into a new encoder, expecting an error,
+/// and returns it.
+pub fn record_error(
+    context: &Context,
+    problem: &AttentionProblem,
+    tensors: &wgpu_attention::GpuTensors<'_>,
+) -> Error {
+    let mut encoder = context.device().create_command_encoder(&Default::default());
+    match context.record(Kernel::Auto, problem, &mut encoder, tensors) {
+        Ok(()) => panic!("record accepted the call; expected an error"),
+        Err(error) => error,
+    }
+}
+
 pub fn device_with_limits(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
     let adapter =
         wgpu_attention::select_adapter(std::env::var(wgpu_attention::ADAPTER_ENV).ok().as_deref())
