@@ -73,13 +73,15 @@ struct Report {
 }
 
 pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
-    let context = match args.kernel {
-        Checked::Gpu(_) => Some(crate::open_context(args.adapter.as_deref())?),
+    // The adapter and kernel for a GPU check; none for the reference alone.
+    let gpu = match args.kernel {
+        Checked::Gpu(kernel) => Some((crate::open_context(args.adapter.as_deref())?, kernel)),
         Checked::Reference => None,
     };
-    let adapter = context
-        .as_ref()
-        .map_or_else(|| "none".to_string(), crate::adapter_label);
+    let adapter = gpu.as_ref().map_or_else(
+        || "none".to_string(),
+        |(context, _)| crate::adapter_label(context),
+    );
     if let Some(dir) = &args.save {
         std::fs::create_dir_all(dir).map_err(|source| wgpu_attention::Error::Io {
             path: dir.display().to_string(),
@@ -95,7 +97,8 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
     }
     let (mut passed, mut failed) = (0, 0);
     for path in &args.files {
-        match check_file(context.as_ref(), args, path) {
+        let gpu = gpu.as_ref().map(|(context, kernel)| (context, *kernel));
+        match check_file(gpu, args, path) {
             Ok((fixture, report)) => {
                 if report.passed {
                     passed += 1;
@@ -165,8 +168,10 @@ fn run_gpu(
     })
 }
 
+/// Checks one file with the GPU kernel on its context, or with the reference alone when `gpu`
+/// is `None`.
 fn check_file(
-    context: Option<&Context>,
+    gpu: Option<(&Context, Kernel)>,
     args: &CheckArgs,
     path: &Path,
 ) -> wgpu_attention::Result<(Fixture, Report)> {
@@ -179,8 +184,8 @@ fn check_file(
     };
     let reference = reference::attention(&fixture.problem, &fixture.inputs())?;
     let reference_vs_expected = ErrorStats::compare(&reference.out, &fixture.out);
-    let (checked, output, gpu) = match (args.kernel, context) {
-        (Checked::Gpu(kernel), Some(context)) => {
+    let (checked, output, stats) = match gpu {
+        Some((context, kernel)) => {
             let output = run_gpu(context, kernel, &fixture)?;
             let stats = GpuStats {
                 vs_expected: ErrorStats::compare(&output.out, &fixture.out),
@@ -189,7 +194,7 @@ fn check_file(
             let name = kernel.resolve(&fixture.problem, context).name();
             (name, output, Some(stats))
         }
-        _ => {
+        None => {
             let output = AttentionOutput {
                 out: reference.out_f32(),
                 lse: reference.lse.iter().map(|&x| x as f32).collect(),
@@ -199,7 +204,10 @@ fn check_file(
     };
     if let Some(dir) = &args.save {
         let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-        let adapter = context.map_or_else(|| "none".to_string(), crate::adapter_label);
+        let adapter = gpu.map_or_else(
+            || "none".to_string(),
+            |(context, _)| crate::adapter_label(context),
+        );
         let metadata = HashMap::from([
             (
                 "source".to_string(),
@@ -221,7 +229,7 @@ fn check_file(
         .lse
         .as_ref()
         .map(|lse| ErrorStats::compare(&output.lse, lse));
-    let passed = match &gpu {
+    let passed = match &stats {
         Some(stats) => {
             stats.vs_expected.passes(&tolerance) && stats.vs_reference.passes(&tolerance)
         }
@@ -231,7 +239,7 @@ fn check_file(
         .is_none_or(|stats| stats.passes(&tolerance));
     let report = Report {
         checked,
-        gpu,
+        gpu: stats,
         reference_vs_expected,
         lse_vs_expected,
         tolerance,
