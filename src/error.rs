@@ -97,7 +97,8 @@ pub enum Error {
         heads: usize,
     },
 
-    /// A host slice contains the wrong number of elements for the shape.
+    /// A host slice, or the GPU buffer of a per-head or per-sequence tensor, contains the wrong
+    /// number of elements for the shape.
     #[error(
         "tensor `{tensor}` has {actual} {}, but shape {shape} needs {expected}; \
          pass a tensor of that shape",
