@@ -146,6 +146,60 @@ fn check_reference_alone_judges_the_files() {
         stdout.contains("FAIL ") && stdout.contains("0 passed, 1 failed"),
         "{stdout}"
     );
+    // The failing comparison is marked, and the tolerance it broke is stated.
+    let marked: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.ends_with("<- over the tolerance"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{stdout}");
+    assert!(marked[0].contains("reference vs expected"), "{stdout}");
+    assert!(stdout.contains("f32 tolerance: "), "{stdout}");
+    let output = binary()
+        .args(["check", "--json", "--kernel", "reference"])
+        .arg(&shifted)
+        .output()
+        .unwrap();
+    let object: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    assert_eq!(
+        object["failed"],
+        serde_json::json!(["reference_vs_expected"])
+    );
+}
+
+#[test]
+fn check_save_never_overwrites_inputs() {
+    let dir = scratch_dir("save-inputs");
+    let input = dir.join("minilm_layer0.safetensors");
+    std::fs::copy(&fixtures()[0], &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let output = binary()
+        .arg("check")
+        .arg("--save")
+        .arg(&dir)
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("would overwrite the input file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+
+    // Two inputs with one file name would share an output file.
+    let output = binary()
+        .arg("check")
+        .arg("--save")
+        .arg(dir.join("out"))
+        .arg(&input)
+        .arg(&fixtures()[0])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("would both be saved as"), "{stderr}");
 }
 
 #[test]

@@ -69,10 +69,47 @@ struct Report {
     lse_vs_expected: Option<ErrorStats>,
     /// The limits the file was judged by: f16 for files with f16 inputs, else f32.
     tolerance: Tolerance,
-    passed: bool,
+}
+
+impl Report {
+    /// The comparisons that decide whether the file passes, by their JSON keys: the GPU output
+    /// against the file's and the reference's, or the reference's against the file's, and the
+    /// checked log-sum-exp where the file has one.
+    fn judged(&self) -> Vec<(&'static str, &ErrorStats)> {
+        let mut judged = match &self.gpu {
+            Some(gpu) => vec![
+                ("gpu_vs_expected", &gpu.vs_expected),
+                ("gpu_vs_reference", &gpu.vs_reference),
+            ],
+            None => vec![("reference_vs_expected", &self.reference_vs_expected)],
+        };
+        if let Some(stats) = &self.lse_vs_expected {
+            judged.push(("lse_vs_expected", stats));
+        }
+        judged
+    }
+
+    /// The JSON keys of the judged comparisons over the tolerance.
+    fn failed(&self) -> Vec<&'static str> {
+        self.judged()
+            .into_iter()
+            .filter(|(_, stats)| !stats.passes(&self.tolerance))
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    fn passed(&self) -> bool {
+        self.failed().is_empty()
+    }
 }
 
 pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
+    if let Some(dir) = &args.save
+        && let Err(message) = check_save_paths(dir, &args.files)
+    {
+        eprintln!("error: {message}");
+        return Ok(ExitCode::FAILURE);
+    }
     // The adapter and kernel for a GPU check; none for the reference alone.
     let gpu = match args.kernel {
         Checked::Gpu(kernel) => Some((crate::open_context(args.adapter.as_deref())?, kernel)),
@@ -100,7 +137,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
         let gpu = gpu.as_ref().map(|(context, kernel)| (context, *kernel));
         match check_file(gpu, args, path) {
             Ok((fixture, report)) => {
-                if report.passed {
+                if report.passed() {
                     passed += 1;
                 } else {
                     failed += 1;
@@ -142,6 +179,46 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The file that `--save DIR` writes for the fixture at `path`.
+fn save_path(dir: &Path, path: &Path) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    dir.join(format!("{stem}.safetensors"))
+}
+
+/// Checks, before anything runs, that `--save DIR` is a directory or can become one, that no
+/// output would overwrite an input file, and that no two inputs share an output file.
+fn check_save_paths(dir: &Path, files: &[PathBuf]) -> Result<(), String> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(format!(
+            "--save {}: not a directory; pass a directory for the output files",
+            dir.display()
+        ));
+    }
+    // Paths are compared after resolving links and `..` where the file exists.
+    let resolve = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let inputs: Vec<PathBuf> = files.iter().map(|file| resolve(file)).collect();
+    let mut outputs: HashMap<PathBuf, &Path> = HashMap::new();
+    for file in files {
+        let output = resolve(&save_path(dir, file));
+        if inputs.contains(&output) {
+            return Err(format!(
+                "--save {} would overwrite the input file {}; save to another directory",
+                dir.display(),
+                output.display()
+            ));
+        }
+        if let Some(other) = outputs.insert(output.clone(), file) {
+            return Err(format!(
+                "{} and {} would both be saved as {}; save them in separate runs",
+                other.display(),
+                file.display(),
+                output.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `kernel` on the fixture's inputs, in f16 storage for files with f16 inputs.
@@ -203,7 +280,6 @@ fn check_file(
         }
     };
     if let Some(dir) = &args.save {
-        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
         let adapter = gpu.map_or_else(
             || "none".to_string(),
             |(context, _)| crate::adapter_label(context),
@@ -218,7 +294,7 @@ fn check_file(
             ("input".to_string(), path.display().to_string()),
         ]);
         fixture::save_output(
-            dir.join(format!("{stem}.safetensors")),
+            save_path(dir, path),
             &fixture.problem,
             &output.out,
             Some(&output.lse),
@@ -229,46 +305,68 @@ fn check_file(
         .lse
         .as_ref()
         .map(|lse| ErrorStats::compare(&output.lse, lse));
-    let passed = match &stats {
-        Some(stats) => {
-            stats.vs_expected.passes(&tolerance) && stats.vs_reference.passes(&tolerance)
-        }
-        None => reference_vs_expected.passes(&tolerance),
-    } && lse_vs_expected
-        .as_ref()
-        .is_none_or(|stats| stats.passes(&tolerance));
     let report = Report {
         checked,
         gpu: stats,
         reference_vs_expected,
         lse_vs_expected,
         tolerance,
-        passed,
     };
     Ok((fixture, report))
 }
 
+/// Prints the file's verdict and every comparison, marking the judged ones over the tolerance,
+/// which a failing file then states.
 fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
-    let status = if report.passed { "PASS" } else { "FAIL" };
+    let failed = report.failed();
+    let status = if failed.is_empty() { "PASS" } else { "FAIL" };
     println!(
         "{status} {} ({}, {})",
         path.display(),
         fixture.problem.label(),
         report.checked
     );
-    let line = |label: &str, stats: &ErrorStats| println!("    {label:<26} {stats}");
+    let line = |key: &str, label: &str, stats: &ErrorStats| {
+        let mark = if failed.contains(&key) {
+            "  <- over the tolerance"
+        } else {
+            ""
+        };
+        println!("    {label:<26} {stats}{mark}");
+    };
     if let Some(gpu) = &report.gpu {
-        line("gpu vs expected", &gpu.vs_expected);
-        line("gpu vs reference", &gpu.vs_reference);
+        line("gpu_vs_expected", "gpu vs expected", &gpu.vs_expected);
+        line("gpu_vs_reference", "gpu vs reference", &gpu.vs_reference);
     }
-    line("reference vs expected", &report.reference_vs_expected);
+    line(
+        "reference_vs_expected",
+        "reference vs expected",
+        &report.reference_vs_expected,
+    );
     if let Some(stats) = &report.lse_vs_expected {
         let source = if report.gpu.is_some() {
             "gpu"
         } else {
             "reference"
         };
-        line(&format!("{source} lse vs expected"), stats);
+        line(
+            "lse_vs_expected",
+            &format!("{source} lse vs expected"),
+            stats,
+        );
+    }
+    if !failed.is_empty() {
+        let tolerance = &report.tolerance;
+        let dtype = if *tolerance == Tolerance::F16 {
+            "f16"
+        } else {
+            "f32"
+        };
+        println!(
+            "    {dtype} tolerance: no NaN/inf mismatch, max_abs <= {:e} · max(1, max|expected|), \
+             nmse <= {:e}",
+            tolerance.abs, tolerance.nmse
+        );
     }
 }
 
@@ -295,7 +393,8 @@ fn report_json(
         "adapter": adapter,
         "kernel": report.checked,
         "problem": fixture.problem.label(),
-        "status": if report.passed { "pass" } else { "fail" },
+        "status": if report.passed() { "pass" } else { "fail" },
+        "failed": report.failed(),
         "gpu_vs_expected": gpu.map(|stats| stats_json(&stats.vs_expected)),
         "gpu_vs_reference": gpu.map(|stats| stats_json(&stats.vs_reference)),
         "reference_vs_expected": stats_json(&report.reference_vs_expected),
