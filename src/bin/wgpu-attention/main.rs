@@ -37,6 +37,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_broken_pipe_exit();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -51,6 +52,18 @@ fn main() -> ExitCode {
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets a closed output pipe end the process quietly, as it does other command-line tools, so
+/// that `wgpu-attention validate --list | head` stops without a panic. Rust's runtime ignores
+/// SIGPIPE, which turns the closed pipe into an error that `println!` panics on.
+fn restore_broken_pipe_exit() {
+    #[cfg(unix)]
+    // SAFETY: called first in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
