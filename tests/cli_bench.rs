@@ -211,3 +211,23 @@ fn bench_reports_unsupported_case() {
         assert_eq!(row["status"], "ok", "{row}");
     }
 }
+
+#[test]
+fn bench_rejects_huge_shape_before_drawing_inputs() {
+    // 13 TB per tensor, over any device's largest buffer: drawing the inputs first would abort
+    // the process on allocation.
+    let output = bench(&[
+        "--shape",
+        "100000,64,64,4096,4096,128",
+        "--kernel",
+        "flash,reference",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = json_lines(&output);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["status"], "unsupported", "{}", rows[0]);
+    let message = rows[0]["message"].as_str().unwrap();
+    assert!(message.contains("max_buffer_size"), "{message}");
+    assert_eq!(rows[1]["status"], "skipped", "{}", rows[1]);
+}

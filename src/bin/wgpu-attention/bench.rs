@@ -380,7 +380,11 @@ impl Session<'_> {
     /// Times every selected kernel on case number `index` and prints a row for each. Returns
     /// whether any kernel failed with an error other than rejecting the case.
     fn run_case(&self, index: usize, problem: &AttentionProblem) -> bool {
-        let host = OwnedInputs::random(problem, index as u64);
+        // The inputs are drawn on first use, after the checks that can reject the case, so that
+        // a shape too large for the device or the reference is reported before any memory is
+        // allocated for it.
+        let host_cell = std::cell::OnceCell::new();
+        let host = || host_cell.get_or_init(|| OwnedInputs::random(problem, index as u64));
         // Uploaded on first use, so a run of the reference alone needs no device memory.
         let mut device: Option<wgpu_attention::Result<DeviceTensors>> = None;
         let mut failed = false;
@@ -389,14 +393,16 @@ impl Session<'_> {
             self.progress.set_message(label);
             let outcome = match kernel {
                 BenchKernel::Gpu(gpu_kernel) => {
-                    let tensors = device
-                        .get_or_insert_with(|| DeviceTensors::upload(self.context, problem, &host));
+                    let tensors = device.get_or_insert_with(|| {
+                        DeviceTensors::check_sizes(self.context, problem)?;
+                        DeviceTensors::upload(self.context, problem, host())
+                    });
                     match tensors {
                         Ok(tensors) => self.time_gpu_kernel(gpu_kernel, problem, tensors),
                         Err(error) => Outcome::from_error(error),
                     }
                 }
-                BenchKernel::Reference => time_reference(problem, &host, self.settings),
+                BenchKernel::Reference => time_reference(problem, host, self.settings),
             };
             failed |= matches!(outcome, Outcome::Failed(_));
             self.print_row(&Row {
@@ -470,6 +476,34 @@ struct DeviceTensors {
 impl DeviceTensors {
     /// Uploads the inputs in the problem's dtype and creates the outputs, returning wgpu's error
     /// if any buffer fails.
+    /// Checks that the case's tensors fit the device's largest buffer, before their host data
+    /// is drawn.
+    fn check_sizes(context: &Context, problem: &AttentionProblem) -> wgpu_attention::Result<()> {
+        problem.validate()?;
+        let shape = &problem.shape;
+        let element_bytes = problem.dtype.bytes() as u64;
+        let max_buffer_size = context.limits().max_buffer_size;
+        let tensors = [
+            ("q", shape.q_len()),
+            ("k", shape.k_len()),
+            ("v", shape.v_len()),
+            ("out", shape.out_len()),
+        ];
+        for (tensor, elements) in tensors {
+            let bytes = element_bytes.saturating_mul(elements as u64);
+            if bytes > max_buffer_size {
+                return Err(Error::ExceedsLimit {
+                    what: format!("tensor `{tensor}` ({elements} values of {element_bytes} bytes)"),
+                    value: bytes,
+                    limit_name: "max_buffer_size",
+                    limit: max_buffer_size,
+                    fix: "use a smaller shape",
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn upload(
         context: &Context,
         problem: &AttentionProblem,
@@ -478,19 +512,6 @@ impl DeviceTensors {
         let device = context.device();
         let shape = &problem.shape;
         let element_bytes = problem.dtype.bytes() as u64;
-        let max_buffer_size = context.limits().max_buffer_size;
-        for (tensor, elements) in [("q", shape.q_len()), ("k and v", shape.k_len())] {
-            let bytes = element_bytes * elements as u64;
-            if bytes > max_buffer_size {
-                return Err(Error::ExceedsLimit {
-                    what: format!("tensor {tensor}"),
-                    value: bytes,
-                    limit_name: "max_buffer_size",
-                    limit: max_buffer_size,
-                    fix: "use a smaller shape",
-                });
-            }
-        }
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let input = |label: &str, data: &[f32]| {
@@ -695,11 +716,11 @@ fn run_gpu_once(
     })
 }
 
-/// Times the f64 CPU reference, or skips it when one run would take longer than
-/// [`REFERENCE_MAX_SECONDS`] by the estimate of [`reference_seconds_estimate`].
-fn time_reference(
+/// Times the f64 CPU reference on the inputs that `host` draws, or skips it when one run would
+/// take longer than [`REFERENCE_MAX_SECONDS`] by the estimate of [`reference_seconds_estimate`].
+fn time_reference<'a>(
     problem: &AttentionProblem,
-    host: &OwnedInputs,
+    host: impl FnOnce() -> &'a OwnedInputs,
     settings: RepeatSettings,
 ) -> Outcome {
     let estimate = reference_seconds_estimate(problem);
@@ -710,7 +731,7 @@ fn time_reference(
             REFERENCE_FLOPS_PER_SECOND / 1e9
         ));
     }
-    let inputs = host.inputs();
+    let inputs = host().inputs();
     let result = repeat_runs(settings, || {
         let started = Instant::now();
         let output = reference::attention(problem, &inputs)?;
