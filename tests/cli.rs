@@ -81,9 +81,9 @@ fn check_save_writes_outputs() {
     }
 }
 
-/// Writes a copy of the first MiniLM fixture whose expected output has `shift` added to one
+/// Writes a copy of the first MiniLM fixture whose tensor `tensor` has `shift` added to its first
 /// element, and returns its path.
-fn fixture_with_shifted_output(name: &str, shift: f32) -> PathBuf {
+fn fixture_with_shifted(name: &str, tensor: &str, shift: f32) -> PathBuf {
     let bytes = std::fs::read(&fixtures()[0]).unwrap();
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -95,9 +95,13 @@ fn fixture_with_shifted_output(name: &str, shift: f32) -> PathBuf {
             (name, view.dtype(), view.shape().to_vec(), data)
         })
         .collect();
-    let out = owned.iter_mut().find(|(name, ..)| name == "out").unwrap();
-    let first = f32::from_le_bytes(out.3[..4].try_into().unwrap()) + shift;
-    out.3[..4].copy_from_slice(&first.to_le_bytes());
+    let data = &mut owned
+        .iter_mut()
+        .find(|(name, ..)| name == tensor)
+        .unwrap()
+        .3;
+    let first = f32::from_le_bytes(data[..4].try_into().unwrap()) + shift;
+    data[..4].copy_from_slice(&first.to_le_bytes());
     let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
         .map(|(name, dtype, dims, data)| {
@@ -134,7 +138,7 @@ fn check_reference_alone_judges_the_files() {
     assert_eq!(stdout.lines().count(), 6, "{stdout}");
 
     // An expected output off by 1e-3 in one element fails the f32 tolerance.
-    let shifted = fixture_with_shifted_output("reference-shifted", 1e-3);
+    let shifted = fixture_with_shifted("reference-shifted", "out", 1e-3);
     let output = binary()
         .args(["check", "--kernel", "reference"])
         .arg(&shifted)
@@ -165,6 +169,18 @@ fn check_reference_alone_judges_the_files() {
         object["failed"],
         serde_json::json!(["reference_vs_expected"])
     );
+
+    // Probabilities off by 1e-3 in one element fail too, on the GPU path as well.
+    let shifted = fixture_with_shifted("probs-shifted", "probs", 1e-3);
+    let output = binary()
+        .args(["check", "--json"])
+        .arg(&shifted)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let object: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    assert_eq!(object["failed"], serde_json::json!(["probs_vs_expected"]));
 }
 
 #[test]

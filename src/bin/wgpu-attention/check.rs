@@ -67,6 +67,8 @@ struct Report {
     reference_vs_expected: ErrorStats,
     /// The checked output's log-sum-exp against the file's, where the file has one.
     lse_vs_expected: Option<ErrorStats>,
+    /// The reference's attention probabilities against the file's, where the file has them.
+    probs_vs_expected: Option<ErrorStats>,
     /// The limits the file was judged by: f16 for files with f16 inputs, else f32.
     tolerance: Tolerance,
 }
@@ -74,7 +76,7 @@ struct Report {
 impl Report {
     /// The comparisons that decide whether the file passes, by their JSON keys: the GPU output
     /// against the file's and the reference's, or the reference's against the file's, and the
-    /// checked log-sum-exp where the file has one.
+    /// checked log-sum-exp and the reference's probabilities where the file has them.
     fn judged(&self) -> Vec<(&'static str, &ErrorStats)> {
         let mut judged = match &self.gpu {
             Some(gpu) => vec![
@@ -85,6 +87,9 @@ impl Report {
         };
         if let Some(stats) = &self.lse_vs_expected {
             judged.push(("lse_vs_expected", stats));
+        }
+        if let Some(stats) = &self.probs_vs_expected {
+            judged.push(("probs_vs_expected", stats));
         }
         judged
     }
@@ -305,14 +310,36 @@ fn check_file(
         .lse
         .as_ref()
         .map(|lse| ErrorStats::compare(&output.lse, lse));
+    let probs_vs_expected = match &fixture.probs {
+        Some(expected) => Some(ErrorStats::compare(&reference_probs(&fixture)?, expected)),
+        None => None,
+    };
     let report = Report {
         checked,
         gpu: stats,
         reference_vs_expected,
         lse_vs_expected,
+        probs_vs_expected,
         tolerance,
     };
     Ok((fixture, report))
+}
+
+/// Computes the reference's attention probabilities of every row, `[batch, heads, seq_q, seq_kv]`
+/// as fixture files store them.
+fn reference_probs(fixture: &Fixture) -> wgpu_attention::Result<Vec<f64>> {
+    let s = &fixture.problem.shape;
+    let inputs = fixture.inputs();
+    let mut probs = Vec::with_capacity(s.batch * s.heads * s.seq_q * s.seq_kv);
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            for i in 0..s.seq_q {
+                let row = reference::attention_row(&fixture.problem, &inputs, b, h, i)?;
+                probs.extend(row.probs);
+            }
+        }
+    }
+    Ok(probs)
 }
 
 /// Prints the file's verdict and every comparison, marking the judged ones over the tolerance,
@@ -332,7 +359,7 @@ fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
         } else {
             ""
         };
-        println!("    {label:<26} {stats}{mark}");
+        println!("    {label:<28} {stats}{mark}");
     };
     if let Some(gpu) = &report.gpu {
         line("gpu_vs_expected", "gpu vs expected", &gpu.vs_expected);
@@ -354,6 +381,9 @@ fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
             &format!("{source} lse vs expected"),
             stats,
         );
+    }
+    if let Some(stats) = &report.probs_vs_expected {
+        line("probs_vs_expected", "reference probs vs expected", stats);
     }
     if !failed.is_empty() {
         let tolerance = &report.tolerance;
@@ -399,6 +429,7 @@ fn report_json(
         "gpu_vs_reference": gpu.map(|stats| stats_json(&stats.vs_reference)),
         "reference_vs_expected": stats_json(&report.reference_vs_expected),
         "lse_vs_expected": report.lse_vs_expected.as_ref().map(stats_json),
+        "probs_vs_expected": report.probs_vs_expected.as_ref().map(stats_json),
         "tolerance": { "abs": tolerance.abs, "nmse": tolerance.nmse },
     })
 }
