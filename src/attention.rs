@@ -1,6 +1,8 @@
 //! Entry points: host-slice calls that upload, run and read back, and a recording call that
 //! works on the caller's buffers inside the caller's command encoder.
 
+use std::sync::atomic::Ordering;
+
 use wgpu::util::DeviceExt;
 
 use crate::context::{Context, Scratch};
@@ -374,10 +376,12 @@ impl Context {
         problem.validate()?;
         inputs.validate(&problem)?;
         if !self.features().contains(wgpu::Features::SHADER_F16) {
-            log::warn!(
-                "the device lacks SHADER_F16; converting f16 inputs to f32 on the host and the \
-                 output back to f16"
-            );
+            if !self.warned_f16_conversion.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "the device lacks SHADER_F16; converting f16 inputs to f32 on the host and \
+                     the output back to f16 (logged once per context)"
+                );
+            }
             let widen = |data: &[f16]| data.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
             let (q, k, v) = (widen(inputs.q), widen(inputs.k), widen(inputs.v));
             let f32_inputs = inputs.with_tensors(&q, &k, &v);

@@ -2,6 +2,7 @@
 //! buffers that calls reuse.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -35,6 +36,9 @@ pub struct Context {
     features: wgpu::Features,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     scratch: Mutex<[Option<wgpu::Buffer>; Scratch::COUNT]>,
+    /// Set once the warning that f16 inputs are converted on the host has been logged, so that
+    /// a loop of f16 calls on a device without SHADER_F16 logs it once.
+    pub(crate) warned_f16_conversion: AtomicBool,
 }
 
 /// The scratch buffers a context keeps between calls, one of each.
@@ -178,6 +182,7 @@ impl Context {
             features,
             pipelines: Mutex::new(HashMap::new()),
             scratch: Mutex::new(Default::default()),
+            warned_f16_conversion: AtomicBool::new(false),
         }
     }
 

@@ -7,9 +7,11 @@ use std::collections::HashSet;
 use std::process::{Command, Output};
 
 /// Every field that `validate --json` writes on each line.
-const JSON_FIELDS: [&str; 10] = [
+const JSON_FIELDS: [&str; 12] = [
     "name",
     "kernel",
+    "program",
+    "f16_on_host",
     "dtype",
     "status",
     "max_abs",
@@ -192,6 +194,9 @@ fn validate_json_lines_parse() {
         assert!(row["tolerance"]["abs"].is_number(), "{row}");
         assert!(row["adapter"].is_string(), "{row}");
         assert!(row["message"].is_null(), "{row}");
+        // The grid's kernels are programs of their own, and f32 cases never convert.
+        assert_eq!(row["program"], row["kernel"], "{row}");
+        assert_eq!(row["f16_on_host"], false, "{row}");
     }
     let summary = stderr(&output);
     assert!(
@@ -241,5 +246,26 @@ fn validate_filter_without_match_fails() {
     assert!(
         message.contains("no case name contains `no-such-case`"),
         "{message}"
+    );
+}
+
+#[test]
+fn validate_names_the_program_flash_ran() {
+    let problem = smallest_quick_problem();
+    let output = validate(&[
+        "--quick",
+        "--kernel",
+        "flash",
+        "--filter",
+        &format!("{problem} "),
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let row: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(row["kernel"], "flash", "{row}");
+    let program = row["program"].as_str().unwrap();
+    assert!(
+        program.starts_with("flash-"),
+        "flash ran as `{program}`: {row}"
     );
 }

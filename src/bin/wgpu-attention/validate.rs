@@ -1136,11 +1136,17 @@ impl Session<'_> {
     }
 
     fn report(&self, group: &CaseGroup, kernel: Kernel, outcome: &Outcome) {
+        let run = CaseRun {
+            kernel,
+            program: kernel.resolve(&group.problem, self.context),
+            f16_on_host: group.problem.dtype == Dtype::F16
+                && !self.context.features().contains(wgpu::Features::SHADER_F16),
+        };
         self.progress.suspend(|| {
             if self.json {
-                println!("{}", case_json(group, kernel, outcome, &self.adapter));
+                println!("{}", case_json(group, &run, outcome, &self.adapter));
             } else {
-                println!("{}", case_line(group, kernel, outcome));
+                println!("{}", case_line(group, &run, outcome));
             }
         });
     }
@@ -1159,15 +1165,32 @@ fn run_case(
     }
 }
 
+/// How one kernel ran one case.
+struct CaseRun {
+    /// The kernel the case names.
+    kernel: Kernel,
+    /// The program it resolved to, which differs for `flash` and `auto`.
+    program: Kernel,
+    /// Whether an f16 case ran the f32 kernels on inputs converted on the host, on a device
+    /// without SHADER_F16.
+    f16_on_host: bool,
+}
+
 /// Formats one case as `STATUS name kernel  stats  seed`, with the tolerance and the reasons
 /// after a failure, and the library's message after a skip.
-fn case_line(group: &CaseGroup, kernel: Kernel, outcome: &Outcome) -> String {
+fn case_line(group: &CaseGroup, run: &CaseRun, outcome: &Outcome) -> String {
     let status = match outcome.status() {
         Status::Pass => "PASS",
         Status::Fail => "FAIL",
         Status::Skip => "SKIP",
     };
-    let mut line = format!("{status} {} {}", group.name, kernel.name());
+    let mut line = format!("{status} {} {}", group.name, run.kernel.name());
+    if run.program != run.kernel {
+        line.push_str(&format!(" ({})", run.program.name()));
+    }
+    if run.f16_on_host {
+        line.push_str(" (f16 converted on the host)");
+    }
     if let Outcome::Compared(comparison) = outcome {
         line.push_str(&format!(
             "  max_abs {:.1e} nmse {:.1e}",
@@ -1194,7 +1217,7 @@ fn case_line(group: &CaseGroup, kernel: Kernel, outcome: &Outcome) -> String {
 
 fn case_json(
     group: &CaseGroup,
-    kernel: Kernel,
+    run: &CaseRun,
     outcome: &Outcome,
     adapter: &str,
 ) -> serde_json::Value {
@@ -1213,7 +1236,9 @@ fn case_json(
     };
     json!({
         "name": group.name,
-        "kernel": kernel.name(),
+        "kernel": run.kernel.name(),
+        "program": run.program.name(),
+        "f16_on_host": run.f16_on_host,
         "dtype": group.problem.dtype.name(),
         "status": status,
         "max_abs": comparison.map(|c| c.out.max_abs),
