@@ -62,11 +62,15 @@ impl Fixture {
 
     /// Parses fixture bytes; the error is a message without the path.
     fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|error| format!("not a safetensors file: {error}"))?;
+        let not_safetensors = |error: safetensors::SafeTensorError| {
+            format!(
+                "not a safetensors file ({error}); pass a fixture file with tensors q, k, v and \
+                 out and the metadata that the README's fixture format lists"
+            )
+        };
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
         let metadata = header.metadata().clone().unwrap_or_default();
-        let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|error| format!("not a safetensors file: {error}"))?;
+        let tensors = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
         let names = tensors.names();
         if let Some(layout) = metadata.get("layout")
             && layout != "BHSD"

@@ -248,6 +248,15 @@ fn check_unknown_kernel_is_rejected() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown kernel `fastest`"), "{stderr}");
+
+    let output = binary()
+        .args(["check", "--kernel", "flash,three-stage"])
+        .arg(&fixtures()[0])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("run check once per kernel"), "{stderr}");
 }
 
 #[test]

@@ -269,3 +269,14 @@ fn validate_names_the_program_flash_ran() {
         "flash ran as `{program}`: {row}"
     );
 }
+
+#[test]
+fn validate_rejects_reference_as_kernel() {
+    let output = validate(&["--list", "--kernel", "reference"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("`check --kernel reference` compares it"),
+        "{message}"
+    );
+}

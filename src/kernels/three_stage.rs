@@ -241,7 +241,8 @@ fn check_loop_iterations(
         "three-stage",
         problem,
         iterations,
-        "split the keys into several calls and merge the results by their log-sum-exp, or use a \
-         GPU adapter",
+        "use the fused kernel (Kernel::Flash, `--kernel flash` in the command-line tool), split \
+         the keys into several calls and merge the results by their log-sum-exp, or use a GPU \
+         adapter",
     )
 }

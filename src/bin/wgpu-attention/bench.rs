@@ -138,9 +138,16 @@ fn parse_shape(text: &str) -> Result<AttentionShape, String> {
     }
     let mut values = [0usize; 6];
     for ((value, part), name) in values.iter_mut().zip(&parts).zip(NAMES) {
-        *value = part
-            .parse()
-            .map_err(|_| format!("{name} = `{part}` is not a positive integer"))?;
+        *value = part.parse().map_err(|error: std::num::ParseIntError| {
+            if *error.kind() == std::num::IntErrorKind::PosOverflow {
+                format!(
+                    "{name} = `{part}` is too large; pass at most {}",
+                    usize::MAX
+                )
+            } else {
+                format!("{name} = `{part}` is not a positive integer")
+            }
+        })?;
     }
     let [batch, heads, kv_heads, seq_q, seq_kv, head_dim] = values;
     let shape = AttentionShape::new(batch, heads, seq_q, seq_kv, head_dim).with_kv_heads(kv_heads);

@@ -44,6 +44,12 @@ fn parse_checked(name: &str) -> Result<Checked, String> {
     if name == "reference" {
         return Ok(Checked::Reference);
     }
+    if name.contains(',') {
+        return Err(format!(
+            "check runs one kernel per call, but `{name}` names several; run check once per \
+             kernel"
+        ));
+    }
     Kernel::from_name(name).map(Checked::Gpu).ok_or_else(|| {
         format!(
             "unknown kernel `{name}`; expected auto, flash, flash-tiled, flash-rows, flash-decode, \

@@ -148,6 +148,13 @@ struct KernelList(Vec<Kernel>);
 fn parse_kernels(text: &str) -> Result<KernelList, String> {
     let mut kernels = Vec::new();
     for name in text.split(',').map(str::trim) {
+        if name == "reference" {
+            return Err(
+                "validate judges each kernel against the f64 reference, so `reference` is no \
+                 kernel to validate; `check --kernel reference` compares it with fixture files"
+                    .to_string(),
+            );
+        }
         let kernel = Kernel::from_name(name).ok_or_else(|| {
             format!(
                 "unknown kernel `{name}`; expected flash-tiled, flash-rows, flash-decode, \
