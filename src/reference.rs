@@ -10,7 +10,8 @@
 //!    then `mask[j]`. Last, `s[j] = -inf` where the causal mask or the sliding window forbids
 //!    key `j`, or where `j` is at or past the key length;
 //! 2. softmax: `m = max(sink, max_j s[j])`, `l = exp(sink - m) + Σ_j exp(s[j] - m)` (the sink
-//!    terms only with sinks), `lse = m + ln l`, `p[j] = exp(s[j] - lse)`;
+//!    terms only with sinks), `lse = m + ln l`, `p[j] = exp(s[j] - m) / l`, which equals
+//!    `exp(s[j] - lse)` but keeps its sum at 1 where `m` is near `f32::MIN`;
 //! 3. output: `out = Σ_j p[j] · v[j]`.
 //!
 //! A row whose every score is `-inf` (fully masked) has `lse = -inf` (or the sink, with sinks),
@@ -181,9 +182,13 @@ fn row_unchecked(
     let (lse, probs) = if max == f64::NEG_INFINITY {
         (f64::NEG_INFINITY, vec![0.0; keys])
     } else {
+        // The probabilities divide by the sum rather than subtract the log-sum-exp. Next to a
+        // maximum near f32::MIN (-3.4e38), a common mask value, ln(sum) is below half an f64
+        // ulp and vanishes from the log-sum-exp, so subtracting it would leave every
+        // probability at 1.
         let sum: f64 = scores.iter().chain(&sink).map(|&x| (x - max).exp()).sum();
         let lse = max + sum.ln();
-        (lse, scores.iter().map(|&x| (x - lse).exp()).collect())
+        (lse, scores.iter().map(|&x| (x - max).exp() / sum).collect())
     };
 
     // Step 3: probabilities times values.
@@ -205,5 +210,24 @@ fn f64_max_propagating_nan(a: f64, b: f64) -> f64 {
         f64::NAN
     } else {
         a.max(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::problem::AttentionShape;
+
+    #[test]
+    fn rows_of_minimum_float_scores_sum_to_one() {
+        // Every key masked with f32::MIN: the scores are equal, so each key weighs 1/2.
+        let problem = AttentionProblem::new(AttentionShape::new(1, 1, 1, 2, 1)).with_mask(1, 1);
+        let (q, k, v) = ([0.5f32], [0.25f32, -0.75], [1.0f32, 3.0]);
+        let mask = [f32::MIN, f32::MIN];
+        let inputs = AttentionInputs::new(&q, &k, &v).with_mask(&mask);
+        let row = attention_row(&problem, &inputs, 0, 0, 0).unwrap();
+        assert_eq!(row.probs, [0.5, 0.5]);
+        assert_eq!(row.out, [2.0]);
+        assert_eq!(row.lse, f64::from(f32::MIN));
     }
 }
