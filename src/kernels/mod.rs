@@ -363,8 +363,8 @@ pub(crate) fn check_storage_buffers(context: &Context, kernel: &str, needed: u32
             value: needed.into(),
             limit_name: "max_storage_buffers_per_shader_stage",
             limit: limit.into(),
-            fix: "create the device with at least 8 storage buffers per shader stage, as \
-                  wgpu::Limits::default() has, for every kernel (5 for the three-stage path)",
+            fix: "create the device with wgpu::Limits::default() or higher limits, which let \
+                  every kernel bind its storage buffers",
         });
     }
     Ok(())
