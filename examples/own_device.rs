@@ -1,8 +1,8 @@
 //! Attention on your own wgpu device: your buffers, your command encoder, your submission, and
 //! your read-back, checked against the f64 reference.
 //!
-//! Run it with `cargo run --release --example own_device`. `tests/own_device.rs` includes this
-//! file as a module and runs it.
+//! Run it with `cargo run --release --all-features --example own_device`. `tests/own_device.rs`
+//! includes this file as a module and runs it.
 //!
 //! Outside this crate, add `bytemuck` and `pollster` to your dependencies, and use the `wgpu` that
 //! `wgpu_attention` re-exports, so that the versions match.
