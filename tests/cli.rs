@@ -500,3 +500,28 @@ fn check_reads_variant_tensors() {
         }
     }
 }
+
+#[test]
+fn unknown_adapter_names_where_it_came_from() {
+    let output = binary()
+        .args(["check", "--adapter", "no-such-adapter"])
+        .arg(&fixtures()[0])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("requested by --adapter"), "{stderr}");
+
+    let output = binary()
+        .arg("check")
+        .arg(&fixtures()[0])
+        .env(wgpu_attention::ADAPTER_ENV, "no-such-adapter")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("requested by the environment variable WGPU_ATTENTION_ADAPTER"),
+        "{stderr}"
+    );
+}

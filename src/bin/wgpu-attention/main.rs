@@ -68,11 +68,24 @@ fn restore_broken_pipe_exit() {
 }
 
 /// Opens the adapter named by `--adapter`, or by `WGPU_ATTENTION_ADAPTER` when it is absent.
+/// When no adapter matches, it prints a note on stderr that names which of the two made the
+/// request.
 pub(crate) fn open_context(adapter: Option<&str>) -> wgpu_attention::Result<Context> {
-    match adapter {
+    let result = match adapter {
         Some(name) => Context::with_adapter(Some(name)),
         None => Context::new(),
+    };
+    if let Err(wgpu_attention::Error::AdapterNotFound { request, .. }) = &result {
+        let source = match adapter {
+            Some(_) => "--adapter".to_string(),
+            None => format!(
+                "the environment variable {}; unset it or pass --adapter",
+                wgpu_attention::ADAPTER_ENV
+            ),
+        };
+        eprintln!("note: the adapter `{request}` was requested by {source}");
     }
+    result
 }
 
 /// The driver's name for JSON reports; where the backend gives none (OpenGL), its version
