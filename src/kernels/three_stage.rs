@@ -69,12 +69,17 @@ pub(crate) fn heads_per_chunk(problem: &AttentionProblem, limits: &wgpu::Limits)
     Ok(by_memory.min(by_grid).min(s.batch * s.heads).max(1))
 }
 
-/// Checks that the three-stage kernel can run `problem` on `context`'s device.
-pub(crate) fn check(context: &Context, problem: &AttentionProblem) -> Result<()> {
+/// Checks that the three-stage kernel can run `problem` on `context`'s device, and returns its
+/// tiles and the (batch, head) pairs per chunk.
+pub(crate) fn check(
+    context: &Context,
+    problem: &AttentionProblem,
+) -> Result<(ThreeStageTiles, usize)> {
     check_storage_buffers(context, "three-stage", THREE_STAGE_STORAGE_BUFFERS)?;
     let tiles = ThreeStageTiles::choose(problem, context.limits());
-    heads_per_chunk(problem, context.limits())?;
-    check_loop_iterations(context, problem, &tiles)
+    let chunk = heads_per_chunk(problem, context.limits())?;
+    check_loop_iterations(context, problem, &tiles)?;
+    Ok((tiles, chunk))
 }
 
 /// Builds a pass of the three stages for each chunk of (batch, head) pairs, each followed by the
@@ -84,11 +89,8 @@ pub(crate) fn commands(
     problem: &AttentionProblem,
     bindings: &Bindings<'_>,
 ) -> Result<Vec<Command>> {
-    check(context, problem)?;
+    let (tiles, chunk) = check(context, problem)?;
     let device = context.device();
-    let limits = context.limits();
-    let tiles = ThreeStageTiles::choose(problem, limits);
-    let chunk = heads_per_chunk(problem, limits)?;
 
     let (scores_pipeline, softmax_pipeline, probs_v_pipeline) =
         pipelines(context, problem.dtype, &tiles)?;
