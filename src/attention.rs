@@ -653,9 +653,9 @@ impl Context {
         }
         .check(problem, false)?;
 
-        // What the checks above cannot see, such as a destroyed buffer or one from another
-        // device, wgpu reports when the bind groups are created, and by default it panics on
-        // such an error. The scope returns it as an error instead.
+        // wgpu reports some invalid buffers, such as a destroyed one or one of another device,
+        // only when the bind groups are created, and by default it panics on them. The scope
+        // returns them as Error::Device instead.
         let scope = self
             .device()
             .push_error_scope(wgpu::ErrorFilter::Validation);

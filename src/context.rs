@@ -162,8 +162,8 @@ impl Context {
     ///
     /// The kernels respect the device's limits and use only the features it was created with.
     /// The fused kernels bind 8 storage buffers per shader stage and the three-stage path 5, so
-    /// create the device with at least `wgpu::Limits::default()`'s 8; with fewer, calls return
-    /// [`Error::ExceedsLimit`] naming `max_storage_buffers_per_shader_stage`.
+    /// create the device with at least `wgpu::Limits::default()`, which allows 8. With fewer,
+    /// calls return [`Error::ExceedsLimit`] naming `max_storage_buffers_per_shader_stage`.
     /// `examples/own_device.rs` creates a device, records into its own encoder and reads the
     /// output back.
     ///

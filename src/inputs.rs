@@ -216,7 +216,7 @@ impl OwnedInputs {
     /// Rounds Q, K and V to f16, keeps the rounded values here as f32, and returns the inputs
     /// with Q, K and V in f16 and the other tensors copied.
     ///
-    /// Both then hold the same numbers: the returned inputs suit
+    /// Both then contain the same numbers: the returned inputs suit
     /// [`Context::attention_f16`](crate::Context::attention_f16), and these the f64 reference,
     /// which takes f32 only. Values past f16's range (±65504) become infinite.
     pub fn round_to_f16(&mut self) -> OwnedInputs<f16> {

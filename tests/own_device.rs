@@ -148,6 +148,7 @@ fn record_rejects_unaligned_f16_buffer() {
         panic!("the test adapter lacks SHADER_F16, which lavapipe has; run it on lavapipe");
     }
     let device = context.device();
+
     // Three f16 values take 6 bytes, which no storage binding can hold exactly.
     let shape = AttentionShape::new(1, 1, 1, 3, 3);
     let problem = AttentionProblem::new(shape).with_dtype(wgpu_attention::Dtype::F16);
@@ -161,6 +162,7 @@ fn record_rejects_unaligned_f16_buffer() {
     };
     let (q, kv, out) = (buffer(6), buffer(20), buffer(8));
     let tensors = GpuTensors::new(&q, &kv, &kv, &out);
+
     let error = common::record_error(context, &problem, &tensors);
     assert!(
         matches!(
@@ -179,7 +181,7 @@ fn record_rejects_unaligned_f16_buffer() {
 }
 
 #[test]
-fn record_returns_wgpu_errors_for_destroyed_and_foreign_buffers() {
+fn record_rejects_destroyed_and_foreign_buffers() {
     let context = common::context();
     let device = context.device();
     let shape = AttentionShape::new(1, 2, 4, 8, 16);

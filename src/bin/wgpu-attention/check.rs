@@ -80,9 +80,10 @@ struct Report {
 }
 
 impl Report {
-    /// The comparisons that decide whether the file passes, by their JSON keys: the GPU output
-    /// against the file's and the reference's, or the reference's against the file's, and the
-    /// checked log-sum-exp and the reference's probabilities where the file has them.
+    /// Returns the comparisons that decide whether the file passes, by their JSON keys. They are
+    /// the GPU output against the file's and the reference's (or, with the reference alone, the
+    /// reference's against the file's), and the checked log-sum-exp and the reference's
+    /// probabilities where the file has them.
     fn judged(&self) -> Vec<(&'static str, &ErrorStats)> {
         let mut judged = match &self.gpu {
             Some(gpu) => vec![
@@ -100,7 +101,7 @@ impl Report {
         judged
     }
 
-    /// The JSON keys of the judged comparisons over the tolerance.
+    /// Returns the JSON keys of the judged comparisons that are over the tolerance.
     fn failed(&self) -> Vec<&'static str> {
         self.judged()
             .into_iter()
@@ -192,7 +193,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
     })
 }
 
-/// The file that `--save DIR` writes for the fixture at `path`.
+/// Returns the file that `--save DIR` writes for the fixture at `path`.
 fn save_path(dir: &Path, path: &Path) -> PathBuf {
     let stem = path.file_stem().unwrap_or_default().to_string_lossy();
     dir.join(format!("{stem}.safetensors"))

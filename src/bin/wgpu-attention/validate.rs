@@ -1172,7 +1172,7 @@ fn run_case(
     }
 }
 
-/// How one kernel ran one case.
+/// The kernel of one case, the program it ran as, and where its f16 inputs were converted.
 struct CaseRun {
     /// The kernel the case names.
     kernel: Kernel,
