@@ -17,6 +17,23 @@
 //! A row whose every score is `-inf` (fully masked) has `lse = -inf` (or the sink, with sinks),
 //! probabilities 0 and output 0, never NaN.
 //!
+//! Beside each output element and log-sum-exp, the reference returns its sensitivity to rounding
+//! in the scores. Each score is a sum of terms: the products `q[d] · k[d]` times the scale, the
+//! ALiBi bias and the mask. An f32 kernel rounds score `j` by a small multiple of 2⁻²⁴ times
+//! its terms' magnitude `M[j] = |scale| · Σ_d |q[d] · k[d]| + |bias[j]| + |mask[j]|`. With
+//! soft-capping, the first term is multiplied by the cap's derivative `1 - tanh²` and the capped
+//! score is added.
+//!
+//! To first order, score errors `δ[j]` with `|δ[j]| ≤ ε · M[j]` move the log-sum-exp by at most
+//! `ε · E`, where `E = Σ_j p[j] · M[j]`. Output column `c` moves by
+//! `Σ_j p[j] · (δ[j] - Σ_k p[k] · δ[k]) · v[j][c]`, which is at most
+//! `ε · Σ_j p[j] · |v[j][c]| · ((1 - 2 p[j]) · M[j] + E)` and stays small where one key takes
+//! nearly all the probability. These bounds without `ε` are the sensitivities, and
+//! [`crate::validate::ErrorStats::compare_allowing_score_rounding`] turns them into an
+//! allowance. They matter where scores are large (explicit scales far above `1/√d`, ALiBi biases
+//! in the thousands, masks that add the same large value to a whole row), and are small beside
+//! the tolerances elsewhere.
+//!
 //! NaN and infinity propagate as follows, and every kernel follows the same rules:
 //!
 //! - a score that is NaN or `+inf` (from NaN or infinity in `q`, an attended key's `k`, the mask
@@ -42,6 +59,11 @@ pub struct ReferenceOutput {
     /// Natural-log log-sum-exp of each row's final scores, `[batch, heads, seq_q]`, or
     /// `[heads, total_q]` with packed sequences.
     pub lse: Vec<f64>,
+    /// Sensitivity of each output element to rounding in its row's scores (see the module
+    /// documentation), laid out as `out`.
+    pub out_score_sensitivity: Vec<f64>,
+    /// Sensitivity of each log-sum-exp to rounding in its row's scores, laid out as `lse`.
+    pub lse_score_sensitivity: Vec<f64>,
 }
 
 impl ReferenceOutput {
@@ -60,6 +82,11 @@ pub struct ReferenceRow {
     pub lse: f64,
     /// Softmax probabilities over the `seq_kv` keys of the row's sequence.
     pub probs: Vec<f64>,
+    /// Sensitivity of each output column to rounding in the row's scores (see the module
+    /// documentation).
+    pub out_score_sensitivity: Vec<f64>,
+    /// Sensitivity of the log-sum-exp to rounding in the row's scores.
+    pub lse_score_sensitivity: f64,
 }
 
 /// Computes full attention on the CPU in f64.
@@ -71,6 +98,40 @@ pub fn attention(
     problem: &AttentionProblem,
     inputs: &AttentionInputs<'_>,
 ) -> Result<ReferenceOutput> {
+    compute(problem, inputs, None)
+}
+
+/// Computes full attention on the CPU in f64 as [`attention`] does, and also returns the softmax
+/// probabilities, `[batch, heads, seq_q, seq_kv]` as fixture files store them. With packed
+/// sequences, row `i` of sequence `b` sits at `(b, h, i)`; entries past a sequence's own rows
+/// and keys are 0.
+///
+/// # Errors
+///
+/// Returns the errors of [`attention`], and [`crate::Error::SizeOverflow`] when the
+/// probabilities have more elements than `usize` counts.
+pub fn attention_with_probs(
+    problem: &AttentionProblem,
+    inputs: &AttentionInputs<'_>,
+) -> Result<(ReferenceOutput, Vec<f64>)> {
+    let s = &problem.shape;
+    let len = [s.heads, s.seq_q, s.seq_kv]
+        .iter()
+        .try_fold(s.batch, |len, &dim| len.checked_mul(dim))
+        .ok_or_else(|| crate::Error::SizeOverflow {
+            what: "the attention probabilities [batch, heads, seq_q, seq_kv]".to_string(),
+        })?;
+    let mut probs = vec![0.0; len];
+    let output = compute(problem, inputs, Some(&mut probs))?;
+    Ok((output, probs))
+}
+
+/// Computes every row, and writes each row's probabilities into `probs` when given.
+fn compute(
+    problem: &AttentionProblem,
+    inputs: &AttentionInputs<'_>,
+    mut probs: Option<&mut [f64]>,
+) -> Result<ReferenceOutput> {
     problem.validate()?;
     inputs.validate(problem)?;
     let s = &problem.shape;
@@ -78,6 +139,8 @@ pub fn attention(
     let (lse_batch, lse_head) = problem.lse_strides();
     let mut out = vec![0.0; problem.spans()[3]];
     let mut lse = vec![0.0; problem.lse_len()];
+    let mut out_score_sensitivity = vec![0.0; out.len()];
+    let mut lse_score_sensitivity = vec![0.0; lse.len()];
     for b in 0..s.batch {
         let sequence = inputs.sequence(problem, b);
         for h in 0..s.heads {
@@ -85,11 +148,24 @@ pub fn attention(
                 let row = row_unchecked(problem, inputs, &sequence, b, h, i);
                 let offset = strides.offset(b, h, sequence.row_begin + i);
                 out[offset..][..s.head_dim_v].copy_from_slice(&row.out);
-                lse[b * lse_batch + h * lse_head + sequence.row_begin + i] = row.lse;
+                out_score_sensitivity[offset..][..s.head_dim_v]
+                    .copy_from_slice(&row.out_score_sensitivity);
+                let lse_index = b * lse_batch + h * lse_head + sequence.row_begin + i;
+                lse[lse_index] = row.lse;
+                lse_score_sensitivity[lse_index] = row.lse_score_sensitivity;
+                if let Some(probs) = probs.as_deref_mut() {
+                    let start = ((b * s.heads + h) * s.seq_q + i) * s.seq_kv;
+                    probs[start..][..row.probs.len()].copy_from_slice(&row.probs);
+                }
             }
         }
     }
-    Ok(ReferenceOutput { out, lse })
+    Ok(ReferenceOutput {
+        out,
+        lse,
+        out_score_sensitivity,
+        lse_score_sensitivity,
+    })
 }
 
 /// Computes one output row `(b, h, i)` on the CPU in f64, for checking large problems by sampling.
@@ -155,21 +231,34 @@ fn row_unchecked(
     // window and the key length. Keys past the sequence's own keys are never read.
     let keys = sequence.keys.min(s.seq_kv);
     let mut scores = vec![f64::NEG_INFINITY; keys];
-    for (j, score) in scores.iter_mut().enumerate() {
+    // The magnitude of each score's terms, which its f32 rounding scales with.
+    let mut magnitudes = vec![0.0f64; keys];
+    for (j, (score, magnitude)) in scores.iter_mut().zip(&mut magnitudes).enumerate() {
         if !problem.allows_in(sequence, i, j) {
             continue;
         }
-        let dot: f64 = q_row
-            .iter()
-            .zip(k_row(j))
-            .map(|(&a, &b)| a as f64 * b as f64)
-            .sum();
+        let (mut dot, mut dot_magnitude) = (0.0f64, 0.0f64);
+        for (&a, &b) in q_row.iter().zip(k_row(j)) {
+            let product = a as f64 * b as f64;
+            dot += product;
+            dot_magnitude += product.abs();
+        }
         *score = problem.cap(scale * dot);
+        *magnitude = scale.abs() * dot_magnitude;
+        if let Some(softcap) = problem.softcap {
+            // Capping scales the scaled product's error by its derivative, 1 - tanh², and rounds
+            // the capped score once more.
+            let tanh = *score / softcap;
+            *magnitude = *magnitude * (1.0 - tanh * tanh) + score.abs();
+        }
         if let Some(slope) = slope {
-            *score -= slope * (j as i64 - sequence.diagonal(i)).abs() as f64;
+            let bias = slope * (j as i64 - sequence.diagonal(i)).abs() as f64;
+            *score -= bias;
+            *magnitude += bias.abs();
         }
         if let Some(mask_row) = mask_row {
             *score += mask_row[j] as f64;
+            *magnitude += (mask_row[j] as f64).abs();
         }
     }
 
@@ -191,17 +280,36 @@ fn row_unchecked(
         (lse, scores.iter().map(|&x| (x - max).exp() / sum).collect())
     };
 
-    // Step 3: probabilities times values.
+    // Step 3: probabilities times values, with the sums of the rounding sensitivities.
     let mut out = vec![0.0f64; dv];
+    let mut own_magnitude = vec![0.0f64; dv];
+    let mut weighted_abs = vec![0.0f64; dv];
+    let mut lse_score_sensitivity = 0.0;
     for (j, &p) in probs.iter().enumerate() {
         if scores[j] == f64::NEG_INFINITY || p == 0.0 {
             continue;
         }
-        for (o, &v) in out.iter_mut().zip(v_row(j)) {
-            *o += p * v as f64;
+        lse_score_sensitivity += p * magnitudes[j];
+        let own = p * (1.0 - 2.0 * p) * magnitudes[j];
+        for (c, &v) in v_row(j).iter().enumerate() {
+            let v = v as f64;
+            out[c] += p * v;
+            own_magnitude[c] += own * v.abs();
+            weighted_abs[c] += p * v.abs();
         }
     }
-    ReferenceRow { out, lse, probs }
+    let out_score_sensitivity = own_magnitude
+        .iter()
+        .zip(&weighted_abs)
+        .map(|(&own, &pv)| (own + lse_score_sensitivity * pv).max(0.0))
+        .collect();
+    ReferenceRow {
+        out,
+        lse,
+        probs,
+        out_score_sensitivity,
+        lse_score_sensitivity,
+    }
 }
 
 /// Returns the larger of `a` and `b`, or NaN when either is NaN (`f64::max` would drop the NaN).
@@ -229,5 +337,49 @@ mod tests {
         assert_eq!(row.probs, [0.5, 0.5]);
         assert_eq!(row.out, [2.0]);
         assert_eq!(row.lse, f64::from(f32::MIN));
+    }
+
+    #[test]
+    fn single_key_output_has_no_score_sensitivity() {
+        // With one key, p = 1 whatever the score, so score rounding moves only the lse.
+        let problem = AttentionProblem::new(AttentionShape::new(1, 1, 1, 1, 2)).with_scale(10.0);
+        let (q, k, v) = ([0.5f32, -1.0], [2.0f32, 0.25], [3.0f32, -1.0]);
+        let row = attention_row(&problem, &AttentionInputs::new(&q, &k, &v), 0, 0, 0).unwrap();
+        assert_eq!(row.out_score_sensitivity, [0.0, 0.0]);
+        // M = 10 · (|0.5 · 2| + |-1 · 0.25|) = 12.5.
+        assert_eq!(row.lse_score_sensitivity, 12.5);
+    }
+
+    #[test]
+    fn two_key_sensitivity_matches_bound() {
+        // Equal scores: p = 1/2 each, M = [1, 3] (q · k = ±1 and ±3, and a mask of 2 on key 1).
+        let problem = AttentionProblem::new(AttentionShape::new(1, 1, 1, 2, 1))
+            .with_scale(1.0)
+            .with_mask(1, 1);
+        let (q, k, v) = ([1.0f32], [1.0f32, -1.0], [4.0f32, -2.0]);
+        let mask = [0.0f32, 2.0];
+        let inputs = AttentionInputs::new(&q, &k, &v).with_mask(&mask);
+        let row = attention_row(&problem, &inputs, 0, 0, 0).unwrap();
+        assert_eq!(row.probs, [0.5, 0.5]);
+        assert_eq!(row.lse_score_sensitivity, 2.0);
+        // Σ_j p · |v| · ((1 - 2p) · M + E) = 0.5 · 4 · 2 + 0.5 · 2 · 2 = 6.
+        assert_eq!(row.out_score_sensitivity, [6.0]);
+    }
+
+    #[test]
+    fn probs_match_row_probs() {
+        // Top-left causal over 3 × 5: row i attends to keys 0..=i, and the rest of each row is 0.
+        let problem = AttentionProblem::new(AttentionShape::new(2, 2, 3, 5, 4))
+            .with_causal(crate::Causal::TopLeft);
+        let data = crate::OwnedInputs::random(&problem, 3);
+        let (output, probs) = attention_with_probs(&problem, &data.inputs()).unwrap();
+        assert_eq!(probs.len(), 2 * 2 * 3 * 5);
+        assert_eq!(output.out, attention(&problem, &data.inputs()).unwrap().out);
+        for (index, row_probs) in probs.chunks(5).enumerate() {
+            let (b, h, i) = (index / 6, index / 3 % 2, index % 3);
+            let row = attention_row(&problem, &data.inputs(), b, h, i).unwrap();
+            assert_eq!(row_probs, row.probs, "row {index}");
+            assert!(row_probs[i + 1..].iter().all(|&p| p == 0.0), "row {index}");
+        }
     }
 }

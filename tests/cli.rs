@@ -525,3 +525,77 @@ fn unknown_adapter_names_where_it_came_from() {
         "{stderr}"
     );
 }
+
+/// Writes a BHSD f32 fixture of `problem` with `data`'s Q, K and V and the given output.
+fn write_f32_fixture(
+    path: &std::path::Path,
+    problem: &wgpu_attention::AttentionProblem,
+    data: &wgpu_attention::OwnedInputs,
+    out: &[f32],
+) {
+    let s = &problem.shape;
+    let bytes = |x: &[f32]| x.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let buffers = [bytes(&data.q), bytes(&data.k), bytes(&data.v), bytes(out)];
+    let dims = [
+        vec![s.batch, s.heads, s.seq_q, s.head_dim],
+        vec![s.batch, s.kv_heads, s.seq_kv, s.head_dim],
+        vec![s.batch, s.kv_heads, s.seq_kv, s.head_dim_v],
+        vec![s.batch, s.heads, s.seq_q, s.head_dim_v],
+    ];
+    let tensors: Vec<_> = ["q", "k", "v", "out"]
+        .into_iter()
+        .zip(&buffers)
+        .zip(dims)
+        .map(|((name, buffer), dims)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, dims, buffer);
+            (name, view.unwrap())
+        })
+        .collect();
+    let metadata = std::collections::HashMap::from([
+        ("scale".to_string(), problem.scale().to_string()),
+        ("causal".to_string(), "none".to_string()),
+        ("layout".to_string(), "BHSD".to_string()),
+    ]);
+    std::fs::write(
+        path,
+        safetensors::serialize(tensors, Some(metadata)).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn check_allows_score_rounding_at_large_scale() {
+    use wgpu_attention::{AttentionProblem, AttentionShape, OwnedInputs, reference};
+    // At scale 100 the three-stage output is off by more than the plain f32 tolerance, and all
+    // of that error is score rounding. A file whose output used a scale 1 % larger still fails.
+    let problem = AttentionProblem::new(AttentionShape::new(1, 2, 33, 257, 128)).with_scale(100.0);
+    let data = OwnedInputs::random(&problem, 2);
+    let dir = scratch_dir("large-scale");
+    let right = dir.join("right.safetensors");
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+    write_f32_fixture(&right, &problem, &data, &expected.out_f32());
+    let wrong = dir.join("wrong.safetensors");
+    let wrong_scale = problem.with_scale(101.0);
+    let wrong_out = reference::attention(&wrong_scale, &data.inputs()).unwrap();
+    write_f32_fixture(&wrong, &problem, &data, &wrong_out.out_f32());
+
+    let output = binary()
+        .args(["check", "--json", "--kernel", "three-stage"])
+        .arg(&right)
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 2, "{stdout}");
+    let gpu = &reports[0]["gpu_vs_reference"];
+    assert_eq!(reports[0]["status"], "pass", "{}", reports[0]);
+    assert!(gpu["max_abs"].as_f64().unwrap() > 1e-5, "{gpu}");
+    assert!(gpu["max_abs_excess"].as_f64().unwrap() <= 1e-5, "{gpu}");
+    assert_eq!(reports[1]["status"], "fail", "{}", reports[1]);
+    assert_eq!(reports[1]["failed"][0], "gpu_vs_expected", "{}", reports[1]);
+    assert!(!output.status.success());
+}

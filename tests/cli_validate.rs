@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::{Command, Output};
 
 /// Every field that `validate --json` writes on each line.
-const JSON_FIELDS: [&str; 12] = [
+const JSON_FIELDS: [&str; 14] = [
     "name",
     "kernel",
     "program",
@@ -16,6 +16,8 @@ const JSON_FIELDS: [&str; 12] = [
     "status",
     "max_abs",
     "nmse",
+    "max_abs_excess",
+    "nmse_excess",
     "tolerance",
     "seed",
     "message",
@@ -190,7 +192,8 @@ fn validate_json_lines_parse() {
         assert_eq!(row["dtype"], "f32", "{row}");
         assert_eq!(row["status"], "pass", "{row}");
         assert!(row["max_abs"].as_f64().unwrap() <= 1e-5, "{row}");
-        assert!(row["seed"].is_u64(), "{row}");
+        let seed = row["seed"].as_str().unwrap();
+        assert!(seed.starts_with("0x") && seed.len() == 18, "{row}");
         assert!(row["tolerance"]["abs"].is_number(), "{row}");
         assert!(row["adapter"].is_string(), "{row}");
         assert!(row["message"].is_null(), "{row}");
