@@ -16,11 +16,12 @@ fn fixtures() -> Vec<PathBuf> {
         .collect()
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("wgpu-attention-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Creates an empty directory that is removed when the returned value drops.
+fn scratch_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("wgpu-attention-cli-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[test]
@@ -68,13 +69,14 @@ fn check_save_writes_outputs() {
     let output = binary()
         .arg("check")
         .arg("--save")
-        .arg(&dir)
+        .arg(dir.path())
         .args(files)
         .output()
         .unwrap();
     assert!(output.status.success());
     for layer in 0..2 {
-        let bytes = std::fs::read(dir.join(format!("minilm_layer{layer}.safetensors"))).unwrap();
+        let bytes =
+            std::fs::read(dir.path().join(format!("minilm_layer{layer}.safetensors"))).unwrap();
         let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(tensors.tensor("out").unwrap().shape(), &[2, 12, 9, 32]);
         assert_eq!(tensors.tensor("lse").unwrap().shape(), &[2, 12, 9]);
@@ -82,8 +84,8 @@ fn check_save_writes_outputs() {
 }
 
 /// Writes a copy of the first MiniLM fixture whose tensor `tensor` has `shift` added to its first
-/// element, and returns its path.
-fn fixture_with_shifted(name: &str, tensor: &str, shift: f32) -> PathBuf {
+/// element. Returns the file's directory, which must outlive the file's use, and its path.
+fn fixture_with_shifted(name: &str, tensor: &str, shift: f32) -> (tempfile::TempDir, PathBuf) {
     let bytes = std::fs::read(&fixtures()[0]).unwrap();
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -109,10 +111,11 @@ fn fixture_with_shifted(name: &str, tensor: &str, shift: f32) -> PathBuf {
             (name.as_str(), view.unwrap())
         })
         .collect();
-    let path = scratch_dir(name).join("shifted.safetensors");
+    let dir = scratch_dir(name);
+    let path = dir.path().join("shifted.safetensors");
     let file = safetensors::serialize(views, metadata.metadata().clone()).unwrap();
     std::fs::write(&path, file).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
@@ -138,7 +141,7 @@ fn check_reference_alone_judges_the_files() {
     assert_eq!(stdout.lines().count(), 6, "{stdout}");
 
     // An expected output off by 1e-3 in one element fails the f32 tolerance.
-    let shifted = fixture_with_shifted("reference-shifted", "out", 1e-3);
+    let (_dir, shifted) = fixture_with_shifted("reference-shifted", "out", 1e-3);
     let output = binary()
         .args(["check", "--kernel", "reference"])
         .arg(&shifted)
@@ -171,7 +174,7 @@ fn check_reference_alone_judges_the_files() {
     );
 
     // Probabilities off by 1e-3 in one element fail too, on the GPU path as well.
-    let shifted = fixture_with_shifted("probs-shifted", "probs", 1e-3);
+    let (_dir, shifted) = fixture_with_shifted("probs-shifted", "probs", 1e-3);
     let output = binary()
         .args(["check", "--json"])
         .arg(&shifted)
@@ -186,13 +189,13 @@ fn check_reference_alone_judges_the_files() {
 #[test]
 fn check_save_never_overwrites_inputs() {
     let dir = scratch_dir("save-inputs");
-    let input = dir.join("minilm_layer0.safetensors");
+    let input = dir.path().join("minilm_layer0.safetensors");
     std::fs::copy(&fixtures()[0], &input).unwrap();
     let before = std::fs::read(&input).unwrap();
     let output = binary()
         .arg("check")
         .arg("--save")
-        .arg(&dir)
+        .arg(dir.path())
         .arg(&input)
         .output()
         .unwrap();
@@ -208,7 +211,7 @@ fn check_save_never_overwrites_inputs() {
     let output = binary()
         .arg("check")
         .arg("--save")
-        .arg(dir.join("out"))
+        .arg(dir.path().join("out"))
         .arg(&input)
         .arg(&fixtures()[0])
         .output()
@@ -221,7 +224,7 @@ fn check_save_never_overwrites_inputs() {
 #[test]
 fn check_reports_malformed_file_and_fails() {
     let dir = scratch_dir("malformed");
-    let bad = dir.join("broken.safetensors");
+    let bad = dir.path().join("broken.safetensors");
     std::fs::write(&bad, b"not safetensors").unwrap();
     let output = binary()
         .arg("check")
@@ -348,7 +351,8 @@ fn check_runs_f16_fixture() {
         ("layout".to_string(), "BHSD".to_string()),
         ("input_dtype".to_string(), "f16".to_string()),
     ]);
-    let path = scratch_dir("f16").join("half.safetensors");
+    let dir = scratch_dir("f16");
+    let path = dir.path().join("half.safetensors");
     std::fs::write(
         &path,
         safetensors::serialize(tensors, Some(metadata)).unwrap(),
@@ -474,7 +478,7 @@ fn check_reads_variant_tensors() {
             ("causal".to_string(), "none".to_string()),
             ("layout".to_string(), "BHSD".to_string()),
         ]);
-        let path = dir.join(format!("{name}.safetensors"));
+        let path = dir.path().join(format!("{name}.safetensors"));
         std::fs::write(
             &path,
             safetensors::serialize(tensors, Some(metadata)).unwrap(),
@@ -571,10 +575,10 @@ fn check_allows_score_rounding_at_large_scale() {
     let problem = AttentionProblem::new(AttentionShape::new(1, 2, 33, 257, 128)).with_scale(100.0);
     let data = OwnedInputs::random(&problem, 2);
     let dir = scratch_dir("large-scale");
-    let right = dir.join("right.safetensors");
+    let right = dir.path().join("right.safetensors");
     let expected = reference::attention(&problem, &data.inputs()).unwrap();
     write_f32_fixture(&right, &problem, &data, &expected.out_f32());
-    let wrong = dir.join("wrong.safetensors");
+    let wrong = dir.path().join("wrong.safetensors");
     let wrong_scale = problem.with_scale(101.0);
     let wrong_out = reference::attention(&wrong_scale, &data.inputs()).unwrap();
     write_f32_fixture(&wrong, &problem, &data, &wrong_out.out_f32());
