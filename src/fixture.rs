@@ -1,15 +1,19 @@
 //! Attention test cases stored as safetensors files, and GPU outputs written in the same format.
 //!
 //! A fixture contains `q`, `k` and `v` (`[B, H, Sq, Dk]`, `[B, H_kv, Skv, Dk]` and
-//! `[B, H_kv, Skv, Dv]`) and the expected `out` (`[B, H, Sq, Dv]`). It may add an additive
-//! `mask` (`[B, 1 or H, Sq, Skv]`) and the expected `probs` and `lse`. Its string metadata map
-//! has at least `scale`, `causal` (`none`, `top_left` or `bottom_right`) and `layout` (`BHSD`).
+//! `[B, H_kv, Skv, Dv]`) and usually the expected `out` (`[B, H, Sq, Dv]`). A file without `out`
+//! has inputs only, for which `check --save` writes the outputs. It may add an additive `mask`
+//! (`[1 or B, 1 or H, Sq, Skv]`) and the expected `probs` and `lse`. Its string metadata map
+//! has `scale` and `causal` (`none`, `top_left` or `bottom_right`), and may have `layout`, which
+//! must be `BHSD`.
 //!
-//! Tensors are F32, or F16 when the metadata's `input_dtype` is `f16`; F16 inputs are widened to
-//! f32 exactly. Optional metadata `softcap`, `window_left`, `window_right` and `window_align`
-//! (only `bottom_right`) select soft-capping and a sliding window. Optional tensors `sinks` and
-//! `alibi_slopes` (F32 `[H]`) and `kv_seq_lens` (I32 `[B]`) select attention sinks, ALiBi and
-//! key lengths.
+//! `q`, `k` and `v` are all F32 or all F16, and F16 inputs are widened to f32 exactly. The
+//! metadata's `input_dtype` (`f32` or `f16`) may state the same dtype. Optional metadata
+//! `softcap`, `window_left`, `window_right` and `window_align` (only `bottom_right`) select
+//! soft-capping and a sliding window. Optional tensors `sinks` and `alibi_slopes` (F32 `[H]`)
+//! and `kv_seq_lens` (I32 `[B]`) select attention sinks, ALiBi and key lengths. Other metadata
+//! keys are kept as information. Other tensors, and keys that look like misspelt option keys,
+//! are listed in [`Fixture::warnings`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,8 +32,8 @@ pub struct Fixture {
     /// Q, K and V (`[batch, heads, seq, head_dim]`, widened to f32), and the mask, ALiBi
     /// slopes, sinks and key lengths the file has.
     pub tensors: OwnedInputs,
-    /// Expected output.
-    pub out: Vec<f32>,
+    /// Expected output, when the file has one.
+    pub out: Option<Vec<f32>>,
     /// Expected softmax probabilities, `[batch, heads, seq_q, seq_kv]`, when the file has them.
     pub probs: Option<Vec<f32>>,
     /// Expected log-sum-exp, `[batch, heads, seq_q]`, when the file has it.
@@ -38,6 +42,9 @@ pub struct Fixture {
     pub f16_inputs: bool,
     /// The file's metadata map.
     pub metadata: HashMap<String, String>,
+    /// Tensors that the format does not define and metadata keys close to an option key's
+    /// spelling, which the file may have meant as inputs: each one was ignored.
+    pub warnings: Vec<String>,
 }
 
 impl Fixture {
@@ -64,8 +71,8 @@ impl Fixture {
     fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
         let not_safetensors = |error: safetensors::SafeTensorError| {
             format!(
-                "not a safetensors file ({error}); pass a fixture file with tensors q, k, v and \
-                 out and the metadata that the README's fixture format lists"
+                "not a safetensors file ({error}); pass a fixture file with tensors q, k and v \
+                 (and usually out) and the metadata that the README's fixture format lists"
             )
         };
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
@@ -80,11 +87,10 @@ impl Fixture {
             ));
         }
 
-        let f16_inputs = metadata.get("input_dtype").is_some_and(|d| d == "f16");
+        let f16_inputs = input_dtype(&tensors, &metadata)?;
         let (q_dims, q) = read_tensor(&tensors, "q")?;
         let (k_dims, k) = read_tensor(&tensors, "k")?;
         let (v_dims, v) = read_tensor(&tensors, "v")?;
-        let (out_dims, out) = read_tensor(&tensors, "out")?;
         let [batch, heads, seq_q, head_dim] = dims4("q", &q_dims)?;
         let [k_batch, kv_heads, seq_kv, k_head_dim] = dims4("k", &k_dims)?;
         let [_, _, _, head_dim_v] = dims4("v", &v_dims)?;
@@ -99,16 +105,23 @@ impl Fixture {
                 "tensor `k` has shape {k_dims:?}, which does not match `q` {q_dims:?}"
             ));
         }
-        let expected_out = [batch, heads, seq_q, head_dim_v];
-        if out_dims != expected_out {
+        let out = optional_tensor(&tensors, &names, "out", &[batch, heads, seq_q, head_dim_v])?;
+
+        let scale_text = required(&metadata, "scale")?;
+        let scale: f64 = scale_text.parse().map_err(|error| {
+            format!(
+                "metadata `scale` = {scale_text} is not a number: {error}; store the softmax \
+                 scale as a decimal, such as {} for 1/sqrt({head_dim})",
+                1.0 / (head_dim as f64).sqrt()
+            )
+        })?;
+        if !(scale as f32).is_finite() {
             return Err(format!(
-                "tensor `out` has shape {out_dims:?}; expected {expected_out:?} from `q` and `v`"
+                "metadata `scale` = {scale_text} is not a finite f32; store the softmax scale as \
+                 a decimal, such as {} for 1/sqrt({head_dim})",
+                1.0 / (head_dim as f64).sqrt()
             ));
         }
-
-        let scale: f64 = required(&metadata, "scale")?
-            .parse()
-            .map_err(|error| format!("metadata `scale` is not a number: {error}"))?;
         let causal_name = required(&metadata, "causal")?;
         let causal = Causal::from_name(causal_name).ok_or_else(|| {
             format!("metadata `causal` = {causal_name} is not one of none, top_left, bottom_right")
@@ -175,6 +188,7 @@ impl Fixture {
             kv_seq_lens,
             cu_seqlens: None,
         };
+        let warnings = unknown_names(&names, &metadata);
         let fixture = Self {
             problem,
             tensors,
@@ -183,6 +197,7 @@ impl Fixture {
             lse,
             f16_inputs,
             metadata,
+            warnings,
         };
         fixture
             .inputs()
@@ -269,6 +284,129 @@ fn required<'a>(
         .get(key)
         .map(String::as_str)
         .ok_or_else(|| format!("metadata key `{key}` is missing"))
+}
+
+/// Returns whether `q`, `k` and `v` are F16, after checking that they share one dtype and that
+/// the metadata's `input_dtype`, where present, names it.
+fn input_dtype(
+    tensors: &SafeTensors<'_>,
+    metadata: &HashMap<String, String>,
+) -> std::result::Result<bool, String> {
+    let mut dtypes = Vec::new();
+    for name in ["q", "k", "v"] {
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| format!("tensor `{name}` is missing"))?;
+        dtypes.push(view.dtype());
+    }
+    if dtypes[1..].iter().any(|&dtype| dtype != dtypes[0]) {
+        return Err(format!(
+            "tensors q, k and v have dtypes {:?}, {:?} and {:?}; store all three as F32 or all \
+             three as F16",
+            dtypes[0], dtypes[1], dtypes[2]
+        ));
+    }
+    let f16 = dtypes[0] == Dtype::F16;
+    let stored = if f16 { "f16" } else { "f32" };
+    match metadata.get("input_dtype").map(String::as_str) {
+        None => {}
+        Some(stated) if stated == stored => {}
+        Some(stated @ ("f16" | "f32")) => {
+            return Err(format!(
+                "metadata `input_dtype` is `{stated}` but tensors q, k and v are {:?}; set it to \
+                 `{stored}` or store the inputs as {}",
+                dtypes[0],
+                if stated == "f16" { "F16" } else { "F32" }
+            ));
+        }
+        Some(stated) => {
+            return Err(format!(
+                "metadata `input_dtype` = {stated} is not `f32` or `f16`; set it to `{stored}`, \
+                 the dtype of tensors q, k and v, or leave it out"
+            ));
+        }
+    }
+    Ok(f16)
+}
+
+/// Tensors that the format defines.
+const TENSORS: [&str; 10] = [
+    "q",
+    "k",
+    "v",
+    "out",
+    "mask",
+    "probs",
+    "lse",
+    "sinks",
+    "alibi_slopes",
+    "kv_seq_lens",
+];
+
+/// Metadata keys that change the problem.
+const OPTION_KEYS: [&str; 8] = [
+    "scale",
+    "causal",
+    "layout",
+    "input_dtype",
+    "softcap",
+    "window_left",
+    "window_right",
+    "window_align",
+];
+
+/// Lists the tensors outside [`TENSORS`], and the metadata keys that are not option keys but
+/// differ from one by at most two edits once case, `-` and `_` are set aside.
+fn unknown_names(tensor_names: &[&str], metadata: &HashMap<String, String>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mut unknown: Vec<&str> = tensor_names
+        .iter()
+        .copied()
+        .filter(|name| !TENSORS.contains(name))
+        .collect();
+    unknown.sort_unstable();
+    for name in unknown {
+        warnings.push(format!(
+            "tensor `{name}` is not part of the fixture format and was ignored; the optional \
+             tensors are mask, probs, lse, sinks, alibi_slopes and kv_seq_lens"
+        ));
+    }
+    let mut keys: Vec<&String> = metadata.keys().collect();
+    keys.sort_unstable();
+    for key in keys {
+        if OPTION_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        let plain = |text: &str| -> Vec<char> {
+            text.chars()
+                .filter(|&c| c != '_' && c != '-')
+                .map(|c| c.to_ascii_lowercase())
+                .collect()
+        };
+        if let Some(option) = OPTION_KEYS
+            .iter()
+            .find(|option| edit_distance(&plain(key), &plain(option)) <= 2)
+        {
+            warnings.push(format!(
+                "metadata key `{key}` was ignored; if it means `{option}`, rename it"
+            ));
+        }
+    }
+    warnings
+}
+
+/// Levenshtein distance between `a` and `b`.
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 fn dims4(name: &str, dims: &[usize]) -> std::result::Result<[usize; 4], String> {

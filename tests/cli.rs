@@ -131,7 +131,7 @@ fn check_reference_alone_judges_the_files() {
         let object: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(object["status"], "pass", "{object}");
         assert_eq!(object["kernel"], "reference", "{object}");
-        assert_eq!(object["adapter"], "none", "{object}");
+        assert!(object["adapter"].is_null(), "{object}");
         assert!(object["gpu_vs_expected"].is_null(), "{object}");
         assert!(
             object["reference_vs_expected"]["max_abs"].as_f64().unwrap() < 1e-5,
@@ -161,6 +161,15 @@ fn check_reference_alone_judges_the_files() {
     assert_eq!(marked.len(), 1, "{stdout}");
     assert!(marked[0].contains("reference vs expected"), "{stdout}");
     assert!(stdout.contains("f32 tolerance: "), "{stdout}");
+    // The shifted element is the first of batch element 0, head 0.
+    assert!(
+        stdout.contains("largest error at [0, 0, 0, 0] (batch, head, row, col)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 of 6912 elements over the limit (b0 h0: 1)"),
+        "{stdout}"
+    );
     let output = binary()
         .args(["check", "--json", "--kernel", "reference"])
         .arg(&shifted)
@@ -171,6 +180,23 @@ fn check_reference_alone_judges_the_files() {
     assert_eq!(
         object["failed"],
         serde_json::json!(["reference_vs_expected"])
+    );
+    let comparison = &object["reference_vs_expected"];
+    assert_eq!(
+        comparison["worst"]["index"],
+        serde_json::json!([0, 0, 0, 0])
+    );
+    assert_eq!(
+        comparison["over_limit_by_head"],
+        serde_json::json!([{"batch": 0, "head": 0, "count": 1}])
+    );
+    // The limit scales with the largest expected magnitude, 2.75 in this file.
+    let max_expected = comparison["max_expected"].as_f64().unwrap();
+    assert!(max_expected > 1.0, "{comparison}");
+    assert_eq!(
+        comparison["limits"]["max_abs"].as_f64().unwrap(),
+        1e-5 * max_expected,
+        "{comparison}"
     );
 
     // Probabilities off by 1e-3 in one element fail too, on the GPU path as well.
@@ -530,16 +556,17 @@ fn unknown_adapter_names_where_it_came_from() {
     );
 }
 
-/// Writes a BHSD f32 fixture of `problem` with `data`'s Q, K and V and the given output.
+/// Writes a BHSD f32 fixture of `problem` with `data`'s Q, K and V and, when given, the output.
 fn write_f32_fixture(
     path: &std::path::Path,
     problem: &wgpu_attention::AttentionProblem,
     data: &wgpu_attention::OwnedInputs,
-    out: &[f32],
+    out: Option<&[f32]>,
 ) {
     let s = &problem.shape;
     let bytes = |x: &[f32]| x.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let buffers = [bytes(&data.q), bytes(&data.k), bytes(&data.v), bytes(out)];
+    let mut buffers = vec![bytes(&data.q), bytes(&data.k), bytes(&data.v)];
+    buffers.extend(out.map(bytes));
     let dims = [
         vec![s.batch, s.heads, s.seq_q, s.head_dim],
         vec![s.batch, s.kv_heads, s.seq_kv, s.head_dim],
@@ -577,11 +604,11 @@ fn check_allows_score_rounding_at_large_scale() {
     let dir = scratch_dir("large-scale");
     let right = dir.path().join("right.safetensors");
     let expected = reference::attention(&problem, &data.inputs()).unwrap();
-    write_f32_fixture(&right, &problem, &data, &expected.out_f32());
+    write_f32_fixture(&right, &problem, &data, Some(&expected.out_f32()));
     let wrong = dir.path().join("wrong.safetensors");
     let wrong_scale = problem.with_scale(101.0);
     let wrong_out = reference::attention(&wrong_scale, &data.inputs()).unwrap();
-    write_f32_fixture(&wrong, &problem, &data, &wrong_out.out_f32());
+    write_f32_fixture(&wrong, &problem, &data, Some(&wrong_out.out_f32()));
 
     let output = binary()
         .args(["check", "--json", "--kernel", "three-stage"])
@@ -602,4 +629,48 @@ fn check_allows_score_rounding_at_large_scale() {
     assert_eq!(reports[1]["status"], "fail", "{}", reports[1]);
     assert_eq!(reports[1]["failed"][0], "gpu_vs_expected", "{}", reports[1]);
     assert!(!output.status.success());
+}
+
+#[test]
+fn check_saves_reference_for_inputs_only() {
+    use wgpu_attention::fixture::Fixture;
+    use wgpu_attention::{AttentionProblem, AttentionShape, OwnedInputs, reference};
+    // A file with Q, K and V only: nothing to compare, and --save writes the reference's output.
+    let problem = AttentionProblem::new(AttentionShape::new(1, 2, 5, 7, 8)).with_scale(0.3);
+    let data = OwnedInputs::random(&problem, 4);
+    let dir = scratch_dir("inputs-only");
+    let input = dir.path().join("inputs.safetensors");
+    write_f32_fixture(&input, &problem, &data, None);
+    let saved = dir.path().join("saved");
+    let output = binary()
+        .args(["check", "--kernel", "reference", "--save"])
+        .arg(&saved)
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("the file has no `out`"), "{stdout}");
+
+    // The saved output is the reference's, and checking it with the inputs passes on the GPU.
+    let saved_bytes = std::fs::read(saved.join("inputs.safetensors")).unwrap();
+    let saved_tensors = safetensors::SafeTensors::deserialize(&saved_bytes).unwrap();
+    let out: Vec<f32> = saved_tensors
+        .tensor("out")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|bytes| f32::from_le_bytes(bytes.try_into().unwrap()))
+        .collect();
+    let expected = reference::attention(&problem, &data.inputs()).unwrap();
+    assert_eq!(out, expected.out_f32());
+    let complete = dir.path().join("complete.safetensors");
+    write_f32_fixture(&complete, &problem, &data, Some(&out));
+    assert!(Fixture::load(&complete).unwrap().out.is_some());
+    let output = binary().arg("check").arg(&complete).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 }

@@ -231,15 +231,14 @@ fn no_adapter_message_tells_how_to_install() {
     assert!(message.contains("lavapipe"), "{message}");
 }
 
+/// Writes a fixture file `name` in a new temporary directory, which the caller keeps alive while
+/// it uses the file. Key lengths are stored as I32, as the fixture format stores them, and every
+/// other tensor as F32.
 fn write_fixture(
     name: &str,
     tensors: Vec<(&str, Vec<usize>, Vec<f32>)>,
     metadata: &[(&str, &str)],
-) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wgpu-attention-errors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    // Key lengths are I32, as the fixture format stores them; every other tensor is F32.
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let bytes: Vec<(&str, Vec<usize>, Vec<u8>, safetensors::Dtype)> = tensors
         .into_iter()
         .map(|(name, dims, data)| {
@@ -255,6 +254,20 @@ fn write_fixture(
             }
         })
         .collect();
+    write_raw(name, bytes, metadata)
+}
+
+/// Writes tensors given as raw little-endian bytes with their dtypes, as `write_fixture` does.
+fn write_raw(
+    name: &str,
+    bytes: Vec<(&str, Vec<usize>, Vec<u8>, safetensors::Dtype)>,
+    metadata: &[(&str, &str)],
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("wgpu-attention-errors-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(name);
     let views: Vec<_> = bytes
         .iter()
         .map(|(name, dims, data, dtype)| {
@@ -273,7 +286,7 @@ fn write_fixture(
         safetensors::serialize(views, Some(metadata)).unwrap(),
     )
     .unwrap();
-    path
+    (dir, path)
 }
 
 /// Writes a fixture as `write_fixture` does, loads it, which must fail, and asserts that the
@@ -284,7 +297,7 @@ fn assert_load_fails(
     metadata: &[(&str, &str)],
     expected: &str,
 ) {
-    let path = write_fixture(name, tensors, metadata);
+    let (_dir, path) = write_fixture(name, tensors, metadata);
     let error = Fixture::load(&path).unwrap_err();
     assert!(error.to_string().contains(expected), "{error}");
 }
@@ -301,7 +314,7 @@ fn small_case() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
 
 #[test]
 fn fixture_valid_small_case_loads() {
-    let path = write_fixture(
+    let (_dir, path) = write_fixture(
         "valid.safetensors",
         small_case(),
         &[("scale", "0.5"), ("causal", "top_left"), ("layout", "BHSD")],
@@ -311,11 +324,130 @@ fn fixture_valid_small_case_loads() {
     assert_eq!(fixture.problem.causal, wgpu_attention::Causal::TopLeft);
 }
 
+/// Returns the small case's tensors as raw bytes, with q, k and v in `input` and `out` in F32.
+fn small_case_raw(
+    input: safetensors::Dtype,
+) -> Vec<(&'static str, Vec<usize>, Vec<u8>, safetensors::Dtype)> {
+    let dims = vec![1, 1, 2, 4];
+    // 8 elements of bitsize / 8 bytes each.
+    let zeros_of = |dtype: safetensors::Dtype| vec![0u8; 8 * dtype.bitsize() / 8];
+    vec![
+        ("q", dims.clone(), zeros_of(input), input),
+        ("k", dims.clone(), zeros_of(input), input),
+        ("v", dims.clone(), zeros_of(input), input),
+        (
+            "out",
+            dims,
+            zeros_of(safetensors::Dtype::F32),
+            safetensors::Dtype::F32,
+        ),
+    ]
+}
+
+#[test]
+fn fixture_dtype_comes_from_tensors() {
+    use safetensors::Dtype;
+    let base = [("scale", "0.5"), ("causal", "none")];
+    // F16 tensors without `input_dtype` are f16 inputs.
+    let (_dir, path) = write_raw("f16.safetensors", small_case_raw(Dtype::F16), &base);
+    assert!(Fixture::load(&path).unwrap().f16_inputs);
+    let (_dir, path) = write_raw("f32.safetensors", small_case_raw(Dtype::F32), &base);
+    assert!(!Fixture::load(&path).unwrap().f16_inputs);
+
+    // A stated dtype must match the tensors.
+    let stated = [("scale", "0.5"), ("causal", "none"), ("input_dtype", "f16")];
+    let (_dir, path) = write_raw(
+        "mislabelled.safetensors",
+        small_case_raw(Dtype::F32),
+        &stated,
+    );
+    let error = Fixture::load(&path).unwrap_err().to_string();
+    assert!(
+        error.contains("`input_dtype` is `f16` but tensors q, k and v are F32"),
+        "{error}"
+    );
+    let unknown = [
+        ("scale", "0.5"),
+        ("causal", "none"),
+        ("input_dtype", "float16"),
+    ];
+    let (_dir, path) = write_raw("float16.safetensors", small_case_raw(Dtype::F16), &unknown);
+    let error = Fixture::load(&path).unwrap_err().to_string();
+    assert!(error.contains("set it to `f16`"), "{error}");
+
+    // q, k and v share one dtype.
+    let mut mixed = small_case_raw(Dtype::F32);
+    mixed[0] = ("q", vec![1, 1, 2, 4], vec![0u8; 16], Dtype::F16);
+    let (_dir, path) = write_raw("mixed.safetensors", mixed, &base);
+    let error = Fixture::load(&path).unwrap_err().to_string();
+    assert!(error.contains("dtypes F16, F32 and F32"), "{error}");
+}
+
+#[test]
+fn fixture_warns_of_ignored_names() {
+    let mut tensors = small_case();
+    tensors.push(("attn_mask", vec![1, 1, 2, 2], zeros(4)));
+    let metadata = [
+        ("scale", "0.5"),
+        ("causal", "none"),
+        ("soft_cap", "30"),
+        ("source", "test"),
+    ];
+    let (_dir, path) = write_fixture("ignored.safetensors", tensors, &metadata);
+    let fixture = Fixture::load(&path).unwrap();
+    assert_eq!(fixture.warnings.len(), 2, "{:?}", fixture.warnings);
+    assert!(
+        fixture.warnings[0].contains("tensor `attn_mask`"),
+        "{:?}",
+        fixture.warnings
+    );
+    assert!(
+        fixture.warnings[1].contains("`soft_cap`"),
+        "{:?}",
+        fixture.warnings
+    );
+    assert!(
+        fixture.warnings[1].contains("`softcap`"),
+        "{:?}",
+        fixture.warnings
+    );
+    assert_eq!(fixture.problem.softcap, None);
+}
+
+#[test]
+fn fixture_without_out_loads() {
+    let mut tensors = small_case();
+    tensors.retain(|(name, _, _)| *name != "out");
+    let (_dir, path) = write_fixture(
+        "inputs-only.safetensors",
+        tensors,
+        &[("scale", "0.5"), ("causal", "none")],
+    );
+    let fixture = Fixture::load(&path).unwrap();
+    assert!(fixture.out.is_none());
+    assert!(fixture.warnings.is_empty(), "{:?}", fixture.warnings);
+}
+
+#[test]
+fn fixture_scale_errors_name_value() {
+    for (scale, expected) in [
+        ("1/sqrt(8)", "`scale` = 1/sqrt(8) is not a number"),
+        ("NaN", "`scale` = NaN is not a finite f32"),
+        ("1e39", "`scale` = 1e39 is not a finite f32"),
+    ] {
+        assert_load_fails(
+            "scale.safetensors",
+            small_case(),
+            &[("scale", scale), ("causal", "none")],
+            expected,
+        );
+    }
+}
+
 #[test]
 fn fixture_not_safetensors() {
-    let dir = std::env::temp_dir().join(format!("wgpu-attention-errors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("garbage.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("garbage.safetensors");
     std::fs::write(&path, b"this is not a tensor file").unwrap();
     let error = Fixture::load(&path).unwrap_err();
     assert!(matches!(error, Error::Fixture { .. }), "{error}");
@@ -351,7 +483,7 @@ fn fixture_variant_tensors_load_and_are_checked() {
     tensors.push(("sinks", vec![1], vec![0.5]));
     tensors.push(("alibi_slopes", vec![1], vec![0.25]));
     tensors.push(("kv_seq_lens", vec![1], vec![1.0]));
-    let path = write_fixture("variants.safetensors", tensors, &base);
+    let (_dir, path) = write_fixture("variants.safetensors", tensors, &base);
     let fixture = Fixture::load(&path).unwrap();
     assert_eq!(fixture.tensors.sinks.as_deref(), Some(&[0.5f32][..]));
     assert_eq!(
@@ -404,7 +536,7 @@ fn fixture_softcap_and_window_load() {
         ("window_right", "0"),
         ("window_align", "bottom_right"),
     ];
-    let path = write_fixture("softcap-window.safetensors", small_case(), &metadata);
+    let (_dir, path) = write_fixture("softcap-window.safetensors", small_case(), &metadata);
     let fixture = Fixture::load(&path).unwrap();
     assert_eq!(fixture.problem.softcap, Some(30.0));
     assert_eq!(fixture.problem.window.left, Some(128));

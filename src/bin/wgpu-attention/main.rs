@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod comparison;
 mod info;
 mod validate;
 
