@@ -315,10 +315,32 @@ fn info_lists_an_adapter() {
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     // Every adapter names its driver, OpenGL ones included, whose backend reports no name.
+    let mut defaults = 0;
     for line in stdout.lines() {
         let adapter: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(!adapter["driver"].as_str().unwrap().is_empty(), "{adapter}");
+        assert!(
+            adapter["timestamp_query_inside_encoders"].is_boolean(),
+            "{adapter}"
+        );
+        // Subgroup sizes are given only where the adapter has subgroups.
+        let has_subgroups = adapter["subgroups"].as_bool().unwrap();
+        assert_eq!(
+            adapter["subgroup_min_size"].is_u64(),
+            has_subgroups,
+            "{adapter}"
+        );
+        assert_eq!(
+            adapter["subgroup_max_size"].is_u64(),
+            has_subgroups,
+            "{adapter}"
+        );
+        if adapter["default"].as_bool().unwrap() {
+            defaults += 1;
+        }
     }
+    // One adapter is the one the other commands open without --adapter.
+    assert_eq!(defaults, 1, "{stdout}");
     let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert!(first["name"].is_string(), "{first}");
     assert!(

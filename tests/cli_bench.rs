@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every field that `bench --json` writes on each line.
-const JSON_FIELDS: [&str; 22] = [
+const JSON_FIELDS: [&str; 27] = [
     "case",
     "batch",
     "heads",
@@ -18,12 +18,17 @@ const JSON_FIELDS: [&str; 22] = [
     "kernel",
     "status",
     "median_ms",
+    "min_ms",
+    "max_ms",
     "gflops",
     "gbps",
     "first_call_ms",
     "runs",
     "timing",
+    "runs_on",
     "adapter",
+    "vendor_id",
+    "device_id",
     "backend",
     "driver",
     "driver_info",
@@ -81,6 +86,8 @@ fn bench_json_reports_every_kernel() {
         assert_eq!(row["dtype"], "f32", "{row}");
         assert_eq!(row["status"], "ok", "{row}");
         assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["min_ms"].as_f64() <= row["median_ms"].as_f64(), "{row}");
+        assert!(row["median_ms"].as_f64() <= row["max_ms"].as_f64(), "{row}");
         assert!(row["gflops"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["first_call_ms"].as_f64().unwrap() > 0.0, "{row}");
@@ -95,6 +102,10 @@ fn bench_json_reports_every_kernel() {
         );
     }
     assert_eq!(rows[2]["timing"], "wall-clock");
+    // The reference runs on the host, the kernels on the adapter.
+    assert_eq!(rows[0]["runs_on"], "adapter");
+    assert_eq!(rows[1]["runs_on"], "adapter");
+    assert_eq!(rows[2]["runs_on"], "host");
 }
 
 #[test]

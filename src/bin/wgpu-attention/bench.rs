@@ -61,7 +61,12 @@ pub(crate) struct BenchArgs {
     /// Run only the cases whose label contains this text (e.g. `q1024`, `causal`, `d128`).
     #[arg(long, value_name = "TEXT")]
     filter: Option<String>,
-    /// Print one JSON object per case and kernel instead of a table.
+    /// Print one JSON object per case and kernel instead of a table. Its fields are case,
+    /// batch, heads, kv_heads, seq_q, seq_kv, head_dim, causal, dtype, kernel (the program
+    /// that ran), requested_kernel, status, message, median_ms, min_ms, max_ms, first_call_ms,
+    /// runs, timing (gpu timestamps or host clock), gflops, gbps, runs_on (adapter, or host for
+    /// the reference), adapter, backend, driver, driver_info, vendor_id, device_id and
+    /// crate_version.
     #[arg(long)]
     json: bool,
     /// Adapter: a part of its name or a backend (vulkan, metal, dx12, gl). Defaults to
@@ -264,6 +269,9 @@ struct RunTime {
 #[derive(Clone, Copy, Debug)]
 struct Measurement {
     median: Duration,
+    /// The fastest and slowest measured runs.
+    min: Duration,
+    max: Duration,
     first_call: Duration,
     runs: usize,
     timing: Timing,
@@ -796,6 +804,8 @@ fn summarize(first_call: Duration, mut samples: Vec<Duration>, timing: Timing) -
     };
     Measurement {
         median,
+        min: samples[0],
+        max: samples[samples.len() - 1],
         first_call,
         runs: samples.len(),
         timing,
@@ -930,12 +940,18 @@ fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
         "status": row.outcome.status(),
         "message": row.outcome.message(),
         "median_ms": measurement.map(|m| ms(m.median)),
+        "min_ms": measurement.map(|m| ms(m.min)),
+        "max_ms": measurement.map(|m| ms(m.max)),
         "gflops": rates.map(|(gflops, _)| gflops),
         "gbps": rates.map(|(_, gbps)| gbps),
         "first_call_ms": measurement.map(|m| ms(m.first_call)),
         "runs": measurement.map_or(0, |m| m.runs),
         "timing": measurement.map(|m| m.timing.name()),
+        // The reference runs on the host CPU; the adapter fields still name the run's adapter.
+        "runs_on": if row.requested == BenchKernel::Reference { "host" } else { "adapter" },
         "adapter": info.name.as_str(),
+        "vendor_id": info.vendor,
+        "device_id": info.device,
         "backend": wgpu_attention::backend_name(info.backend),
         "driver": crate::driver_name(info),
         "driver_info": info.driver_info.as_str(),

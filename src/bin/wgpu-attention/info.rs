@@ -6,7 +6,12 @@ use serde_json::json;
 
 #[derive(clap::Args)]
 pub(crate) struct InfoArgs {
-    /// Print one JSON object per adapter instead of text.
+    /// Print one JSON object per adapter instead of text. Its fields are index, default
+    /// (whether check, bench and validate open it without --adapter), name, backend,
+    /// device_type, driver, driver_info, vendor_id, device_id, shader_f16, shader_int64,
+    /// subgroups, subgroup_min_size and subgroup_max_size (null without subgroups),
+    /// timestamp_query, timestamp_query_inside_encoders (what bench needs to time on the GPU)
+    /// and limits.
     #[arg(long)]
     json: bool,
 }
@@ -16,14 +21,26 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
     if adapters.is_empty() {
         return Err(wgpu_attention::Error::NoAdapter);
     }
+    // The adapter that check, bench and validate open without --adapter.
+    let request = std::env::var(wgpu_attention::ADAPTER_ENV)
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    let default = wgpu_attention::select_adapter(request.as_deref())
+        .ok()
+        .map(|adapter| adapter.get_info());
     for (index, adapter) in adapters.iter().enumerate() {
         let info = adapter.get_info();
+        let is_default = default.as_ref() == Some(&info);
         let features = adapter.features();
         let limits = adapter.limits();
         let f16 = features.contains(wgpu::Features::SHADER_F16);
         let int64 = features.contains(wgpu::Features::SHADER_INT64);
         let subgroups = features.contains(wgpu::Features::SUBGROUP);
         let timestamps = features.contains(wgpu::Features::TIMESTAMP_QUERY);
+        // bench times on the GPU only with timestamps written inside its command encoders.
+        let encoder_timestamps = features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+        // Drivers without subgroups may still report sizes, which mean nothing then.
+        let subgroup_sizes = subgroups.then_some((info.subgroup_min_size, info.subgroup_max_size));
         let limit_rows = [
             (
                 "max_storage_buffer_binding_size",
@@ -58,23 +75,32 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
                 .collect();
             let object = json!({
                 "index": index,
+                "default": is_default,
                 "name": info.name,
                 "backend": wgpu_attention::backend_name(info.backend),
                 "device_type": format!("{:?}", info.device_type),
                 "driver": crate::driver_name(&info),
                 "driver_info": info.driver_info,
+                "vendor_id": info.vendor,
+                "device_id": info.device,
                 "shader_f16": f16,
                 "shader_int64": int64,
                 "subgroups": subgroups,
-                "subgroup_min_size": info.subgroup_min_size,
-                "subgroup_max_size": info.subgroup_max_size,
+                "subgroup_min_size": subgroup_sizes.map(|(min, _)| min),
+                "subgroup_max_size": subgroup_sizes.map(|(_, max)| max),
                 "timestamp_query": timestamps,
+                "timestamp_query_inside_encoders": encoder_timestamps,
                 "limits": limits_json,
             });
             println!("{object}");
             continue;
         }
-        println!("[{index}] {}", info.name);
+        let marker = if is_default {
+            "  (default: check, bench and validate open it without --adapter)"
+        } else {
+            ""
+        };
+        println!("[{index}] {}{marker}", info.name);
         println!(
             "    backend       {}",
             wgpu_attention::backend_name(info.backend)
@@ -83,15 +109,18 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
         println!("    driver        {}", crate::driver_label(&info));
         println!("    SHADER_F16    {}", yes_no(f16));
         println!("    SHADER_INT64  {}", yes_no(int64));
-        if subgroups {
-            println!(
-                "    subgroups     yes, size {} to {}",
-                info.subgroup_min_size, info.subgroup_max_size
-            );
-        } else {
-            println!("    subgroups     no");
+        match subgroup_sizes {
+            Some((min, max)) => println!("    subgroups     yes, size {min} to {max}"),
+            None => println!("    subgroups     no"),
         }
-        println!("    timestamps    {}", yes_no(timestamps));
+        let timestamp_use = if encoder_timestamps {
+            "yes, inside encoders (bench times on the GPU)"
+        } else if timestamps {
+            "yes, between passes only (bench times with the host clock)"
+        } else {
+            "no (bench times with the host clock)"
+        };
+        println!("    timestamps    {timestamp_use}");
         for (name, value) in limit_rows {
             println!("    {name:<38} {value}");
         }
