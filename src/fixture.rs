@@ -108,18 +108,17 @@ impl Fixture {
         let out = optional_tensor(&tensors, &names, "out", &[batch, heads, seq_q, head_dim_v])?;
 
         let scale_text = required(&metadata, "scale")?;
+        let usual_scale = 1.0 / (head_dim as f64).sqrt();
         let scale: f64 = scale_text.parse().map_err(|error| {
             format!(
                 "metadata `scale` = {scale_text} is not a number: {error}; store the softmax \
-                 scale as a decimal, such as {} for 1/sqrt({head_dim})",
-                1.0 / (head_dim as f64).sqrt()
+                 scale as a decimal, such as {usual_scale} for 1/sqrt({head_dim})"
             )
         })?;
         if !(scale as f32).is_finite() {
             return Err(format!(
                 "metadata `scale` = {scale_text} is not a finite f32; store the softmax scale as \
-                 a decimal, such as {} for 1/sqrt({head_dim})",
-                1.0 / (head_dim as f64).sqrt()
+                 a decimal, such as {usual_scale} for 1/sqrt({head_dim})"
             ));
         }
         let causal_name = required(&metadata, "causal")?;

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use serde_json::json;
 use wgpu_attention::fixture::{self, Fixture};
 use wgpu_attention::validate::Tolerance;
+use wgpu_attention::{AttentionOutput, Context, Kernel, f16, reference};
 
 use crate::comparison::{Comparison, Sides};
-use wgpu_attention::{AttentionOutput, Context, Kernel, f16, reference};
 
 #[derive(clap::Args)]
 pub(crate) struct CheckArgs {
@@ -310,11 +310,6 @@ fn check_file(
     let s = &fixture.problem.shape;
     let out_dims = [s.batch, s.heads, s.seq_q, s.head_dim_v];
     let sensitivity = Some(reference.out_score_sensitivity.as_slice());
-    let against_file = |actual: &[f32], sides: Sides| {
-        fixture.out.as_ref().map(|expected| {
-            Comparison::new(actual, expected, sensitivity, &out_dims, tolerance, sides)
-        })
-    };
     let reference_vs_expected = fixture.out.as_ref().map(|expected| {
         Comparison::new(
             &reference.out,
@@ -329,7 +324,16 @@ fn check_file(
         Some((context, kernel)) => {
             let output = run_gpu(context, kernel, &fixture)?;
             let comparisons = GpuComparisons {
-                vs_expected: against_file(&output.out, Sides::BothApproximate),
+                vs_expected: fixture.out.as_ref().map(|expected| {
+                    Comparison::new(
+                        &output.out,
+                        expected,
+                        sensitivity,
+                        &out_dims,
+                        tolerance,
+                        Sides::BothApproximate,
+                    )
+                }),
                 vs_reference: Comparison::new(
                     &output.out,
                     &reference.out,
