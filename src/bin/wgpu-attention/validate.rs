@@ -1,7 +1,7 @@
 //! `validate`: runs the kernels on a grid of generated problems and judges each output against
 //! the f64 CPU reference.
 //!
-//! A case is one problem, one dtype and one kernel. The grid has five parts:
+//! A case is one problem, one dtype and one kernel. The grid has six parts:
 //!
 //! - every pair of odd sequence lengths from [`SEQ_LENS`] (with `seq_q > seq_kv` too), crossed
 //!   with every head dim, with the grouped-query ratio and the masking options rotated so that
@@ -13,7 +13,9 @@
 //! - every combination of the variants that live in the inputs (ALiBi slopes, attention sinks,
 //!   key lengths, packed sequences), crossed with every layout of [`LAYOUTS`] and every head-dim
 //!   pair of [`VARIANT_HEAD_DIMS`], with the masking options, lengths and ratios rotated;
-//! - long prefill at [`LONG_PREFILL`], where the subgroup program takes its largest blocks.
+//! - long prefill at [`LONG_PREFILL`], where the subgroup program takes its largest blocks;
+//! - large scores: the explicit scales of [`LARGE_SCALES`], in prefill and decoding, which the
+//!   f32 tolerance alone would reject without an allowance for score rounding.
 //!
 //! Each problem runs in f32 and f16. Inputs are drawn from a seed derived from the problem name
 //! (dtype included), so every kernel gets the same inputs, whatever `--quick`, `--kernel` or
@@ -433,6 +435,30 @@ fn layout_for(kind: LayoutKind, problem: &AttentionProblem) -> Layout {
     }
 }
 
+/// Explicit scales of the large-score part: 8 and 50, about 64 and 400 times the default
+/// `1/√64`, which make scores of tens to hundreds.
+const LARGE_SCALES: [f64; 2] = [8.0, 50.0];
+
+/// Builds the large-score part: each of [`LARGE_SCALES`] at head dims 64 and 128, in prefill of
+/// 33 queries over 257 keys and in decoding over 4,096 keys with the bottom-right causal mask,
+/// with 4 query heads over 2 key/value heads.
+fn large_score_problems() -> Vec<AttentionProblem> {
+    let mut problems = Vec::new();
+    for head_dim in [64, 128] {
+        for scale in LARGE_SCALES {
+            for (seq_q, seq_kv, causal) in [(33, 257, Causal::None), (1, 4096, Causal::BottomRight)]
+            {
+                let shape = AttentionShape::new(1, 4, seq_q, seq_kv, head_dim).with_kv_heads(2);
+                let problem = AttentionProblem::new(shape)
+                    .with_scale(scale)
+                    .with_causal(causal);
+                problems.push(problem);
+            }
+        }
+    }
+    problems
+}
+
 /// Builds every problem of the grid in f32, without repeats.
 fn grid_problems() -> Vec<GridProblem> {
     let mut seen = HashSet::new();
@@ -441,6 +467,7 @@ fn grid_problems() -> Vec<GridProblem> {
         .chain(option_product_problems())
         .chain(decode_problems())
         .chain(long_prefill_problems())
+        .chain(large_score_problems())
         .map(GridProblem::plain)
         .collect();
     problems.extend(variant_problems());
@@ -453,7 +480,7 @@ fn grid_problems() -> Vec<GridProblem> {
 
 /// Gives the bottom-right causal mask to a problem whose top-left causal mask and sliding window
 /// leave no query a key. The window follows the bottom-right diagonal, so with many more keys
-/// than queries the two never meet (in 119 of the 997 problems before this step). Such a
+/// than queries the two never meet (in 119 of the 1,005 problems before this step). Such a
 /// problem would test fully masked rows only, and the additive masks already bring those.
 fn reveal_keys(grid: &mut GridProblem) {
     let problem = &grid.problem;
@@ -467,6 +494,9 @@ fn reveal_keys(grid: &mut GridProblem) {
 /// `b2_h8_hkv2_q17_kv113_d59_cap30_win16-0_f16`.
 fn problem_name(problem: &AttentionProblem, extras: &Extras) -> String {
     let mut name = problem.with_dtype(Dtype::F32).label();
+    if let Some(scale) = problem.scale {
+        name.push_str(&format!("_scale{scale}"));
+    }
     if let Some(softcap) = problem.softcap {
         name.push_str(&format!("_cap{softcap}"));
     }
@@ -514,6 +544,7 @@ fn features(grid: &GridProblem) -> Vec<String> {
         format!("kv_heads={}", s.kv_heads),
         format!("causal={}", problem.causal.name()),
         format!("mask={mask}"),
+        format!("scale={:?}", problem.scale),
         format!("softcap={:?}", problem.softcap),
         format!("window={:?}", problem.window),
         format!("sampled={}", sampled(problem)),
@@ -1226,6 +1257,14 @@ fn case_line(group: &CaseGroup, run: &CaseRun, outcome: &Outcome) -> String {
         if comparison.sampled {
             line.push_str(&format!(" ({} sampled rows)", comparison.rows));
         }
+        let out = &comparison.out;
+        if out.has_allowance() && out.max_abs > comparison.tolerance.abs_limit(out.max_expected) {
+            // The output passes or fails by what lies beyond its score-rounding allowance.
+            line.push_str(&format!(
+                " (beyond score rounding max_abs {:.1e} nmse {:.1e})",
+                out.max_abs_excess, out.nmse_excess
+            ));
+        }
         if outcome.status() == Status::Fail {
             let tolerance = &comparison.tolerance;
             line.push_str(&format!(
@@ -1395,6 +1434,25 @@ mod tests {
             .map(|grid| problem_name(&grid.problem, &grid.extras))
             .collect();
         assert!(hidden.is_empty(), "{hidden:#?}");
+    }
+
+    #[test]
+    fn quick_subset_has_each_large_scale() {
+        let problems = grid_problems();
+        let quick = quick_subset(&problems);
+        for scale in LARGE_SCALES {
+            let named: Vec<String> = problems
+                .iter()
+                .zip(&quick)
+                .filter(|(grid, _)| grid.problem.scale == Some(scale))
+                .map(|(grid, &in_quick)| (problem_name(&grid.problem, &grid.extras), in_quick))
+                .filter(|(_, in_quick)| *in_quick)
+                .map(|(name, _)| name)
+                .collect();
+            assert!(!named.is_empty(), "no quick problem at scale {scale}");
+            let tag = format!("_scale{scale}");
+            assert!(named.iter().all(|name| name.contains(&tag)), "{named:?}");
+        }
     }
 
     #[test]
