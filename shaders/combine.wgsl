@@ -39,10 +39,16 @@ fn main(
     let out_base = out_offset(b, h, seq.row_begin + position);
     let lse_index = lse_offset(b, h, seq.row_begin + position);
 
-    // A split that saw a NaN or +inf score wrote m = NaN, which makes the row NaN.
+    // Only the sequence's active splits ran; the partial results of the others are stale. A
+    // split that saw a NaN or +inf score wrote m = NaN, which makes the row NaN.
+    let splits = active_splits(seq);
+    if splits == 1u {
+        // The fused program wrote this row's output and log-sum-exp itself.
+        return;
+    }
     var max_all = neg_inf();
     var poisoned = false;
-    for (var s = 0u; s < params.kv_splits; s++) {
+    for (var s = 0u; s < splits; s++) {
         let m = partial[stats_base + 2u * (s * all_rows + row)];
         poisoned = poisoned || is_nan(m);
         max_all = max(max_all, m);
@@ -67,13 +73,13 @@ fn main(
     }
 
     var total = 0.0;
-    for (var s = 0u; s < params.kv_splits; s++) {
+    for (var s = 0u; s < splits; s++) {
         let stats = stats_base + 2u * (s * all_rows + row);
         total += partial[stats + 1u] * exp(partial[stats] - max_all);
     }
     for (var col = local_index; col < d; col += WG) {
         var sum = 0.0;
-        for (var s = 0u; s < params.kv_splits; s++) {
+        for (var s = 0u; s < splits; s++) {
             let stats = stats_base + 2u * (s * all_rows + row);
             let weight = partial[stats + 1u] * exp(partial[stats] - max_all);
             sum += weight * partial[(s * all_rows + row) * d + col];

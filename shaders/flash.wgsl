@@ -22,8 +22,9 @@
 // staging buffer of KV_TILE floats serves both; with the chunks equal to the whole tile, each
 // tile has four barriers.
 //
-// With one split the kernel writes the output and log-sum-exp. With several, each split writes
-// its normalized partial output and its (m, l) pair, and `combine.wgsl` merges them.
+// Where a sequence's keys fill one split (see active_splits), the kernel writes the output and
+// log-sum-exp. Where they fill several, each split writes its normalized partial output and its
+// (m, l) pair, and `combine.wgsl` merges them.
 
 const ROWS: u32 = 4u;
 // Upper bounds of KEYS and D_COLS_V, which size the per-invocation register arrays.
@@ -84,6 +85,14 @@ fn main(
     let dv = params.head_dim_v;
     let lane = local_id.x;
     let seq = sequence(b);
+    // The condition is the same for the whole workgroup, so no barrier below is skipped by some
+    // invocations only.
+    let splits = active_splits(seq);
+    if split >= splits {
+        return;
+    }
+    // With one active split, the output and log-sum-exp are written here, not merged.
+    let direct = splits == 1u;
 
     // Load the Q block once, zero past the packed rows, the sequence and head_dim.
     for (var t = local_index; t < block_q * d_pad; t += invocations) {
@@ -274,7 +283,7 @@ fn main(
             m[r] = nan();
             l[r] = nan();
         }
-        if params.kv_splits == 1u {
+        if direct {
             let out_base = out_offset(b, h, seq.row_begin + position);
             for (var c = 0u; c < D_COLS_V; c++) {
                 let col = lane + c * WG_KV;

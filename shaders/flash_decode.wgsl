@@ -53,6 +53,11 @@ fn main(
     let packed0 = group.x * ROWS;
     let split = group.y;
     let seq = sequence(b);
+    // The condition is the same for the whole workgroup, so no barrier below is skipped by some
+    // invocations only.
+    if split >= active_splits(seq) {
+        return;
+    }
 
     // The block's rows, their scaled query rows, and the block's keys: the union of its rows'.
     var rows: array<PackedRow, ROWS>;
@@ -88,9 +93,10 @@ fn main(
 
     // Each invocation takes its own run of consecutive keys, within this split and the block's
     // keys. The loop has no barrier, so invocations may run it a different number of times.
-    let split_begin = split * params.keys_per_split;
+    let split_size = split_keys(seq);
+    let split_begin = split * split_size;
     let key_begin = max(split_begin, block_keys.x);
-    let key_end = min(block_keys.y, split_begin + params.keys_per_split);
+    let key_end = min(block_keys.y, split_begin + split_size);
     let lane_keys = (select(0u, key_end - key_begin, key_end > key_begin) + WG - 1u) / WG;
     let lane_begin = key_begin + lane * lane_keys;
     let lane_end = min(lane_begin + lane_keys, key_end);

@@ -40,6 +40,11 @@ fn main(
     let packed0 = group.x * WG;
     let split = group.y;
     let seq = sequence(b);
+    // The condition is the same for the whole workgroup, so no barrier below is skipped by some
+    // invocations only.
+    if split >= active_splits(seq) {
+        return;
+    }
 
     // This invocation's row, and its query row, scaled, and zero past the end.
     let row = packed_row(b, kv_head, seq, packed0 + local_index);
@@ -136,9 +141,9 @@ fn main(
     }
     let inv_sum = select(1.0 / l, 0.0, m == neg_inf());
     let stores = row_stores(b, seq, row, split);
-    // The test on kv_splits stays outside the loops: inside them, through store_output, it made
+    // The test on the splits stays outside the loops: inside them, through store_output, it made
     // this program 1.2× slower on lavapipe (B1 H8 S512 D64: 166 to 171 ms against 134 to 138 ms).
-    if params.kv_splits == 1u {
+    if stores.direct {
         for (var c4 = 0u; c4 < D4V; c4++) {
             for (var e = 0u; e < 4u; e++) {
                 let col = 4u * c4 + e;

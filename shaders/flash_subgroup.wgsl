@@ -64,6 +64,11 @@ fn main(
     let packed0 = group.x * block_q;
     let split = group.y;
     let seq = sequence(b);
+    // The condition is the same for the whole subgroup, so every subgroup operation below runs
+    // on all of its invocations.
+    if split >= active_splits(seq) {
+        return;
+    }
 
     // This invocation's rows and their scaled query rows.
     var rows: array<PackedRow, ROWS>;

@@ -11,11 +11,11 @@
 @group(0) @binding(3) var<storage, read> v: array<KvElement>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
-// The output and log-sum-exp, addressed through out_offset and lse_offset; written when
-// kv_splits is 1.
+// The output and log-sum-exp, addressed through out_offset and lse_offset; written here when
+// the row's sequence has one active split (see active_splits).
 @group(0) @binding(5) var<storage, read_write> out: array<Storage>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// With several splits: each split's output normalized by its own sum,
+// With several active splits: each split's output normalized by its own sum,
 // [kv_splits, batch, heads, seq_q, head_dim_v], then its running maximum and sum,
 // [kv_splits, batch, heads, seq_q, 2].
 @group(0) @binding(7) var<storage, read_write> partial: array<f32>;
@@ -35,9 +35,11 @@ fn load_q(base: u32, c4: u32) -> vec4<f32> {
     return value;
 }
 
-// Element offsets of a finished row's results: its output row and log-sum-exp, and its partial
-// output row and statistics (maximum, then sum) in one split.
+// Where a finished row's results go: its output row and log-sum-exp, used when `direct`
+// (its sequence has one active split), else its partial output row and statistics (maximum,
+// then sum) in one split.
 struct RowStores {
+    direct: bool,
     out_base: u32,
     lse_index: u32,
     partial_base: u32,
@@ -53,6 +55,7 @@ fn row_stores(b: u32, seq: Sequence, row: PackedRow, split: u32) -> RowStores {
     let head_row = (b * params.heads + row.head) * params.seq_q + row.position;
     let partial_row = split * all_rows + head_row;
     return RowStores(
+        active_splits(seq) == 1u,
         out_offset(b, row.head, seq.row_begin + row.position),
         lse_offset(b, row.head, seq.row_begin + row.position),
         partial_row * params.head_dim_v,
@@ -61,21 +64,22 @@ fn row_stores(b: u32, seq: Sequence, row: PackedRow, split: u32) -> RowStores {
 }
 
 // Stores column `col` of a finished row's output, already divided by the row's sum: in the
-// output when the keys are not split, else in the split's partial output. A poisoned row's
-// output is NaN. A split's partial output stays as computed, and its statistics carry the NaN.
+// output when the row's keys are not split, else in the split's partial output. A poisoned
+// row's output is NaN. A split's partial output stays as computed, and its statistics carry the
+// NaN.
 fn store_output(stores: RowStores, col: u32, value: f32, poisoned: bool) {
-    if params.kv_splits == 1u {
+    if stores.direct {
         out[stores.out_base + col] = Storage(select(value, nan(), poisoned));
     } else {
         partial[stores.partial_base + col] = value;
     }
 }
 
-// Stores a finished row's log-sum-exp, from its running maximum `m` and sum `l`, when the keys
-// are not split, else `m` and `l` in the split's statistics. A poisoned row stores NaN, and a
-// row that saw no key a log-sum-exp of -inf.
+// Stores a finished row's log-sum-exp, from its running maximum `m` and sum `l`, when the row's
+// keys are not split, else `m` and `l` in the split's statistics. A poisoned row stores NaN,
+// and a row that saw no key a log-sum-exp of -inf.
 fn store_row_stats(stores: RowStores, m: f32, l: f32, poisoned: bool) {
-    if params.kv_splits == 1u {
+    if stores.direct {
         let lse_value = select(m + log(l), neg_inf(), m == neg_inf());
         lse[stores.lse_index] = select(lse_value, nan(), poisoned);
     } else {

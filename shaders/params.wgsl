@@ -24,8 +24,9 @@ struct Params {
     scale: f32,
     // Added to @builtin(workgroup_id) when a grid larger than the per-dispatch limit is split.
     group_offset: vec3<u32>,
-    // Fused kernel only: keys per split of the key range, and the number of splits. With more
-    // than one split, each writes a partial result that `combine.wgsl` merges.
+    // Fused kernel only: the most keys per split, sized for the longest sequence, and the number
+    // of splits. With more than one split, each writes a partial result that `combine.wgsl`
+    // merges. See split_keys for the keys per split of a shorter sequence.
     keys_per_split: u32,
     kv_splits: u32,
     // Logit soft-capping value, or 0 for none.
@@ -47,6 +48,13 @@ struct Params {
     out_strides: vec3<u32>,
     // Which parts of `aux` are present: EXTRA_* bits.
     extras: u32,
+    // Fused kernel only: the fewest keys per split of a sequence, and the multiple of keys
+    // (the program's key tile) that a split's size is rounded up to.
+    min_keys_per_split: u32,
+    split_align: u32,
+    // Unused: pads the block to a multiple of 16 bytes, as the host struct is.
+    padding0: u32,
+    padding1: u32,
 }
 
 // `aux` holds, in this order: ALiBi slopes [heads] and sink logits [heads] as f32 bits, key
@@ -236,6 +244,25 @@ fn block_key_end(seq: Sequence, row_end: u32) -> u32 {
     return key_range(seq, row_end - 1u).y;
 }
 
+// Keys per split of one sequence: its keys spread over the splits, at least
+// params.min_keys_per_split, rounded up to a multiple of params.split_align, and at most
+// params.keys_per_split. The host sizes the splits for the longest sequence, such as the whole
+// capacity of a key/value cache; a sequence with fewer keys uses fewer, shorter splits, so that
+// the work follows its own length (see active_splits).
+fn split_keys(seq: Sequence) -> u32 {
+    let spread = (seq.key_limit + params.kv_splits - 1u) / params.kv_splits;
+    let wanted = max(spread, params.min_keys_per_split);
+    let aligned = (wanted + params.split_align - 1u) / params.split_align * params.split_align;
+    return min(aligned, params.keys_per_split);
+}
+
+// The splits that hold some of a sequence's keys, at least 1. The fused programs' workgroups of
+// the other splits return at once, and `combine.wgsl` merges only these.
+fn active_splits(seq: Sequence) -> u32 {
+    let keys = split_keys(seq);
+    return max(1u, (seq.key_limit + keys - 1u) / keys);
+}
+
 // The keys of split `split` that some row of a fused program's block may attend to, as [x, y):
 // the block is packed rows packed0 to packed0 + block_q - 1 of a key/value head that has
 // `packed_rows` of them (see flash.wgsl). A block that spans two query heads covers positions
@@ -248,11 +275,12 @@ fn block_keys(seq: Sequence, packed0: u32, block_q: u32, packed_rows: u32, split
         first_position = 0u;
         last_position = params.seq_q - 1u;
     }
-    let split_begin = split * params.keys_per_split;
+    let split_size = split_keys(seq);
+    let split_begin = split * split_size;
     let key_begin = max(split_begin, window_key_begin(seq, first_position));
     var key_end = min(
         block_key_end(seq, min(last_position + 1u, seq.rows)),
-        split_begin + params.keys_per_split,
+        split_begin + split_size,
     );
     if first_position >= seq.rows {
         key_end = key_begin;

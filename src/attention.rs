@@ -573,7 +573,9 @@ impl Context {
     /// [`KeyLengths::Cache`](crate::KeyLengths::Cache) on the problem. Then give the current
     /// lengths in a `kv_seq_lens` buffer (`COPY_SRC | COPY_DST`) that
     /// [`wgpu::Queue::write_buffer`] updates before each step. The kernels skip the keys past
-    /// each length, and the causal mask, a sliding window and ALiBi are placed by it.
+    /// each length, and the causal mask, a sliding window and ALiBi are placed by it. The fused
+    /// kernel splits each sequence's keys across workgroups by its own length, so the work of a
+    /// step follows the filled part of the cache, not `seq_kv`.
     ///
     /// `seq_q` is part of the problem, so a chunked prefill and the one-row steps after it are
     /// two prepared calls. The rows of a chunk are the last `seq_q` positions of each filled

@@ -169,7 +169,9 @@ impl Context {
     ///
     /// Buffers passed to [`Context::record`] and [`Context::prepare`] must come from this
     /// device. wgpu reports a buffer of another device of the same `wgpu::Instance`, which
-    /// `record` returns as [`Error::Device`]; a buffer from another instance can go unnoticed.
+    /// `record` returns as [`Error::Device`].
+    // NOTE: wgpu 30 reports nothing for a buffer of another instance, and such a call wrote
+    // wrong outputs on lavapipe.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let limits = device.limits();
         let features = device.features();

@@ -322,7 +322,9 @@ pub struct AttentionProblem {
 pub enum KeyLengths {
     /// Keys past each length are padding and masked. The diagonals stay placed by `seq_kv` (by
     /// the sequence's own keys when packed). This fits a batch padded on the right, whose
-    /// queries are padded alike.
+    /// queries are padded alike. Over a key/value cache allocated for `seq_kv` keys it places a
+    /// bottom-right causal diagonal past the filled keys, so every query row of a prefill
+    /// attends to all of them: use [`KeyLengths::Cache`] there.
     #[default]
     Padding,
     /// Each length is the filled part of a key/value cache and places the diagonals: the

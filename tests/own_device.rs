@@ -630,12 +630,13 @@ fn lengths(device: &wgpu::Device, lens: &[u32]) -> wgpu::Buffer {
 
 #[test]
 fn prepared_decoding_follows_key_lengths() {
-    // A cache of 2,048 keys, enough for the fused kernel to split the keys, read at three
-    // lengths per batch element, each written by the queue before the prepared call runs again.
-    // Two query rows per step, with the causal mask and a window placed by each length.
+    // A cache of 2,048 keys, read at three lengths per batch element, each written by the queue
+    // before the prepared call runs again. One key/value head per batch element leaves few
+    // enough workgroups for the fused kernel to split the keys. Two query rows per step, with the
+    // causal mask and a window placed by each length.
     let (device, queue) = device_with_limits(|_| {});
     let context = Context::from_device(device.clone(), queue.clone());
-    let shape = AttentionShape::new(2, 8, 2, 2048, 64).with_kv_heads(2);
+    let shape = AttentionShape::new(2, 8, 2, 2048, 64).with_kv_heads(1);
     let problem = AttentionProblem::new(shape)
         .with_causal(Causal::BottomRight)
         .with_window(Some(300), None)
@@ -669,6 +670,74 @@ fn prepared_decoding_follows_key_lengths() {
             lse_stats.passes(&Tolerance::F32),
             "{step:?}: lse: {lse_stats}"
         );
+    }
+}
+
+#[test]
+fn short_lengths_use_fewer_splits() {
+    // A cache of 8,192 keys, read first in full and then at lengths that leave some or most
+    // splits empty. Empty splits' workgroups return at once and the merge skips them, so their
+    // partial results from an earlier call, still in the scratch buffer, must not reach the
+    // output. One key/value head keeps the workgroups per split below the number under which
+    // every fused program splits the keys, on GPUs and CPUs alike. A batch of one gives at least
+    // 4 splits, of which 1,500 and 600 keys fill 3 and 2. A batch of two gives at least 2, with
+    // one sequence merged and the other written directly in the same call. The shared context's
+    // device has the optional features that the subgroup program needs.
+    let one: &[&[u32]] = &[&[8192], &[1500], &[600], &[100], &[0], &[8191]];
+    let two: &[&[u32]] = &[
+        &[8192, 8192],
+        &[100, 5000],
+        &[0, 1],
+        &[513, 8191],
+        &[8192, 600],
+    ];
+    for (batch, steps) in [(1, one), (2, two)] {
+        decode_at_lengths(batch, steps);
+    }
+}
+
+/// Runs every fused program, prepared once, on a cache of 8,192 keys of `batch` sequences at
+/// each step's key lengths, and checks each step against the reference.
+fn decode_at_lengths(batch: usize, steps: &[&[u32]]) {
+    let context = crate::common::context();
+    let (device, queue) = (context.device(), context.queue());
+    let shape = AttentionShape::new(batch, 4, 1, 8192, 64).with_kv_heads(1);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_key_lengths(KeyLengths::Cache);
+    let data = crate::common::random_inputs(&problem, 8, 0.0);
+    let (q, k, v) = upload_qkv(device, &data);
+    let out = output(device, shape.q_len());
+    let lse = output(device, shape.lse_len());
+    let lens = lengths(device, steps[0]);
+    let tensors = GpuTensors::new(&q, &k, &v, &out)
+        .with_lse(&lse)
+        .with_kv_seq_lens(&lens);
+    let fused = crate::common::kernels()
+        .into_iter()
+        .filter(|&kernel| kernel != Kernel::ThreeStage);
+    for kernel in fused {
+        let prepared = context.prepare(kernel, &problem, &tensors).unwrap();
+        for &step in steps {
+            queue.write_buffer(&lens, 0, bytemuck::cast_slice(step));
+            let mut encoder = device.create_command_encoder(&Default::default());
+            prepared.record(&mut encoder);
+            queue.submit([encoder.finish()]);
+
+            let expected =
+                reference::attention(&problem, &data.inputs().with_kv_seq_lens(step)).unwrap();
+            let label = format!("{} {step:?}", kernel.name());
+            let out_stats = ErrorStats::compare(&read(device, queue, &out), &expected.out);
+            assert!(
+                out_stats.passes(&Tolerance::F32),
+                "{label}: output: {out_stats}"
+            );
+            let lse_stats = ErrorStats::compare(&read(device, queue, &lse), &expected.lse);
+            assert!(
+                lse_stats.passes(&Tolerance::F32),
+                "{label}: lse: {lse_stats}"
+            );
+        }
     }
 }
 

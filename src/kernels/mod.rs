@@ -46,6 +46,12 @@ pub(crate) struct KernelParams {
     pub out_strides: [u32; 3],
     /// `EXTRA_*` bits: which parts of the `aux` buffer are present.
     pub extras: u32,
+    /// Fused kernel only: the fewest keys per split of a sequence, and the multiple that a
+    /// split's size is rounded up to (`split_keys` in the WGSL).
+    pub min_keys_per_split: u32,
+    pub split_align: u32,
+    /// Pads the block to a multiple of 16 bytes, the size WGSL gives a uniform struct.
+    pub padding: [u32; 2],
 }
 
 /// Bits of `KernelParams::extras`, as `EXTRA_*` in `shaders/params.wgsl`.
@@ -123,6 +129,9 @@ impl KernelParams {
             } else {
                 extras
             },
+            min_keys_per_split: 0,
+            split_align: 1,
+            padding: [0; 2],
         }
     }
 }
