@@ -246,14 +246,14 @@ fn block_key_end(seq: Sequence, row_end: u32) -> u32 {
 
 // Keys per split of one sequence: its keys spread over the splits, at least
 // params.min_keys_per_split, rounded up to a multiple of params.split_align, and at most
-// params.keys_per_split. The host sizes the splits for the longest sequence, such as the whole
+// params.keys_per_split, and never 0. The host sizes the splits for the longest sequence, such as the whole
 // capacity of a key/value cache; a sequence with fewer keys uses fewer, shorter splits, so that
 // the work follows its own length (see active_splits).
 fn split_keys(seq: Sequence) -> u32 {
     let spread = (seq.key_limit + params.kv_splits - 1u) / params.kv_splits;
     let wanted = max(spread, params.min_keys_per_split);
     let aligned = (wanted + params.split_align - 1u) / params.split_align * params.split_align;
-    return min(aligned, params.keys_per_split);
+    return max(min(aligned, params.keys_per_split), 1u);
 }
 
 // The splits that hold some of a sequence's keys, at least 1. The fused programs' workgroups of
