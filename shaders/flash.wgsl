@@ -50,6 +50,7 @@ override V_KEYS: u32 = 64u;
 override KV_TILE: u32 = 4096u;
 
 // The bindings come from fused_bindings.wgsl, with K and V elements of the storage type.
+alias QElement = Storage;
 alias KvElement = Storage;
 
 // The Q block, [BLOCK_Q][WG_KV · D_COLS], zero-padded: WG_Q · ROWS · WG_KV · D_COLS · 4 bytes.

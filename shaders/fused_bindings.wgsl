@@ -1,12 +1,12 @@
 // The bindings of the fused programs (`flash.wgsl`, `flash_rows.wgsl`, `flash_decode.wgsl` and
 // `flash_subgroup.wgsl`), which come after this file, and the query reads and output stores of
 // the last three.
-// `KvElement`, the element type of K and V, comes from the row-load file ahead of a row
-// program, or from `flash.wgsl`.
+// `QElement` and `KvElement`, the element types of Q and of K and V, and `load_q` come from the
+// row-load file ahead of a row program.
 
 @group(0) @binding(0) var<uniform> params: Params;
 // Queries, keys and values, addressed through q_offset, k_offset and v_offset.
-@group(0) @binding(1) var<storage, read> q: array<Storage>;
+@group(0) @binding(1) var<storage, read> q: array<QElement>;
 @group(0) @binding(2) var<storage, read> k: array<KvElement>;
 @group(0) @binding(3) var<storage, read> v: array<KvElement>;
 // [mask_batch, mask_heads, seq_q, seq_kv]; one unused element when has_mask is 0.
@@ -21,19 +21,6 @@
 @group(0) @binding(7) var<storage, read_write> partial: array<f32>;
 // Per-head and per-sequence values; see params.wgsl.
 @group(0) @binding(8) var<storage, read> aux: array<u32>;
-
-// Reads the vec4 column `c4` of the query row at element offset `base`, zero past head_dim. The
-// row is scaled here, once, instead of in every score.
-fn load_q(base: u32, c4: u32) -> vec4<f32> {
-    var value = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        let col = 4u * c4 + e;
-        if col < params.head_dim {
-            value[e] = params.scale * f32(q[base + col]);
-        }
-    }
-    return value;
-}
 
 // Where a finished row's results go: its output row and log-sum-exp, used when `direct`
 // (its sequence has one active split), else its partial output row and statistics (maximum,

@@ -5,8 +5,23 @@
 // `load_rows_u64_f16.wgsl` 8 floats or 16 halves at a time, where the rows allow it. The first
 // program reads through load_k and load_v, the other two through read_k and read_v, READ_COLS
 // vec4 columns at a time.
+alias QElement = Storage;
 alias KvElement = Storage;
 const READ_COLS = 2u;
+
+// Reads the vec4 column `c4` of the query row at element offset `base`, zero past head_dim, and
+// scales it here, once, instead of in every score. Clamped loads and a select, as in load_k.
+fn load_q(base: u32, c4: u32) -> vec4<f32> {
+    let last = params.head_dim - 1u;
+    let col = vec4<u32>(4u * c4) + vec4<u32>(0u, 1u, 2u, 3u);
+    let value = vec4<f32>(
+        f32(q[base + min(col.x, last)]),
+        f32(q[base + min(col.y, last)]),
+        f32(q[base + min(col.z, last)]),
+        f32(q[base + min(col.w, last)]),
+    );
+    return params.scale * select(vec4<f32>(0.0), value, col <= vec4<u32>(last));
+}
 
 // Reads four consecutive elements of K at `base + 4 · c4`, zero past head_dim. The loads are
 // clamped to the row and masked with select rather than a branch, which keeps the unrolled

@@ -220,14 +220,23 @@ pub(crate) struct FlashRowTiles {
     pub d4: u32,
     /// vec4 columns of the value head dim (`D4V`).
     pub d4v: u32,
-    /// Whether K and V are read as whole vec4s ([`vec4_rows`]).
+    /// Whether Q, K and V are read as whole vec4s ([`vec4_rows`]).
     pub vec4_loads: bool,
 }
 
-/// Returns whether the K and V rows of `problem` can be read as whole vec4s: both head dims and
-/// every stride of K and V are multiples of 4 elements.
+/// Returns whether the Q, K and V rows of `problem` can be read as whole vec4s: both head dims
+/// and every stride of Q, K and V are multiples of 4 elements.
 pub(crate) fn vec4_rows(problem: &AttentionProblem) -> bool {
-    rows_in_groups_of(problem, 4)
+    rows_in_groups_of(problem, 4) && q_rows_in_vec4s(problem)
+}
+
+/// Returns whether the Q rows of `problem` can be read as whole vec4s, as every row-load file
+/// but the scalar one reads them: the head dim and every stride of Q are multiples of 4.
+fn q_rows_in_vec4s(problem: &AttentionProblem) -> bool {
+    let q = problem.strides().q;
+    [problem.shape.head_dim, q.batch, q.head, q.seq]
+        .iter()
+        .all(|value| value.is_multiple_of(4))
 }
 
 /// Returns whether both head dims and every stride of K and V are multiples of `elements`.
@@ -254,11 +263,12 @@ fn rows_in_groups_of(problem: &AttentionProblem, elements: usize) -> bool {
 pub(crate) enum RowLoads {
     /// One element per read, for any head dim and strides (`load_rows.wgsl`).
     Scalar,
-    /// A vec4 per read, where both head dims and every K and V stride are multiples of 4
+    /// A vec4 per read, where both head dims and every Q, K and V stride are multiples of 4
     /// (`load_rows_vec4.wgsl`).
     Vec4,
-    /// Eight f32 values per read, as one `vec4<u64>`, where those are multiples of 8, the
-    /// storage is f32 and the device has `SHADER_INT64` (`load_rows_u64.wgsl`). llvmpipe reads
+    /// Eight f32 values per read of K and V, as one `vec4<u64>`, where their head dims and
+    /// strides are multiples of 8, the storage is f32 and the device has `SHADER_INT64`
+    /// (`load_rows_u64.wgsl`). Q is read a vec4 at a time, as in `Vec4`. llvmpipe reads
     /// memory in a loop over the SIMD lanes, one pass per read, so twice the bytes per read
     /// halves the passes. On lavapipe it made decoding 1.7× faster (B1 H32 Skv4096 D128) and
     /// prefill 1.1× faster (B1 H8 S2048 D64).
@@ -277,7 +287,7 @@ impl RowLoads {
             Dtype::F32 => (RowLoads::Wide, 8),
             Dtype::F16 => (RowLoads::WideF16, 16),
         };
-        if int64 && rows_in_groups_of(problem, elements) {
+        if int64 && rows_in_groups_of(problem, elements) && q_rows_in_vec4s(problem) {
             wide
         } else if vec4_rows(problem) {
             RowLoads::Vec4
@@ -612,6 +622,33 @@ mod tests {
         let wide_values =
             AttentionProblem::new(AttentionShape::new(1, 2, 3, 5, 64).with_head_dim_v(36));
         assert_eq!(RowLoads::choose(&wide_values, all), RowLoads::Vec4);
+    }
+
+    #[test]
+    fn row_loads_need_aligned_queries() {
+        // K and V rows in groups of 8, but each query row 2 elements past a multiple of 4: every
+        // read but the scalar one takes Q a vec4 at a time.
+        use crate::problem::{Layout, Strides, TensorStrides};
+        let shape = AttentionShape::new(1, 2, 3, 5, 64);
+        let dense = |heads: usize, rows: usize| Strides {
+            batch: heads * rows * 64,
+            head: rows * 64,
+            seq: 64,
+        };
+        let strides = TensorStrides {
+            q: Strides {
+                batch: 2 * 3 * 66,
+                head: 3 * 66,
+                seq: 66,
+            },
+            k: dense(2, 5),
+            v: dense(2, 5),
+            out: dense(2, 3),
+        };
+        let problem = AttentionProblem::new(shape).with_layout(Layout::Strided(strides));
+        let all = wgpu::Features::SHADER_INT64;
+        assert_eq!(RowLoads::choose(&problem, all), RowLoads::Scalar);
+        assert!(!vec4_rows(&problem));
     }
 
     fn subgroup_rows(shape: AttentionShape) -> u32 {
