@@ -355,14 +355,24 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
     if !session.json {
         session.progress.suspend(|| session.table.print_header());
     }
-    let mut failed = false;
+    let (mut failed, mut measured) = (false, 0);
     for (index, problem) in cases.iter().enumerate() {
-        failed |= session.run_case(index, problem);
+        let summary = session.run_case(index, problem);
+        failed |= summary.failed;
+        measured += summary.measured;
     }
     session.progress.finish_and_clear();
     if !session.json {
         let reference = args.kernel.0.contains(&BenchKernel::Reference);
         print_footer(&context, session.gpu_timing(), reference);
+    }
+    if measured == 0 {
+        // Every row says why its kernel did not run; a run that timed nothing is not a success.
+        eprintln!(
+            "error: no kernel ran on any case; see each row's reason, and pick another --adapter, \
+             --kernel or --dtype"
+        );
+        failed = true;
     }
     Ok(if failed {
         ExitCode::FAILURE
@@ -372,6 +382,15 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
 }
 
 /// State shared by every case of one `bench` invocation.
+/// What the kernels of one case did.
+#[derive(Default)]
+struct CaseSummary {
+    /// Whether any kernel failed with an error other than rejecting the case.
+    failed: bool,
+    /// Kernels that ran and were timed.
+    measured: usize,
+}
+
 struct Session<'a> {
     context: &'a Context,
     settings: RepeatSettings,
@@ -392,9 +411,8 @@ impl Session<'_> {
         }
     }
 
-    /// Times every selected kernel on case number `index` and prints a row for each. Returns
-    /// whether any kernel failed with an error other than rejecting the case.
-    fn run_case(&self, index: usize, problem: &AttentionProblem) -> bool {
+    /// Times every selected kernel on case number `index` and prints a row for each.
+    fn run_case(&self, index: usize, problem: &AttentionProblem) -> CaseSummary {
         // The inputs are drawn on first use, after the checks that can reject the case, so that
         // a shape too large for the device or the reference is reported before any memory is
         // allocated for it.
@@ -402,7 +420,7 @@ impl Session<'_> {
         let host = || host_cell.get_or_init(|| OwnedInputs::random(problem, index as u64));
         // Uploaded on first use, so a run of the reference alone needs no device memory.
         let mut device: Option<wgpu_attention::Result<DeviceTensors>> = None;
-        let mut failed = false;
+        let mut summary = CaseSummary::default();
         for &kernel in self.kernels {
             let label = format!("{} {}", problem.label(), kernel.name());
             self.progress.set_message(label);
@@ -419,7 +437,8 @@ impl Session<'_> {
                 }
                 BenchKernel::Reference => time_reference(problem, host, self.settings),
             };
-            failed |= matches!(outcome, Outcome::Failed(_));
+            summary.failed |= matches!(outcome, Outcome::Failed(_));
+            summary.measured += usize::from(matches!(outcome, Outcome::Ok(_)));
             self.print_row(&Row {
                 problem,
                 requested: kernel,
@@ -428,7 +447,7 @@ impl Session<'_> {
             });
             self.progress.inc(1);
         }
-        failed
+        summary
     }
 
     /// Times `kernel` on `problem`: a warm-up run, then measured runs.
