@@ -89,7 +89,15 @@ impl ErrorStats {
         })
     }
 
-    fn compare_with_allowance<A: Into<f64> + Copy, E: Into<f64> + Copy>(
+    /// Compares `actual` with `expected` as [`ErrorStats::compare`] does, and allows element
+    /// `i` an extra absolute error of `allowance(i)`, which `max_abs_excess` and `nmse_excess`
+    /// leave out. [`ErrorStats::compare_allowing_score_rounding`] is this with
+    /// [`SCORE_ROUNDING`] times the reference's sensitivities.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the slices differ in length, which is a bug in the caller.
+    pub fn compare_with_allowance<A: Into<f64> + Copy, E: Into<f64> + Copy>(
         actual: &[A],
         expected: &[E],
         allowance: impl Fn(usize) -> f64,
@@ -113,10 +121,9 @@ impl ErrorStats {
         let (mut err_sq, mut excess_sq, mut ref_sq) = (0.0f64, 0.0f64, 0.0f64);
         for (index, (&a, &e)) in actual.iter().zip(expected).enumerate() {
             let (a, e): (f64, f64) = (a.into(), e.into());
+            let excess = Self::element_excess(a, e, allowance(index));
             if !e.is_finite() || !a.is_finite() {
-                // NaN matches NaN, and an infinity matches the same infinity.
-                let same = (a.is_nan() && e.is_nan()) || a == e;
-                if !same {
+                if excess > 0.0 {
                     stats.nonfinite_mismatches += 1;
                 }
                 continue;
@@ -129,13 +136,6 @@ impl ErrorStats {
             if e.abs() >= rel_floor && e != 0.0 {
                 stats.max_rel = stats.max_rel.max(diff / e.abs());
             }
-            // A NaN allowance (from a NaN sensitivity) allows nothing.
-            let allowed = allowance(index);
-            let excess = if allowed.is_nan() {
-                diff
-            } else {
-                (diff - allowed).max(0.0)
-            };
             stats.max_abs_excess = stats.max_abs_excess.max(excess);
             err_sq += diff * diff;
             excess_sq += excess * excess;
@@ -144,6 +144,22 @@ impl ErrorStats {
         stats.nmse = normalized(err_sq, ref_sq);
         stats.nmse_excess = normalized(excess_sq, ref_sq);
         stats
+    }
+
+    /// Returns how far `actual` is from `expected` beyond `allowance`: 0 within it, and infinity
+    /// where one value is NaN or infinite and the other is not the same value (NaN matches NaN,
+    /// and an infinity the same infinity). A NaN allowance allows nothing.
+    pub fn element_excess(actual: f64, expected: f64, allowance: f64) -> f64 {
+        if !expected.is_finite() || !actual.is_finite() {
+            let same = (actual.is_nan() && expected.is_nan()) || actual == expected;
+            return if same { 0.0 } else { f64::INFINITY };
+        }
+        let diff = (actual - expected).abs();
+        if allowance.is_nan() {
+            diff
+        } else {
+            (diff - allowance).max(0.0)
+        }
     }
 
     /// Returns whether these errors, beyond any allowances for score rounding, are within
@@ -341,6 +357,24 @@ mod tests {
         let stats = ErrorStats::compare_allowing_score_rounding(&[1.5f32], &[1.0f64], &[f64::NAN]);
         assert_eq!(stats.max_abs_excess, 0.5);
         assert!(!stats.has_allowance());
+    }
+
+    #[test]
+    fn element_excess_of_nonfinite_values() {
+        assert_eq!(ErrorStats::element_excess(f64::NAN, f64::NAN, 0.0), 0.0);
+        assert_eq!(
+            ErrorStats::element_excess(f64::INFINITY, f64::INFINITY, 0.0),
+            0.0
+        );
+        assert_eq!(
+            ErrorStats::element_excess(1.0, f64::NAN, 1e9),
+            f64::INFINITY
+        );
+        assert_eq!(
+            ErrorStats::element_excess(f64::NEG_INFINITY, f64::INFINITY, 0.0),
+            f64::INFINITY
+        );
+        assert_eq!(ErrorStats::element_excess(1.5, 1.0, 0.25), 0.25);
     }
 
     #[test]

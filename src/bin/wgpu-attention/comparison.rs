@@ -57,12 +57,9 @@ impl Comparison {
                 2.0,
             ),
         };
-        let scaled: Option<Vec<f64>> =
-            sensitivity.map(|sensitivity| sensitivity.iter().map(|s| factor * s).collect());
-        let stats = match &scaled {
-            Some(scaled) => ErrorStats::compare_allowing_score_rounding(actual, expected, scaled),
-            None => ErrorStats::compare(actual, expected),
-        };
+        let allowance =
+            |index: usize| sensitivity.map_or(0.0, |s| factor * SCORE_ROUNDING * s[index]);
+        let stats = ErrorStats::compare_with_allowance(actual, expected, allowance);
         let worst = (stats.len > 0).then(|| Worst {
             index: unravel(stats.worst_index, dims),
             actual: actual[stats.worst_index].into(),
@@ -72,14 +69,7 @@ impl Comparison {
         let head_len: usize = dims[2..].iter().product();
         let mut over_limit_by_head: Vec<((usize, usize), usize)> = Vec::new();
         for (index, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-            let allowance = scaled.as_ref().map_or(0.0, |s| SCORE_ROUNDING * s[index]);
-            let (a, e): (f64, f64) = (a.into(), e.into());
-            let over = if a.is_finite() && e.is_finite() {
-                (a - e).abs() - allowance > limit
-            } else {
-                !(a == e || (a.is_nan() && e.is_nan()))
-            };
-            if !over {
+            if ErrorStats::element_excess(a.into(), e.into(), allowance(index)) <= limit {
                 continue;
             }
             let head = ((index / head_len) / dims[1], (index / head_len) % dims[1]);
