@@ -2,7 +2,8 @@
 // `flash_subgroup.wgsl`), which come after this file, and the query reads and output stores of
 // the last three.
 // `QElement` and `KvElement`, the element types of Q and of K and V, and `load_q` come from the
-// row-load file ahead of a row program.
+// row-load files ahead of a row program: `load_q_vec4.wgsl` brings Q's for all but the scalar
+// one. `flash.wgsl` declares its own element types and reads Q without load_q.
 
 @group(0) @binding(0) var<uniform> params: Params;
 // Queries, keys and values, addressed through q_offset, k_offset and v_offset.

@@ -3,17 +3,8 @@
 // 8: `k` and `v` are then arrays of vec4<u64>, and each read brings 8 floats, two vec4 columns.
 // llvmpipe reads memory in a loop over the SIMD lanes, one pass per read whatever its width, so
 // this halves the passes of `load_rows_vec4.wgsl`. `base` is an element offset, a multiple of 8.
-alias QElement = vec4<Storage>;
 alias KvElement = vec4<u64>;
 const READ_COLS = 2u;
-
-// Reads the vec4 column `c4` of the query row at element offset `base`, a multiple of 4, and
-// scales it here, once, instead of in every score. One vector read in place of four scalar ones
-// also shortens llvmpipe's compile: the 4-row decoding program at head dim 128 unrolls 128 of
-// these reads.
-fn load_q(base: u32, c4: u32) -> vec4<f32> {
-    return params.scale * vec4<f32>(q[base / 4u + c4]);
-}
 
 // The four floats whose bits `lo` and `hi` hold, low half first, as stored in little-endian
 // memory.

@@ -4,17 +4,8 @@
 // columns. `load_rows_vec4.wgsl` would read them as 16 separate 16-bit elements in 4 reads, and
 // llvmpipe runs every read as a loop over the SIMD lanes. `base` is an element offset, a
 // multiple of 16.
-alias QElement = vec4<Storage>;
 alias KvElement = vec4<u64>;
 const READ_COLS = 4u;
-
-// Reads the vec4 column `c4` of the query row at element offset `base`, a multiple of 4, and
-// scales it here, once, instead of in every score. One vector read in place of four scalar ones
-// also shortens llvmpipe's compile: the 4-row decoding program at head dim 128 unrolls 128 of
-// these reads.
-fn load_q(base: u32, c4: u32) -> vec4<f32> {
-    return params.scale * vec4<f32>(q[base / 4u + c4]);
-}
 
 // The four values whose f16 bits `bits` holds, lowest first, as stored in little-endian memory.
 fn unpack_halves(bits: u64) -> vec4<f32> {

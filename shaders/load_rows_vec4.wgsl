@@ -2,17 +2,8 @@
 // dims of K and V and all their strides are multiples of 4: `k` and `v` are then arrays of
 // vec4, and each load is one vector load instead of four scalar ones. `base` is an element
 // offset, a multiple of 4.
-alias QElement = vec4<Storage>;
 alias KvElement = vec4<Storage>;
 const READ_COLS = 2u;
-
-// Reads the vec4 column `c4` of the query row at element offset `base`, a multiple of 4, and
-// scales it here, once, instead of in every score. One vector read in place of four scalar ones
-// also shortens llvmpipe's compile: the 4-row decoding program at head dim 128 unrolls 128 of
-// these reads.
-fn load_q(base: u32, c4: u32) -> vec4<f32> {
-    return params.scale * vec4<f32>(q[base / 4u + c4]);
-}
 
 // Reads the vec4 column `c4` of the K row at element offset `base`.
 fn load_k(base: u32, c4: u32) -> vec4<f32> {

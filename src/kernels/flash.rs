@@ -44,12 +44,14 @@ const FLASH_ROWS_WGSL: &str = concat!(
 );
 const FLASH_ROWS_VEC4_WGSL: &str = concat!(
     include_str!("../../shaders/fused_bindings.wgsl"),
+    include_str!("../../shaders/load_q_vec4.wgsl"),
     include_str!("../../shaders/load_rows_vec4.wgsl"),
     include_str!("../../shaders/flash_rows.wgsl")
 );
 
 /// A program that reads K and V rows through `read_k` and `read_v`, after the fused programs'
 /// bindings and each of the four files that define those reads, in the order of [`RowLoads`].
+/// All but the scalar one read Q through `load_q_vec4.wgsl`.
 macro_rules! with_row_loads {
     ($program:literal) => {
         [
@@ -60,16 +62,19 @@ macro_rules! with_row_loads {
             ),
             concat!(
                 include_str!("../../shaders/fused_bindings.wgsl"),
+                include_str!("../../shaders/load_q_vec4.wgsl"),
                 include_str!("../../shaders/load_rows_vec4.wgsl"),
                 include_str!($program)
             ),
             concat!(
                 include_str!("../../shaders/fused_bindings.wgsl"),
+                include_str!("../../shaders/load_q_vec4.wgsl"),
                 include_str!("../../shaders/load_rows_u64.wgsl"),
                 include_str!($program)
             ),
             concat!(
                 include_str!("../../shaders/fused_bindings.wgsl"),
+                include_str!("../../shaders/load_q_vec4.wgsl"),
                 include_str!("../../shaders/load_rows_u64_f16.wgsl"),
                 include_str!($program)
             ),
