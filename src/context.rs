@@ -20,6 +20,14 @@ pub const LLVMPIPE_MAX_LOOP_ITERATIONS: u64 = 65_535;
 /// Environment variable that picks an adapter by a part of its name or by backend.
 pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 
+/// Returns the adapter request in [`ADAPTER_ENV`], which [`Context::new`] follows, or `None`
+/// when the variable is unset or blank.
+pub fn adapter_request_from_env() -> Option<String> {
+    std::env::var(ADAPTER_ENV)
+        .ok()
+        .filter(|request| !request.trim().is_empty())
+}
+
 /// A wgpu device and queue with the attention pipelines compiled for them.
 ///
 /// Pipelines are compiled on first use and cached, so later calls with the same kernel and tile
@@ -101,10 +109,7 @@ impl Context {
     /// adapter, [`Error::AdapterNotFound`] when none matches the variable, and
     /// [`Error::RequestDevice`] when the device cannot be created.
     pub fn new() -> Result<Self> {
-        let request = std::env::var(ADAPTER_ENV)
-            .ok()
-            .filter(|s| !s.trim().is_empty());
-        Self::with_adapter(request.as_deref())
+        Self::with_adapter(adapter_request_from_env().as_deref())
     }
 
     /// Creates a context on the first adapter matching `request`, or on the best adapter found

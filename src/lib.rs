@@ -45,8 +45,8 @@ pub use attention::{
     Kernel, PreparedAttention,
 };
 pub use context::{
-    ADAPTER_ENV, Context, LLVMPIPE_MAX_LOOP_ITERATIONS, backend_name, enumerate_adapters,
-    select_adapter,
+    ADAPTER_ENV, Context, LLVMPIPE_MAX_LOOP_ITERATIONS, adapter_request_from_env, backend_name,
+    enumerate_adapters, select_adapter,
 };
 pub use error::{Error, INSTALL_HINT, Result};
 /// The f16 type of the `half` crate, used by [`Context::attention_f16`].

@@ -22,9 +22,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
         return Err(wgpu_attention::Error::NoAdapter);
     }
     // The adapter that check, bench and validate open without --adapter.
-    let request = std::env::var(wgpu_attention::ADAPTER_ENV)
-        .ok()
-        .filter(|s| !s.trim().is_empty());
+    let request = wgpu_attention::adapter_request_from_env();
     let default = wgpu_attention::select_adapter(request.as_deref())
         .ok()
         .map(|adapter| adapter.get_info());
