@@ -103,7 +103,7 @@ pub fn attention(
 
 /// Computes full attention on the CPU in f64 as [`attention`] does, and also returns the softmax
 /// probabilities, `[batch, heads, seq_q, seq_kv]` as fixture files store them. With packed
-/// sequences, row `i` of sequence `b` sits at `(b, h, i)`; entries past a sequence's own rows
+/// sequences, row `i` of sequence `b` sits at `(b, h, i)`. Entries past a sequence's own rows
 /// and keys are 0.
 ///
 /// # Errors
@@ -352,7 +352,8 @@ mod tests {
 
     #[test]
     fn two_key_sensitivity_matches_bound() {
-        // Equal scores: p = 1/2 each, M = [1, 3] (q · k = ±1 and ±3, and a mask of 2 on key 1).
+        // Equal scores (1 and -1 + 2): p = 1/2 each. M = [1, 3]: |q · k| = 1 for both keys, plus
+        // the mask of 2 on key 1.
         let problem = AttentionProblem::new(AttentionShape::new(1, 1, 1, 2, 1))
             .with_scale(1.0)
             .with_mask(1, 1);

@@ -217,7 +217,7 @@ fn bench_reports_unsupported_case() {
         assert!(message.contains("max_storage_buffer_binding_size"), "{row}");
         assert!(row["median_ms"].is_null(), "{row}");
         assert_eq!(row["runs"], 0, "{row}");
-        // With nothing timed, the run fails and says why.
+        // With nothing timed, the run fails and prints the reason.
         assert!(!output.status.success());
         assert!(
             stderr(&output).contains("no kernel ran"),

@@ -193,7 +193,8 @@ fn validate_json_lines_parse() {
         assert_eq!(row["status"], "pass", "{row}");
         assert!(row["max_abs"].as_f64().unwrap() <= 1e-5, "{row}");
         let seed = row["seed"].as_str().unwrap();
-        assert!(seed.starts_with("0x") && seed.len() == 18, "{row}");
+        assert!(seed.starts_with("0x"), "{row}");
+        assert_eq!(seed.len(), 18, "{row}");
         assert!(row["tolerance"]["abs"].is_number(), "{row}");
         assert!(row["adapter"].is_string(), "{row}");
         assert!(row["message"].is_null(), "{row}");

@@ -683,15 +683,15 @@ fn short_lengths_use_fewer_splits() {
     // 4 splits, of which 1,500 and 600 keys fill 3 and 2. A batch of two gives at least 2, with
     // one sequence merged and the other written directly in the same call. The shared context's
     // device has the optional features that the subgroup program needs.
-    let one: &[&[u32]] = &[&[8192], &[1500], &[600], &[100], &[0], &[8191]];
-    let two: &[&[u32]] = &[
+    let single_steps: &[&[u32]] = &[&[8192], &[1500], &[600], &[100], &[0], &[8191]];
+    let batch_steps: &[&[u32]] = &[
         &[8192, 8192],
         &[100, 5000],
         &[0, 1],
         &[513, 8191],
         &[8192, 600],
     ];
-    for (batch, steps) in [(1, one), (2, two)] {
+    for (batch, steps) in [(1, single_steps), (2, batch_steps)] {
         decode_at_lengths(batch, steps);
     }
 }

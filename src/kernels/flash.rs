@@ -132,8 +132,8 @@ fn target_workgroups(on_cpu: bool) -> u64 {
     if !on_cpu {
         return TARGET_WORKGROUPS;
     }
-    // On Linux std opens three cgroup files to answer (12.7 µs per call on lavapipe's test
-    // machine, about half of what `record` takes), so the count is taken once per process.
+    // On Linux std opens three cgroup files to answer, 12.7 µs per call on the 2-core VM of
+    // BENCHMARKS.md (about half of a `record` call), so the count is taken once per process.
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let threads = *THREADS
         .get_or_init(|| std::thread::available_parallelism().map_or(1, |threads| threads.get()));

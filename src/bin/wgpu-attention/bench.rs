@@ -367,7 +367,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
         print_footer(&context, session.gpu_timing(), reference);
     }
     if measured == 0 {
-        // Every row says why its kernel did not run; a run that timed nothing is not a success.
+        // Every row gives the reason its kernel did not run, and a run that timed nothing fails.
         eprintln!(
             "error: no kernel ran on any case; see each row's reason, and pick another --adapter, \
              --kernel or --dtype"
@@ -382,7 +382,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
 }
 
 /// State shared by every case of one `bench` invocation.
-/// What the kernels of one case did.
+/// Outcome counts of the kernels of one case.
 #[derive(Default)]
 struct CaseSummary {
     /// Whether any kernel failed with an error other than rejecting the case.

@@ -200,7 +200,7 @@ mod tests {
     fn both_approximate_doubles_limits() {
         // 1.5e-5 is over the f32 limit of 1e-5 but within twice it.
         let (actual, expected) = ([1.000015f64], [1.0f64]);
-        let one = Comparison::new(
+        let one_side = Comparison::new(
             &actual,
             &expected,
             None,
@@ -208,7 +208,7 @@ mod tests {
             Tolerance::F32,
             Sides::OneApproximate,
         );
-        let both = Comparison::new(
+        let both_sides = Comparison::new(
             &actual,
             &expected,
             None,
@@ -216,9 +216,9 @@ mod tests {
             Tolerance::F32,
             Sides::BothApproximate,
         );
-        assert!(!one.passes());
-        assert_eq!(both.tolerance.abs, 2e-5);
-        assert_eq!(both.tolerance.nmse, 4e-10);
-        assert!(both.passes());
+        assert!(!one_side.passes());
+        assert_eq!(both_sides.tolerance.abs, 2e-5);
+        assert_eq!(both_sides.tolerance.nmse, 4e-10);
+        assert!(both_sides.passes());
     }
 }
