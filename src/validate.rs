@@ -46,9 +46,10 @@ pub const REL_FLOOR: f64 = 1e-3;
 /// A score of `d` products summed in f32 is off by at most about `d · 2⁻²⁴` times the sum of its
 /// terms' magnitudes, and by about `√d · 2⁻²⁴` times that in practice. On lavapipe (Mesa 22.3),
 /// the problems of `tests/score_rounding.rs` passed [`Tolerance::F32`] in every kernel with at
-/// most 2 units. They have scales of 20 to 100 at head dims 64 to 256, soft-capping, ALiBi
-/// biases up to 12,000 and rows shifted by a mask of -1e4, and the three-stage and tiled
-/// programs needed the most. 8 units leave a factor of 4 and still reject a scale off by 1 %.
+/// most half a unit. They have scales of 20 to 100 at head dims 64 to 256, soft-capping, ALiBi
+/// biases up to 12,000 and rows shifted by a mask of -1e4. The three-stage and tiled programs
+/// needed 2 units while they summed each dot product serially over the head dim. 8 units leave
+/// room for adapters that sum in another order, and still reject a scale off by 1 %.
 pub const SCORE_ROUNDING: f64 = 8.0 / 16_777_216.0;
 
 impl ErrorStats {
