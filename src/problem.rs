@@ -779,28 +779,42 @@ impl AttentionProblem {
         }
     }
 
-    /// Floating-point operations of the attention, counted as
-    /// `2 · B · H · Sq · Skv · (head_dim + head_dim_v)` (the two matrix products; `4 · … · D`
-    /// when the head dims agree), halved for causal masking. Packed sequences count at the
-    /// longest lengths.
+    /// Floating-point operations of the attention: `2 · (head_dim + head_dim_v)` for each
+    /// (query, key) pair that the causal mask leaves, over `B · H` heads. Without a causal mask
+    /// that is `4 · B · H · Sq · Skv · D` when the head dims agree, and with one on a square
+    /// problem about half of it. Packed sequences count at the longest lengths, and the window
+    /// and key lengths are not counted.
     ///
     /// This is the convention FlashAttention's benchmarks use; it ignores the softmax.
     pub fn flops(&self) -> f64 {
         let s = &self.shape;
         let dims = (s.head_dim + s.head_dim_v) as f64;
-        let full = 2.0 * (s.batch * s.heads) as f64 * s.seq_q as f64 * s.seq_kv as f64 * dims;
-        if self.causal == Causal::None {
-            full
-        } else {
-            full / 2.0
-        }
+        2.0 * (s.batch * s.heads) as f64 * self.causal_pairs() as f64 * dims
     }
 
-    /// Bytes of Q, K, V, the mask and the output in memory: the least memory traffic of one
-    /// call.
+    /// Counts the (query, key) pairs of one head that the causal mask alone leaves.
+    fn causal_pairs(&self) -> u64 {
+        let (seq_q, seq_kv) = (self.shape.seq_q, self.shape.seq_kv);
+        (0..seq_q)
+            .map(|i| match self.causal.last_key(i, seq_q, seq_kv) {
+                Some(last) => last.saturating_add(1).min(seq_kv) as u64,
+                None => 0,
+            })
+            .sum()
+    }
+
+    /// Bytes of Q, the mask and the output in memory, and of the K and V rows that some query
+    /// may attend to under the causal mask: the least memory traffic of one call.
     pub fn io_bytes(&self) -> u64 {
         let s = &self.shape;
-        let tensors = (s.q_len() + s.out_len() + s.k_len() + s.v_len()) * self.dtype.bytes();
+        // `last_key` grows with the query index, so the last query may attend to the most keys.
+        let keys_read = s.seq_q.checked_sub(1).map_or(0, |last_query| {
+            self.causal
+                .last_key(last_query, s.seq_q, s.seq_kv)
+                .map_or(0, |last| last.saturating_add(1).min(s.seq_kv))
+        });
+        let kv_len = (s.k_len() + s.v_len()) * keys_read / s.seq_kv.max(1);
+        let tensors = (s.q_len() + s.out_len() + kv_len) * self.dtype.bytes();
         (tensors + 4 * self.mask_len()) as u64
     }
 
@@ -877,5 +891,61 @@ impl Sequence {
     /// negative.
     pub fn diagonal(&self, i: usize) -> i64 {
         i as i64 + self.anchor as i64 - self.rows as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn causal(shape: AttentionShape, causal: Causal) -> AttentionProblem {
+        AttentionProblem::new(shape).with_causal(causal)
+    }
+
+    #[test]
+    fn flops_count_pairs_the_causal_mask_leaves() {
+        let square = AttentionShape::new(1, 2, 4, 4, 8);
+        // 4 · B · H · Sq · Skv · D without a mask, and 1 + 2 + 3 + 4 of the 16 pairs with one.
+        assert_eq!(causal(square, Causal::None).flops(), 4.0 * 2.0 * 16.0 * 8.0);
+        assert_eq!(
+            causal(square, Causal::TopLeft).flops(),
+            4.0 * 2.0 * 10.0 * 8.0
+        );
+        assert_eq!(
+            causal(square, Causal::BottomRight).flops(),
+            4.0 * 2.0 * 10.0 * 8.0
+        );
+
+        let decode = AttentionShape::new(1, 1, 1, 4096, 64);
+        assert_eq!(causal(decode, Causal::TopLeft).flops(), 4.0 * 64.0);
+        assert_eq!(
+            causal(decode, Causal::BottomRight).flops(),
+            causal(decode, Causal::None).flops()
+        );
+
+        // Top-left rows past the keys see all of them: 1 + 2 + 2.
+        let tall = AttentionShape::new(1, 1, 3, 2, 16);
+        assert_eq!(causal(tall, Causal::TopLeft).flops(), 4.0 * 5.0 * 16.0);
+        // Bottom-right, the first row attends to no key: 0 + 1 + 2.
+        assert_eq!(causal(tall, Causal::BottomRight).flops(), 4.0 * 3.0 * 16.0);
+    }
+
+    #[test]
+    fn io_bytes_count_keys_some_query_reads() {
+        let decode = AttentionShape::new(1, 2, 1, 4096, 64);
+        let q_and_out = 2 * 2 * 64 * 4;
+        let one_key = 2 * 2 * 64 * 4;
+        assert_eq!(
+            causal(decode, Causal::TopLeft).io_bytes(),
+            (q_and_out + one_key) as u64
+        );
+        assert_eq!(
+            causal(decode, Causal::BottomRight).io_bytes(),
+            (q_and_out + 4096 * one_key) as u64
+        );
+        assert_eq!(
+            causal(decode, Causal::None).io_bytes(),
+            (q_and_out + 4096 * one_key) as u64
+        );
     }
 }
