@@ -248,6 +248,28 @@ fn check_save_never_overwrites_inputs() {
 }
 
 #[test]
+fn check_save_names_uncreatable_directory() {
+    let dir = scratch_dir("save-uncreatable");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let target = file.join("out");
+    let output = binary()
+        .arg("check")
+        .arg("--save")
+        .arg(&target)
+        .arg(&fixtures()[0])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--save {}", target.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("creating the directory failed"), "{stderr}");
+}
+
+#[test]
 fn check_reports_malformed_file_and_fails() {
     let dir = scratch_dir("malformed");
     let bad = dir.path().join("broken.safetensors");
@@ -307,6 +329,26 @@ fn closed_output_pipe_ends_quietly() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn info_notes_unmatched_adapter_variable() {
+    let output = binary()
+        .args(["info", "--json"])
+        .env(wgpu_attention::ADAPTER_ENV, "no-such-adapter")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no adapter matches `no-such-adapter`"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for line in stdout.lines() {
+        let adapter: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(adapter["default"], false, "{adapter}");
+    }
 }
 
 #[test]

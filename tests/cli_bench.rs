@@ -231,6 +231,29 @@ fn bench_reports_unsupported_case() {
 }
 
 #[test]
+fn bench_fails_when_only_reference_ran() {
+    // The decoding program takes head dims up to 128 on every adapter, so only the reference
+    // runs, and a script comparing adapters must see the failure.
+    let output = bench(&[
+        "--shape",
+        "1,1,1,4,4,256",
+        "--kernel",
+        "flash-decode,reference",
+        "--json",
+    ]);
+    let rows = json_lines(&output);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["status"], "unsupported", "{}", rows[0]);
+    assert_eq!(rows[1]["status"], "ok", "{}", rows[1]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("no GPU kernel ran"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn bench_rejects_huge_shape_before_drawing_inputs() {
     // 13 TB per tensor, over any device's largest buffer: drawing the inputs first would abort
     // the process on allocation.

@@ -231,6 +231,14 @@ fn validate_reports_unsupported_as_skip() {
 }
 
 #[test]
+fn validate_all_names_default_kernels() {
+    let all = validate(&["--list", "--quick", "--kernel", "all"]);
+    let default = validate(&["--list", "--quick"]);
+    assert!(all.status.success(), "{}", stderr(&all));
+    assert_eq!(stdout(&all), stdout(&default));
+}
+
+#[test]
 fn validate_rejects_unknown_kernel() {
     let output = validate(&["--list", "--kernel", "flash-tiled,fast"]);
     assert!(!output.status.success());

@@ -64,9 +64,10 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object per case and kernel instead of a table. Its fields are case,
     /// batch, heads, kv_heads, seq_q, seq_kv, head_dim, causal, dtype, kernel (the program
     /// that ran), requested_kernel, status, message, median_ms, min_ms, max_ms, first_call_ms,
-    /// runs, timing (gpu timestamps or host clock), gflops, gbps, runs_on (adapter, or host for
-    /// the reference), adapter, backend, driver, driver_info, vendor_id, device_id and
-    /// crate_version.
+    /// runs, timing (`gpu-timestamps`, or `wall-clock` for the host clock), gflops, gbps,
+    /// runs_on (adapter, or host for the reference), adapter, backend, driver, driver_info,
+    /// vendor_id, device_id and crate_version. Host-clock times also count the submission and
+    /// any zero-fill that wgpu adds, so compare rows of one timing.
     #[arg(long)]
     json: bool,
     /// Adapter: a part of its name or a backend (vulkan, metal, dx12, gl). Defaults to
@@ -355,22 +356,36 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
     if !session.json {
         session.progress.suspend(|| session.table.print_header());
     }
-    let (mut failed, mut measured) = (false, 0);
+    let (mut failed, mut measured, mut measured_gpu) = (false, 0, 0);
     for (index, problem) in cases.iter().enumerate() {
         let summary = session.run_case(index, problem);
         failed |= summary.failed;
         measured += summary.measured;
+        measured_gpu += summary.measured_gpu;
     }
     session.progress.finish_and_clear();
     if !session.json {
         let reference = args.kernel.0.contains(&BenchKernel::Reference);
         print_footer(&context, session.gpu_timing(), reference);
     }
+    // Every row gives the reason its kernel did not run. A run that timed nothing fails, and so
+    // does one that timed only the reference when GPU kernels were requested, so that a script
+    // looping over adapters notices an adapter that ran none of them.
+    let gpu_requested = args
+        .kernel
+        .0
+        .iter()
+        .any(|k| matches!(k, BenchKernel::Gpu(_)));
     if measured == 0 {
-        // Every row gives the reason its kernel did not run, and a run that timed nothing fails.
         eprintln!(
             "error: no kernel ran on any case; see each row's reason, and pick another --adapter, \
-             --kernel or --dtype"
+             --shape, --kernel or --dtype"
+        );
+        failed = true;
+    } else if gpu_requested && measured_gpu == 0 {
+        eprintln!(
+            "error: no GPU kernel ran on any case, only the reference; see each row's reason, and \
+             pick another --adapter, --shape, --kernel or --dtype"
         );
         failed = true;
     }
@@ -389,6 +404,8 @@ struct CaseSummary {
     failed: bool,
     /// Kernels that ran and were timed.
     measured: usize,
+    /// GPU kernels among them.
+    measured_gpu: usize,
 }
 
 struct Session<'a> {
@@ -438,7 +455,11 @@ impl Session<'_> {
                 BenchKernel::Reference => time_reference(problem, host, self.settings),
             };
             summary.failed |= matches!(outcome, Outcome::Failed(_));
-            summary.measured += usize::from(matches!(outcome, Outcome::Ok(_)));
+            let timed = usize::from(matches!(outcome, Outcome::Ok(_)));
+            summary.measured += timed;
+            if matches!(kernel, BenchKernel::Gpu(_)) {
+                summary.measured_gpu += timed;
+            }
             self.print_row(&Row {
                 problem,
                 requested: kernel,
@@ -786,7 +807,7 @@ fn time_reference<'a>(
 ///
 /// The reference computes every score, causal or not, and skips masked keys only in the
 /// probabilities-times-values product. So a causal case costs three quarters of the unmasked
-/// FLOPs, not the half that [`AttentionProblem::flops`] counts.
+/// FLOPs, not the pairs left by the mask that [`AttentionProblem::flops`] counts.
 fn reference_seconds_estimate(problem: &AttentionProblem) -> f64 {
     let unmasked = problem.with_causal(Causal::None).flops();
     let work = if problem.causal == Causal::None {

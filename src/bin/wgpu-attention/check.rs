@@ -150,11 +150,15 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
     let adapter = gpu
         .as_ref()
         .map(|(context, _)| crate::adapter_label(context));
-    if let Some(dir) = &args.save {
-        std::fs::create_dir_all(dir).map_err(|source| wgpu_attention::Error::Io {
-            path: dir.display().to_string(),
-            source,
-        })?;
+    if let Some(dir) = &args.save
+        && let Err(error) = std::fs::create_dir_all(dir)
+    {
+        eprintln!(
+            "error: --save {}: creating the directory failed: {error}; pass a directory that can \
+             be created or written",
+            dir.display()
+        );
+        return Ok(ExitCode::FAILURE);
     }
     if !args.json {
         let kernel = match args.kernel {
@@ -201,6 +205,17 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                             println!("ERROR {error}")
                         }
                         _ => println!("ERROR {}: {error}", path.display()),
+                    }
+                    // The library's fix speaks to callers that create their own device.
+                    if matches!(
+                        error,
+                        wgpu_attention::Error::Unsupported { .. }
+                            | wgpu_attention::Error::MissingFeature { .. }
+                    ) {
+                        println!(
+                            "    --kernel auto (the default) or flash picks a program this \
+                             adapter runs; --adapter picks another adapter"
+                        );
                     }
                 }
             }
@@ -432,6 +447,7 @@ fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
     for warning in &fixture.warnings {
         println!("    warning: {warning}");
     }
+    let judged: Vec<&str> = report.judged().into_iter().map(|(key, _)| key).collect();
     let line = |key: &str, label: &str, comparison: &Comparison, index_names: &str| {
         if failed.contains(&key) {
             println!(
@@ -439,8 +455,11 @@ fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
                 comparison.stats
             );
             println!("      {}", comparison.failure_details(index_names));
-        } else {
+        } else if judged.contains(&key) {
             println!("    {label:<28} {}", comparison.stats);
+        } else {
+            // Shown for context: with a GPU output, the file's output is judged against it.
+            println!("    {label:<28} {}  (not judged)", comparison.stats);
         }
     };
     let out_index = "batch, head, row, col";

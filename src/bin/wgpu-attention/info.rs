@@ -23,9 +23,17 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
     }
     // The adapter that check, bench and validate open without --adapter.
     let request = wgpu_attention::adapter_request_from_env();
-    let default = wgpu_attention::select_adapter(request.as_deref())
-        .ok()
-        .map(|adapter| adapter.get_info());
+    let default = match wgpu_attention::select_adapter(request.as_deref()) {
+        Ok(adapter) => Some(adapter.get_info()),
+        Err(error) => {
+            // Only a request from the environment can match nothing here.
+            eprintln!(
+                "note: {} is set, and no adapter is the default: {error}",
+                wgpu_attention::ADAPTER_ENV
+            );
+            None
+        }
+    };
     for (index, adapter) in adapters.iter().enumerate() {
         let info = adapter.get_info();
         let is_default = default.as_ref() == Some(&info);
