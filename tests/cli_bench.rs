@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every field that `bench --json` writes on each line.
-const JSON_FIELDS: [&str; 27] = [
+const JSON_FIELDS: [&str; 29] = [
     "case",
     "batch",
     "heads",
@@ -24,6 +24,8 @@ const JSON_FIELDS: [&str; 27] = [
     "gbps",
     "first_call_ms",
     "runs",
+    "min_runs",
+    "min_time_s",
     "timing",
     "runs_on",
     "adapter",
@@ -92,6 +94,8 @@ fn bench_json_reports_every_kernel() {
         assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["first_call_ms"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
+        assert_eq!(row["min_runs"], 1, "{row}");
+        assert_eq!(row["min_time_s"].as_f64(), Some(0.0), "{row}");
         assert_eq!(row["crate_version"], env!("CARGO_PKG_VERSION"), "{row}");
     }
     for row in &rows[..2] {

@@ -64,7 +64,8 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object per case and kernel instead of a table. Its fields are case,
     /// batch, heads, kv_heads, seq_q, seq_kv, head_dim, causal, dtype, kernel (the program
     /// that ran), requested_kernel, status, message, median_ms, min_ms, max_ms, first_call_ms,
-    /// runs, timing (`gpu-timestamps`, or `wall-clock` for the host clock), gflops, gbps,
+    /// runs, min_runs and min_time_s (the settings that stopped the runs), timing
+    /// (`gpu-timestamps`, or `wall-clock` for the host clock), gflops, gbps,
     /// runs_on (adapter, or host for the reference), adapter, backend, driver, driver_info,
     /// vendor_id, device_id and crate_version. Host-clock times also count the submission and
     /// any zero-fill that wgpu adds, so compare rows of one timing.
@@ -492,7 +493,7 @@ impl Session<'_> {
     fn print_row(&self, row: &Row<'_>) {
         self.progress.suspend(|| {
             if self.json {
-                println!("{}", row_json(row, self.context));
+                println!("{}", row_json(row, self.context, self.settings));
             } else {
                 self.table.print_row(row);
             }
@@ -956,7 +957,7 @@ fn print_footer(context: &Context, gpu_timing: Timing, reference: bool) {
     );
 }
 
-fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
+fn row_json(row: &Row<'_>, context: &Context, settings: RepeatSettings) -> serde_json::Value {
     let shape = &row.problem.shape;
     let info = context.adapter_info();
     let measurement = match &row.outcome {
@@ -986,6 +987,8 @@ fn row_json(row: &Row<'_>, context: &Context) -> serde_json::Value {
         "gbps": rates.map(|(_, gbps)| gbps),
         "first_call_ms": measurement.map(|m| ms(m.first_call)),
         "runs": measurement.map_or(0, |m| m.runs),
+        "min_runs": settings.min_runs,
+        "min_time_s": settings.min_time.as_secs_f64(),
         "timing": measurement.map(|m| m.timing.name()),
         // The reference runs on the host CPU; the adapter fields still name the run's adapter.
         "runs_on": if row.requested == BenchKernel::Reference { "host" } else { "adapter" },
