@@ -326,8 +326,8 @@ mod choice_and_memory {
     use crate::common::{assert_matches_reference, context};
     use wgpu_attention::validate::{ErrorStats, Tolerance};
     use wgpu_attention::{
-        AttentionProblem, AttentionShape, Causal, Error, Kernel, Layout, Strides, TensorStrides,
-        reference,
+        AttentionProblem, AttentionShape, Causal, Error, Kernel, Layout, OwnedInputs, Strides,
+        TensorStrides, reference,
     };
 
     #[test]
@@ -407,6 +407,30 @@ mod choice_and_memory {
                 assert!(
                     lse.passes(&Tolerance::F32),
                     "{kernel:?} lse of head {h} row {i}: {lse}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_splits_rows_at_large_head_dims() {
+        // At head dims of 384 and more, NIR leaves the tiled program's loops over the value
+        // columns rolled, so each key costs more loop iterations on llvmpipe. One split of these
+        // key ranges ran past the driver's loop cap and returned wrong rows without an error.
+        for (head_dim, head_dim_v, keys) in [(576, 512, 1024), (384, 384, 4096)] {
+            let shape = AttentionShape::new(1, 8, 16, keys, head_dim).with_head_dim_v(head_dim_v);
+            let problem = AttentionProblem::new(shape);
+            let data = OwnedInputs::random(&problem, keys as u64);
+            let gpu = context()
+                .attention_with(Kernel::FlashTiled, &problem, &data.inputs())
+                .unwrap();
+            for (h, i) in [(0, 0), (3, 7), (7, 15)] {
+                let row = reference::attention_row(&problem, &data.inputs(), 0, h, i).unwrap();
+                let offset = (h * 16 + i) * head_dim_v;
+                let stats = ErrorStats::compare(&gpu.out[offset..][..head_dim_v], &row.out);
+                assert!(
+                    stats.passes(&Tolerance::F32),
+                    "head dim {head_dim}, {keys} keys, head {h} row {i}: {stats}"
                 );
             }
         }

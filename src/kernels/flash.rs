@@ -177,12 +177,19 @@ impl FlashVariant {
     /// Returns an upper estimate of the loop iterations one invocation runs per key tile, for
     /// llvmpipe's loop cap.
     ///
-    /// Loops with override bounds of up to 32 iterations are unrolled and not counted; the
-    /// others are. Tiled: the tile loop, the K and V staging loops, the dot products over the
-    /// padded head dim, and per row the loops over the lanes' maxima and over the tile's keys
-    /// (measured on lavapipe at head dim 64: about 356 at 16 rows, where this gives 393). Rows:
-    /// the tile loop, the staging loop, and the score and P V loops over the tile's keys, plus 8
-    /// (measured: 148 at head dim 64, where this gives 153).
+    /// Loops over the rows and keys of an invocation (at most 4 iterations) are unrolled and not
+    /// counted; the others are. Tiled: the tile loop, the K and V staging loops, the dot
+    /// products over the padded head dim, per row the loops over the lanes' maxima and over the
+    /// tile's keys, and the loops over an invocation's value columns (D_COLS_V), in the P V
+    /// product for every key of the tile and in the rescale for every row. NIR unrolls those
+    /// column loops up to about 20 columns, and leaves them rolled from 24 (head dims 384 and
+    /// up), where leaving them out of the count let invocations pass the cap and stop early.
+    /// The sum is then taken 10 % larger. Measured on lavapipe (Mesa 22.3) with 8 heads of 16
+    /// rows, as 65,535 over the largest number of tiles that still gave right results: 630 to
+    /// 636 at head dim 192, 555 to 560 at 256, 1,598 to 1,638 at 384, 4,095 to 4,369 at 448,
+    /// 4,681 to 5,041 at 512 and 5,041 to 5,461 at 576 (value head dim 512), where this gives
+    /// 1,324, 1,060, 1,940, 4,936, 5,598 and 5,812. Rows: the tile loop, the staging loop, and the score and P V loops over
+    /// the tile's keys, plus 8 (measured: 148 at head dim 64, where this gives 153).
     fn tile_iterations(&self) -> u64 {
         match self {
             FlashVariant::Tiled(tiles) => {
@@ -193,11 +200,15 @@ impl FlashVariant {
                     * u64::from(tiles.tile_kv() * tiles.k_chunk).div_ceil(invocations)
                     + v_chunks * u64::from(tiles.v_keys * tiles.dv_pad()).div_ceil(invocations);
                 let rows = u64::from(FLASH_ROWS);
-                1 + staging
+                let value_columns = u64::from(tiles.d_cols_v);
+                let counted = 1
+                    + staging
                     + k_chunks
                     + v_chunks
                     + u64::from(tiles.d_pad())
                     + rows * u64::from(tiles.key_lanes + tiles.tile_kv())
+                    + (u64::from(tiles.tile_kv()) + rows) * value_columns;
+                counted + counted.div_ceil(10)
             }
             FlashVariant::Rows(tiles) => {
                 let workgroup = u64::from(tiles.workgroup);
