@@ -804,7 +804,9 @@ impl AttentionProblem {
     }
 
     /// Bytes of Q, the mask and the output in memory, and of the K and V rows that some query
-    /// may attend to under the causal mask: the least memory traffic of one call.
+    /// may attend to under the causal mask: the least memory traffic of one call. As in
+    /// [`AttentionProblem::flops`], packed sequences count at the longest lengths, and the window
+    /// and key lengths are not counted.
     pub fn io_bytes(&self) -> u64 {
         let s = &self.shape;
         // `last_key` grows with the query index, so the last query may attend to the most keys.
@@ -813,7 +815,8 @@ impl AttentionProblem {
                 .last_key(last_query, s.seq_q, s.seq_kv)
                 .map_or(0, |last| last.saturating_add(1).min(s.seq_kv))
         });
-        let kv_len = (s.k_len() + s.v_len()) * keys_read / s.seq_kv.max(1);
+        // K and V hold seq_kv rows each, so the division is exact.
+        let kv_len = (s.k_len() + s.v_len()) / s.seq_kv.max(1) * keys_read;
         let tensors = (s.q_len() + s.out_len() + kv_len) * self.dtype.bytes();
         (tensors + 4 * self.mask_len()) as u64
     }

@@ -341,7 +341,7 @@ fn info_notes_unmatched_adapter_variable() {
     assert!(output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("no adapter matches `no-such-adapter`"),
+        stderr.contains("WGPU_ATTENTION_ADAPTER=`no-such-adapter` matches no adapter"),
         "{stderr}"
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -737,4 +737,56 @@ fn check_saves_reference_for_inputs_only() {
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
+}
+
+#[test]
+fn check_hints_command_line_fix_for_named_program() {
+    use wgpu_attention::{AttentionProblem, AttentionShape, OwnedInputs};
+    // The decoding program takes head dims up to 128, on every adapter.
+    let problem = AttentionProblem::new(AttentionShape::new(1, 1, 2, 3, 160));
+    let data = OwnedInputs::random(&problem, 5);
+    let dir = scratch_dir("named-program");
+    let input = dir.path().join("wide.safetensors");
+    write_f32_fixture(&input, &problem, &data, None);
+    let hint = "--kernel auto (the default) or flash picks a program this adapter runs";
+
+    let output = binary()
+        .args(["check", "--kernel", "flash-decode"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("ERROR"), "{stdout}");
+    assert!(stdout.contains(hint), "{stdout}");
+
+    let output = binary()
+        .args(["check", "--kernel", "auto"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(!stdout.contains(hint), "{stdout}");
+}
+
+#[test]
+fn check_marks_unjudged_comparison() {
+    let output = binary().arg("check").arg(&fixtures()[0]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    // With a GPU output, the reference's output against the file's is shown but not judged.
+    let line = |label: &str| {
+        stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no `{label}` line in {stdout}"))
+            .to_string()
+    };
+    assert!(
+        line("reference vs expected").ends_with("(not judged)"),
+        "{stdout}"
+    );
+    assert!(!line("gpu vs reference").contains("not judged"), "{stdout}");
+    assert!(!line("gpu vs expected").contains("not judged"), "{stdout}");
 }

@@ -106,8 +106,12 @@ fn large_scores_pass_with_allowance() {
             assert!(out.passes(&Tolerance::F32), "{label} output: {out}");
             assert!(lse.passes(&Tolerance::F32), "{label} lse: {lse}");
             // Every program sums its dot products in blocks (vec4 lanes, or blocks of staged
-            // columns), and needs at most half a unit here. One serial sum over the head dim
-            // needed 2 units at head dims 128 and 256.
+            // columns), and needs at most half a unit here on llvmpipe, through Vulkan and GL.
+            // One serial sum over the head dim needed 2 units at head dims 128 and 256. Other
+            // drivers may order the sums differently, so the bound holds on llvmpipe only.
+            if !context.adapter_info().name.contains("llvmpipe") {
+                continue;
+            }
             assert!(
                 out_units <= 1.0,
                 "{label}: output needs {out_units} units, not at most 1"

@@ -807,16 +807,15 @@ fn time_reference<'a>(
 /// Estimated seconds of one [`reference::attention`] call.
 ///
 /// The reference computes every score, causal or not, and skips masked keys only in the
-/// probabilities-times-values product. So a causal case costs three quarters of the unmasked
-/// FLOPs, not the pairs left by the mask that [`AttentionProblem::flops`] counts.
+/// probabilities-times-values product. So its work is the unmasked score product plus the
+/// value product over the pairs that [`AttentionProblem::flops`] counts.
 fn reference_seconds_estimate(problem: &AttentionProblem) -> f64 {
+    let s = &problem.shape;
+    let (head_dim, head_dim_v) = (s.head_dim as f64, s.head_dim_v as f64);
     let unmasked = problem.with_causal(Causal::None).flops();
-    let work = if problem.causal == Causal::None {
-        unmasked
-    } else {
-        0.75 * unmasked
-    };
-    work / REFERENCE_FLOPS_PER_SECOND
+    let scores = unmasked * head_dim / (head_dim + head_dim_v);
+    let values = problem.flops() * head_dim_v / (head_dim + head_dim_v);
+    (scores + values) / REFERENCE_FLOPS_PER_SECOND
 }
 
 /// Runs `run_once` once as a warm-up, then until both `settings.min_time` has passed and

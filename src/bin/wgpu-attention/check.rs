@@ -206,12 +206,19 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                         }
                         _ => println!("ERROR {}: {error}", path.display()),
                     }
-                    // The library's fix speaks to callers that create their own device.
-                    if matches!(
-                        error,
-                        wgpu_attention::Error::Unsupported { .. }
-                            | wgpu_attention::Error::MissingFeature { .. }
-                    ) {
+                    // The library's fix speaks to callers that create their own device. auto and
+                    // flash already pick a program the adapter runs.
+                    let named_program = matches!(
+                        args.kernel,
+                        Checked::Gpu(kernel) if !matches!(kernel, Kernel::Auto | Kernel::Flash)
+                    );
+                    if named_program
+                        && matches!(
+                            error,
+                            wgpu_attention::Error::Unsupported { .. }
+                                | wgpu_attention::Error::MissingFeature { .. }
+                        )
+                    {
                         println!(
                             "    --kernel auto (the default) or flash picks a program this \
                              adapter runs; --adapter picks another adapter"

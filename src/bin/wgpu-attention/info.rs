@@ -27,8 +27,13 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
         Ok(adapter) => Some(adapter.get_info()),
         Err(error) => {
             // Only a request from the environment can match nothing here.
+            let request = match &error {
+                wgpu_attention::Error::AdapterNotFound { request, .. } => request.clone(),
+                _ => error.to_string(),
+            };
             eprintln!(
-                "note: {} is set, and no adapter is the default: {error}",
+                "note: {}=`{request}` matches no adapter below, so none is the default; set it \
+                 to a part of an adapter's name or to its backend, or unset it",
                 wgpu_attention::ADAPTER_ENV
             );
             None
