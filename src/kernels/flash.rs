@@ -188,8 +188,10 @@ impl FlashVariant {
     /// rows, as 65,535 over the largest number of tiles that still gave right results: 630 to
     /// 636 at head dim 192, 555 to 560 at 256, 1,598 to 1,638 at 384, 4,095 to 4,369 at 448,
     /// 4,681 to 5,041 at 512 and 5,041 to 5,461 at 576 (value head dim 512), where this gives
-    /// 1,324, 1,060, 1,940, 4,936, 5,598 and 5,812. Rows: the tile loop, the staging loop, and the score and P V loops over
-    /// the tile's keys, plus 8 (measured: 148 at head dim 64, where this gives 153).
+    /// 1,324, 1,060, 1,940, 4,936, 5,598 and 5,812.
+    ///
+    /// Rows: the tile loop, the staging loop, and the score and P V loops over the tile's keys,
+    /// plus 8 (measured: 148 at head dim 64, where this gives 153).
     fn tile_iterations(&self) -> u64 {
         match self {
             FlashVariant::Tiled(tiles) => {

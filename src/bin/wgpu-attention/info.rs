@@ -25,17 +25,17 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode, wgpu_attention::Error> {
     let request = wgpu_attention::adapter_request_from_env();
     let default = match wgpu_attention::select_adapter(request.as_deref()) {
         Ok(adapter) => Some(adapter.get_info()),
-        Err(error) => {
-            // Only a request from the environment can match nothing here.
-            let request = match &error {
-                wgpu_attention::Error::AdapterNotFound { request, .. } => request.clone(),
-                _ => error.to_string(),
-            };
+        // Only a request from the environment can match nothing here.
+        Err(wgpu_attention::Error::AdapterNotFound { request, .. }) => {
             eprintln!(
                 "note: {}=`{request}` matches no adapter below, so none is the default; set it \
                  to a part of an adapter's name or to its backend, or unset it",
                 wgpu_attention::ADAPTER_ENV
             );
+            None
+        }
+        Err(error) => {
+            eprintln!("note: no adapter is the default: {error}");
             None
         }
     };
