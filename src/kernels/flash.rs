@@ -179,12 +179,12 @@ impl FlashVariant {
     ///
     /// Loops over the rows and keys of an invocation (at most 4 iterations) are unrolled and not
     /// counted; the others are. Tiled: the tile loop, the K and V staging loops, the dot
-    /// products over the padded head dim, per row the loops over the lanes' maxima and over the
-    /// tile's keys, and the loops over an invocation's value columns (D_COLS_V), in the P V
-    /// product for every key of the tile and in the rescale for every row. NIR unrolls those
-    /// column loops up to about 20 columns, and leaves them rolled from 24 (head dims 384 and
-    /// up), where leaving them out of the count let invocations pass the cap and stop early.
-    /// The sum is then taken 10 % larger. Measured on lavapipe (Mesa 22.3) with 8 heads of 16
+    /// products over the padded head dim, and per row the loops over the lanes' maxima and over
+    /// the tile's keys. Then come the loops over an invocation's value columns (D_COLS_V): in
+    /// the P V product for every key of the tile, and in the rescale for every row. NIR unrolls
+    /// those up to about 20 columns and leaves them rolled from 24 (head dims 384 and up).
+    /// Before they were counted, invocations there passed the cap and stopped early. The sum is
+    /// then taken 10 % larger. Measured on lavapipe (Mesa 22.3) with 8 heads of 16
     /// rows, as 65,535 over the largest number of tiles that still gave right results: 630 to
     /// 636 at head dim 192, 555 to 560 at 256, 1,598 to 1,638 at 384, 4,095 to 4,369 at 448,
     /// 4,681 to 5,041 at 512 and 5,041 to 5,461 at 576 (value head dim 512), where this gives
