@@ -140,6 +140,11 @@ fn target_workgroups(on_cpu: bool) -> u64 {
     (2 * threads as u64).clamp(4, TARGET_WORKGROUPS)
 }
 
+/// Most value columns per invocation (`D_COLS_V`) at which the tiled program's loops over them
+/// are counted as unrolled for llvmpipe's loop cap. NIR (Mesa 22.3) unrolled them at 20 and
+/// left them rolled at 24.
+const FLASH_UNROLLED_VALUE_COLUMNS: u32 = 20;
+
 /// The fused program that runs, with its sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FlashVariant {
@@ -181,14 +186,22 @@ impl FlashVariant {
     /// counted; the others are. Tiled: the tile loop, the K and V staging loops, the dot
     /// products over the padded head dim, and per row the loops over the lanes' maxima and over
     /// the tile's keys. Then come the loops over an invocation's value columns (D_COLS_V): in
-    /// the P V product for every key of the tile, and in the rescale for every row. NIR unrolls
-    /// those up to about 20 columns and leaves them rolled from 24 (head dims 384 and up).
-    /// Before they were counted, invocations there passed the cap and stopped early. The sum is
-    /// then taken 10 % larger. Measured on lavapipe (Mesa 22.3) with 8 heads of 16
-    /// rows, as 65,535 over the largest number of tiles that still gave right results: 630 to
-    /// 636 at head dim 192, 555 to 560 at 256, 1,598 to 1,638 at 384, 4,095 to 4,369 at 448,
-    /// 4,681 to 5,041 at 512 and 5,041 to 5,461 at 576 (value head dim 512), where this gives
-    /// 1,324, 1,060, 1,940, 4,936, 5,598 and 5,812.
+    /// the P V product for every key of the tile, and in the rescale for every row. NIR
+    /// unrolled those at 12 to 20 columns and left them rolled from 24 (head dims 384 and up),
+    /// so they count from 21 columns, and the sum is then taken 10 % larger. Before they were
+    /// counted, invocations at those head dims passed the cap and stopped early. Counting them
+    /// at every head dim would give shapes such as B1 H8 S4096 D256 more splits than the
+    /// partial outputs' binding holds.
+    ///
+    /// Iterations per tile measured on lavapipe (Mesa 22.3) with 8 heads of 16 rows, as 65,535
+    /// over the largest number of tiles that still gave right results, and this estimate:
+    /// - head dim 192: 630 to 636, estimate 771;
+    /// - 256: 555 to 560, estimate 643;
+    /// - 320: 682 to 689, estimate 771;
+    /// - 384: 1,598 to 1,638, estimate 1,940;
+    /// - 448: 4,095 to 4,369, estimate 4,936;
+    /// - 512: 4,681 to 5,041, estimate 5,598;
+    /// - 576 (value head dim 512): 5,041 to 5,461, estimate 5,812.
     ///
     /// Rows: the tile loop, the staging loop, and the score and P V loops over the tile's keys,
     /// plus 8 (measured: 148 at head dim 64, where this gives 153).
@@ -202,15 +215,19 @@ impl FlashVariant {
                     * u64::from(tiles.tile_kv() * tiles.k_chunk).div_ceil(invocations)
                     + v_chunks * u64::from(tiles.v_keys * tiles.dv_pad()).div_ceil(invocations);
                 let rows = u64::from(FLASH_ROWS);
-                let value_columns = u64::from(tiles.d_cols_v);
                 let counted = 1
                     + staging
                     + k_chunks
                     + v_chunks
                     + u64::from(tiles.d_pad())
-                    + rows * u64::from(tiles.key_lanes + tiles.tile_kv())
-                    + (u64::from(tiles.tile_kv()) + rows) * value_columns;
-                counted + counted.div_ceil(10)
+                    + rows * u64::from(tiles.key_lanes + tiles.tile_kv());
+                if tiles.d_cols_v <= FLASH_UNROLLED_VALUE_COLUMNS {
+                    counted
+                } else {
+                    let columns = (u64::from(tiles.tile_kv()) + rows) * u64::from(tiles.d_cols_v);
+                    let with_columns = counted + columns;
+                    with_columns + with_columns.div_ceil(10)
+                }
             }
             FlashVariant::Rows(tiles) => {
                 let workgroup = u64::from(tiles.workgroup);
