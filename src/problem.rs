@@ -794,13 +794,17 @@ impl AttentionProblem {
 
     /// Counts the (query, key) pairs of one head that the causal mask alone leaves.
     fn causal_pairs(&self) -> u64 {
-        let (seq_q, seq_kv) = (self.shape.seq_q, self.shape.seq_kv);
-        (0..seq_q)
-            .map(|i| match self.causal.last_key(i, seq_q, seq_kv) {
-                Some(last) => last.saturating_add(1).min(seq_kv) as u64,
-                None => 0,
-            })
+        (0..self.shape.seq_q)
+            .map(|i| self.causal_keys(i) as u64)
             .sum()
+    }
+
+    /// Counts the keys that query `i` may attend to under the causal mask alone.
+    fn causal_keys(&self, i: usize) -> usize {
+        let (seq_q, seq_kv) = (self.shape.seq_q, self.shape.seq_kv);
+        self.causal
+            .last_key(i, seq_q, seq_kv)
+            .map_or(0, |last| last.saturating_add(1).min(seq_kv))
     }
 
     /// Bytes of Q, the mask and the output in memory, and of the K and V rows that some query
@@ -810,11 +814,10 @@ impl AttentionProblem {
     pub fn io_bytes(&self) -> u64 {
         let s = &self.shape;
         // `last_key` grows with the query index, so the last query may attend to the most keys.
-        let keys_read = s.seq_q.checked_sub(1).map_or(0, |last_query| {
-            self.causal
-                .last_key(last_query, s.seq_q, s.seq_kv)
-                .map_or(0, |last| last.saturating_add(1).min(s.seq_kv))
-        });
+        let keys_read = s
+            .seq_q
+            .checked_sub(1)
+            .map_or(0, |last_query| self.causal_keys(last_query));
         // K and V hold seq_kv rows each, so the division is exact.
         let kv_len = (s.k_len() + s.v_len()) / s.seq_kv.max(1) * keys_read;
         let tensors = (s.q_len() + s.out_len() + kv_len) * self.dtype.bytes();
@@ -926,7 +929,7 @@ mod tests {
             causal(decode, Causal::None).flops()
         );
 
-        // Top-left rows past the keys see all of them: 1 + 2 + 2.
+        // Top-left rows past the keys attend to all of them: 1 + 2 + 2.
         let tall = AttentionShape::new(1, 1, 3, 2, 16);
         assert_eq!(causal(tall, Causal::TopLeft).flops(), 4.0 * 5.0 * 16.0);
         // Bottom-right, the first row attends to no key: 0 + 1 + 2.

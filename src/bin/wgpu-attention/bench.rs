@@ -810,8 +810,8 @@ fn time_reference<'a>(
 /// probabilities-times-values product. So its work is the unmasked score product plus the
 /// value product over the pairs that [`AttentionProblem::flops`] counts.
 fn reference_seconds_estimate(problem: &AttentionProblem) -> f64 {
-    let s = &problem.shape;
-    let (head_dim, head_dim_v) = (s.head_dim as f64, s.head_dim_v as f64);
+    let shape = &problem.shape;
+    let (head_dim, head_dim_v) = (shape.head_dim as f64, shape.head_dim_v as f64);
     let unmasked = problem.with_causal(Causal::None).flops();
     let scores = unmasked * head_dim / (head_dim + head_dim_v);
     let values = problem.flops() * head_dim_v / (head_dim + head_dim_v);

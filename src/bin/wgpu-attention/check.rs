@@ -206,8 +206,8 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                         }
                         _ => println!("ERROR {}: {error}", path.display()),
                     }
-                    // The library's fix speaks to callers that create their own device. auto and
-                    // flash already pick a program the adapter runs.
+                    // The library's fix is written for callers that create their own device. auto
+                    // and flash already pick a program the adapter runs, so they get no hint.
                     let named_program = matches!(
                         args.kernel,
                         Checked::Gpu(kernel) if !matches!(kernel, Kernel::Auto | Kernel::Flash)
@@ -465,7 +465,8 @@ fn print_report(path: &Path, fixture: &Fixture, report: &Report) {
         } else if judged.contains(&key) {
             println!("    {label:<28} {}", comparison.stats);
         } else {
-            // Shown for context: with a GPU output, the file's output is judged against it.
+            // Shown for context only. With a GPU output, the file's output is judged against
+            // the GPU's.
             println!("    {label:<28} {}  (not judged)", comparison.stats);
         }
     };
