@@ -201,7 +201,11 @@ fn cap_score(s: f32) -> f32 {
     let x = clamp(s / params.softcap, -15.0, 15.0);
     let x2 = x * x;
     let series = x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))));
-    return params.softcap * select(tanh(x), series, abs(x) < 0.125);
+    let capped = params.softcap * select(tanh(x), series, abs(x) < 0.125);
+    // WGSL leaves clamp of a NaN to the implementation, and llvmpipe returns the lower bound,
+    // which would cap a NaN score to -softcap. A NaN score stays NaN, as in the reference, so
+    // that its row becomes NaN.
+    return select(capped, s, is_nan(s));
 }
 
 // The keys row `i` may attend to, as [x, y): those that exist and that the causal mask and the

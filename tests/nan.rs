@@ -77,6 +77,22 @@ fn nan_key_makes_attending_rows_nan() {
 }
 
 #[test]
+fn nan_key_stays_nan_through_softcap() {
+    // Soft-capping clamps the score before its tanh, and a clamp may turn NaN into a bound.
+    for d in HEAD_DIMS {
+        let problem = causal_problem(d).with_softcap(30.0);
+        let mut data = crate::common::random_inputs(&problem, 2, 0.0);
+        data.k[10 * d + 5] = f32::NAN;
+        check(
+            "nan key, soft-capped",
+            &problem,
+            &data,
+            &(10..40).collect::<Vec<_>>(),
+        );
+    }
+}
+
+#[test]
 fn infinite_query_makes_its_row_nan() {
     for d in HEAD_DIMS {
         let problem = causal_problem(d);
