@@ -437,6 +437,27 @@ mod choice_and_memory {
     }
 
     #[test]
+    fn packed_rows_split_at_loop_cap() {
+        // Packed sequences keep wgpu's bounds checks, and with them NIR leaves the loops over
+        // vec4 columns of the decoding and subgroup programs rolled, so each key costs more loop
+        // iterations on llvmpipe. One split of these sequences ran past the driver's loop cap
+        // and returned wrong rows without an error.
+        for (kernel, heads, seq_q, keys) in [
+            (Kernel::FlashDecode, 4, 1, 8192),
+            (Kernel::FlashDecode, 16, 1, 8192),
+            (Kernel::FlashSubgroup, 4, 8, 4096),
+        ] {
+            let shape = AttentionShape::new(2, heads, seq_q, keys, 128).with_kv_heads(4);
+            let problem = AttentionProblem::new(shape).with_packed(2 * seq_q, 2 * keys);
+            let data = OwnedInputs::random(&problem, keys as u64);
+            let (q, kv) = (seq_q as u32, keys as u32);
+            let (cu_q, cu_kv) = ([0, q, 2 * q], [0, kv, 2 * kv]);
+            let inputs = data.inputs().with_cu_seqlens(&cu_q, &cu_kv);
+            assert_matches_reference(kernel, &problem, &inputs);
+        }
+    }
+
+    #[test]
     fn decode_group_block_with_splits() {
         // Grouped-query decoding: the 4 query heads of each key/value head form one block of the
         // decoding program, whose 4,096 keys are split for parallelism and merged again.

@@ -28,9 +28,7 @@ use crate::kernels::tiling::{
     FLASH_DECODE_ROWS, FLASH_ROWS, FLASH_SUBGROUP_SIZE, FlashDecodeTiles, FlashRowTiles,
     FlashSubgroupTiles, FlashTiles, RowLoads,
 };
-use crate::kernels::{
-    Command, EXTRA_ALIBI, EXTRA_PACKED, KernelParams, check_binding, compile, grid_dispatches,
-};
+use crate::kernels::{Command, EXTRA_ALIBI, KernelParams, check_binding, compile, grid_dispatches};
 use crate::problem::AttentionProblem;
 
 const FLASH_WGSL: &str = concat!(
@@ -180,7 +178,10 @@ impl FlashVariant {
     }
 
     /// Returns an upper estimate of the loop iterations one invocation runs per key tile, for
-    /// llvmpipe's loop cap.
+    /// llvmpipe's loop cap, with wgpu's bounds checks on or off (see [`Self::bounds_checks`]).
+    ///
+    /// llvmpipe counts every pass through a loop, the final one that ends it included, so a
+    /// rolled loop of n iterations counts n + 1 each time it is entered.
     ///
     /// Loops over the rows and keys of an invocation (at most 4 iterations) are unrolled and not
     /// counted; the others are. Tiled: the tile loop, the K and V staging loops, the dot
@@ -205,7 +206,21 @@ impl FlashVariant {
     ///
     /// Rows: the tile loop, the staging loop, and the score and P V loops over the tile's keys,
     /// plus 8 (measured: 148 at head dim 64, where this gives 153).
-    fn tile_iterations(&self) -> u64 {
+    ///
+    /// Decoding and subgroup programs without bounds checks: one step of the key loop, whose
+    /// inner loops NIR unrolls, and 2 leaves a margin. With bounds checks NIR no longer unrolls
+    /// their loops over vec4 columns, nor the softmax's loop over the rows. Each step then counts
+    /// the key loop and those loops, taken 10 % larger. The decoding program has two column
+    /// loops (K and V), and the subgroup program four (reading K and V, and using them).
+    /// Measured on lavapipe (Mesa 22.3) with packed sequences, ALiBi, soft-capping and sinks, as
+    /// 65,535 over the number of steps at which rows first went wrong, against the count before
+    /// the margin:
+    /// - decoding, 4 rows: 67 at head dim 128 (count 72), 35 at 64 (count 40), and 67 with
+    ///   f16 storage at 128;
+    /// - subgroup, 2 rows at head dim 128: 136 in f32 and f16 (count 136);
+    /// - subgroup, 4 rows at head dim 64: 74 in f16 and 40 in f32 (count 74).
+    fn tile_iterations(&self, bounds_checks: bool) -> u64 {
+        let with_margin = |count: u64| count + count.div_ceil(10);
         match self {
             FlashVariant::Tiled(tiles) => {
                 let invocations = u64::from(tiles.key_lanes * tiles.row_lanes);
@@ -225,8 +240,7 @@ impl FlashVariant {
                     counted
                 } else {
                     let columns = (u64::from(tiles.tile_kv()) + rows) * u64::from(tiles.d_cols_v);
-                    let with_columns = counted + columns;
-                    with_columns + with_columns.div_ceil(10)
+                    with_margin(counted + columns)
                 }
             }
             FlashVariant::Rows(tiles) => {
@@ -235,15 +249,22 @@ impl FlashVariant {
                     + u64::from(tiles.tile_kv * tiles.d4v).div_ceil(workgroup);
                 1 + staging + 2 * u64::from(tiles.tile_kv) + 8
             }
-            // One step of the key loop per invocation, whose inner loops run at most 32 times
-            // and are unrolled; 2 leaves a margin.
-            FlashVariant::Decode(_) => 2,
-            // One step of the key loop, whose inner loops are unrolled.
-            FlashVariant::Subgroup(_) => 2,
+            FlashVariant::Decode(_) | FlashVariant::Subgroup(_) if !bounds_checks => 2,
+            FlashVariant::Decode(tiles) => {
+                let (rows, d4, d4v) = (tiles.rows, tiles.d4, tiles.d4v);
+                with_margin(u64::from(1 + (rows + 1) + (d4 + 1) + (d4v + 1)))
+            }
+            FlashVariant::Subgroup(tiles) => {
+                let (rows, d4, d4v) = (tiles.rows, tiles.d4, tiles.d4v);
+                with_margin(u64::from(1 + (rows + 1) + 2 * (d4 + 1) + 2 * (d4v + 1)))
+            }
         }
     }
 
-    /// Loop iterations before the key loop: loading the Q block.
+    /// Returns an upper estimate of the loop iterations outside the key loop. That is loading
+    /// the Q block, and in the decoding and subgroup programs also the merge and the output
+    /// stores, which follow the key loop and share its count. For those two programs every such
+    /// loop is counted as rolled, at n + 1 passes.
     fn setup_iterations(&self) -> u64 {
         match self {
             FlashVariant::Tiled(tiles) => {
@@ -251,12 +272,38 @@ impl FlashVariant {
                 u64::from(tiles.block_q() * tiles.d_pad()).div_ceil(invocations)
             }
             FlashVariant::Rows(_) => 0,
-            // The merge runs one iteration per row, and NIR unrolls the loops inside it. The count
-            // treats those loops, over the vec4 columns and the invocations, as rolled.
+            // Per row: loading Q, the initial state, publishing the state, and the merge. The
+            // merge has two loops over the invocations and a column loop, which contains one more
+            // loop over the invocations and one over a vec4.
             FlashVariant::Decode(tiles) => {
-                u64::from(tiles.rows) * (u64::from(tiles.d4v.div_ceil(tiles.workgroup)) + 8)
+                let (rows, d4, d4v, wg) = (tiles.rows, tiles.d4, tiles.d4v, tiles.workgroup);
+                let merge_columns = d4v.div_ceil(wg);
+                let per_row = (d4 + 1)
+                    + (d4v + 1)
+                    + 2 * (wg + 1)
+                    + (merge_columns + 1)
+                    + merge_columns * ((wg + 1) + 5);
+                8 + u64::from(rows) * u64::from(per_row)
             }
-            FlashVariant::Subgroup(_) => 0,
+            // Per row: loading Q, and the output stores, staged or not, whose loops over the
+            // columns each contain a loop over a vec4.
+            FlashVariant::Subgroup(tiles) => {
+                let (rows, d4, d4v) = (tiles.rows, tiles.d4, tiles.d4v);
+                let per_row = (d4 + 1) + 2 * (d4v + 1) + d4v * 5;
+                8 + u64::from(rows) * u64::from(per_row)
+            }
+        }
+    }
+
+    /// Returns whether the program is built with wgpu's bounds checks. The decoding and
+    /// subgroup programs run without them on CPU adapters (see `compile`), unless the sequences
+    /// are packed, because a GPU caller's sequence offsets then reach the programs unchecked.
+    fn bounds_checks(&self, problem: &AttentionProblem, on_cpu: bool) -> bool {
+        match self {
+            FlashVariant::Tiled(_) | FlashVariant::Rows(_) => true,
+            FlashVariant::Decode(_) | FlashVariant::Subgroup(_) => {
+                !on_cpu || problem.packed.is_some()
+            }
         }
     }
 
@@ -277,7 +324,7 @@ impl FlashVariant {
                     ("V_KEYS", tiles.v_keys),
                     ("KV_TILE", tiles.kv_tile()),
                 ],
-                bounds_checks: true,
+                bounds_checks: self.bounds_checks(problem, on_cpu),
             },
             FlashVariant::Rows(tiles) => PipelineKey {
                 shader: if tiles.vec4_loads {
@@ -292,7 +339,7 @@ impl FlashVariant {
                     ("D4", tiles.d4),
                     ("D4V", tiles.d4v),
                 ],
-                bounds_checks: true,
+                bounds_checks: self.bounds_checks(problem, on_cpu),
             },
             FlashVariant::Decode(tiles) => {
                 let mut constants = vec![("WG", tiles.workgroup), ("ROWS", tiles.rows)];
@@ -305,7 +352,7 @@ impl FlashVariant {
                     },
                     dtype: problem.dtype,
                     constants,
-                    bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
+                    bounds_checks: self.bounds_checks(problem, on_cpu),
                 }
             }
             FlashVariant::Subgroup(tiles) => {
@@ -323,7 +370,7 @@ impl FlashVariant {
                     },
                     dtype: problem.dtype,
                     constants,
-                    bounds_checks: !on_cpu || extras & EXTRA_PACKED != 0,
+                    bounds_checks: self.bounds_checks(problem, on_cpu),
                 }
             }
         }
@@ -356,12 +403,15 @@ pub(crate) struct FlashPlan {
 /// [`Kernel::Flash`] takes the tiled program on GPUs. On CPU adapters, at head dims up to 128,
 /// it takes the decoding program where a key/value head has at most [`FLASH_DECODE_ROWS`]
 /// packed rows, and the subgroup program above where the device has subgroups of exactly 8.
-/// Each falls back to the other, then to the row and tiled programs. On lavapipe the decoding
-/// program ran 12.4× faster than the row program for one query row (B1 H32 Skv4096 D128). At 4
-/// rows per key/value head it ran about as fast as the subgroup program, which then leaves half
-/// its lanes idle (7.0 against 7.2 ms, B1 H32 H_kv8 Skv4096 D128). At 1 row it was faster (21.3
-/// against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats at a time, the
-/// subgroup program ran 1.7× to 2.3× faster than the decoding program from 512 × 512 to
+/// Each falls back to the other, then to the row and tiled programs. The next program also
+/// takes over where one would need more key splits than fit the partial outputs' binding, as
+/// packed sequences on CPU adapters can, because their loops count more passes per key.
+///
+/// On lavapipe the decoding program ran 12.4× faster than the row program for one query row (B1 H32
+/// Skv4096 D128). At 4 rows per key/value head it ran about as fast as the subgroup program, which
+/// then leaves half its lanes idle (7.0 against 7.2 ms, B1 H32 H_kv8 Skv4096 D128). At 1 row it was
+/// faster (21.3 against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats at a
+/// time, the subgroup program ran 1.7× to 2.3× faster than the decoding program from 512 × 512 to
 /// 4,096 × 4,096 (B1 H8 D64). At the MiniLM batch it ran 2.7× faster.
 // NOTE: measured on lavapipe only (Mesa 22.3.6, 2 cores); other CPU drivers may differ.
 pub(crate) fn plan(
@@ -388,23 +438,46 @@ pub(crate) fn plan(
             .map(FlashVariant::Subgroup)
     };
     let few_rows = s.group_size() * s.seq_q <= FLASH_DECODE_ROWS as usize;
-    let variant = match kernel {
-        Kernel::FlashRows => rows(),
-        Kernel::FlashTiled => tiled(),
-        Kernel::FlashDecode => decode(),
-        Kernel::FlashSubgroup => subgroup(),
-        _ if on_cpu && few_rows => decode().or_else(subgroup).or_else(rows).or_else(tiled),
-        _ if on_cpu => subgroup().or_else(decode).or_else(rows).or_else(tiled),
-        _ => tiled(),
+    // The programs to try, in order of preference. A program that needs more key splits than
+    // fit the partial outputs' binding gives way to the next.
+    let candidates = match kernel {
+        Kernel::FlashRows => vec![rows()],
+        Kernel::FlashTiled => vec![tiled()],
+        Kernel::FlashDecode => vec![decode()],
+        Kernel::FlashSubgroup => vec![subgroup()],
+        _ if on_cpu && few_rows => vec![decode(), subgroup(), rows(), tiled()],
+        _ if on_cpu => vec![subgroup(), decode(), rows(), tiled()],
+        _ => vec![tiled()],
     };
-    let variant = variant.ok_or_else(|| unsupported(context, kernel, problem))?;
+    let mut first_error = None;
+    for variant in candidates.into_iter().flatten() {
+        match split_keys(context, problem, variant) {
+            Ok(plan) => return Ok(plan),
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| unsupported(context, kernel, problem)))
+}
 
+/// Splits the key range of `problem` for `variant`: enough splits to keep each invocation
+/// under llvmpipe's loop cap and, on small grids, to give every thread of the device work.
+/// Returns the error of a split whose partial outputs exceed the binding limit.
+fn split_keys(
+    context: &Context,
+    problem: &AttentionProblem,
+    variant: FlashVariant,
+) -> Result<FlashPlan> {
+    let s = &problem.shape;
+    let on_cpu = context.on_cpu();
     let tile_kv = u64::from(variant.tile_kv());
     let seq_kv = s.seq_kv as u64;
     let mut splits = 1;
     if context.loop_iterations_capped() {
         let budget = LLVMPIPE_MAX_LOOP_ITERATIONS - variant.setup_iterations();
-        let max_keys = (budget / variant.tile_iterations()) * tile_kv;
+        let per_tile = variant.tile_iterations(variant.bounds_checks(problem, on_cpu));
+        let max_keys = (budget / per_tile) * tile_kv;
         splits = seq_kv.div_ceil(max_keys.max(tile_kv));
     }
     let workgroups = ((s.group_size() * s.seq_q) as u64).div_ceil(u64::from(variant.block_q()))
@@ -418,7 +491,7 @@ pub(crate) fn plan(
     let kv_splits = seq_kv.div_ceil(keys_per_split);
     if kv_splits > 1 {
         check_binding(
-            limits,
+            context.limits(),
             "partial outputs of the key splits",
             kv_splits as usize * (s.out_len() + 2 * s.lse_len()),
             4,
