@@ -555,30 +555,36 @@ mod choice_and_memory {
     #[test]
     fn llvmpipe_rejects_three_stage_over_loop_cap() {
         // The three-stage output stage loops over every key in one invocation; on llvmpipe it
-        // must return an error past the cap rather than a truncated sum.
+        // must return an error past the cap rather than a truncated sum. 38,000 keys ran past
+        // the cap but were accepted while the count of loop passes was too low.
         let is_llvmpipe = context().adapter_info().name.contains("llvmpipe");
+        for keys in [38_000, 65_536] {
+            let shape = AttentionShape::new(1, 1, 4, keys, 8);
+            let problem = AttentionProblem::new(shape);
+            let data = crate::common::random_inputs(&problem, keys as u64, 0.0);
+            let result = context().attention_with(Kernel::ThreeStage, &problem, &data.inputs());
+            if is_llvmpipe {
+                let error = result.unwrap_err();
+                assert!(
+                    matches!(
+                        error,
+                        Error::Unsupported {
+                            kernel: "three-stage",
+                            ..
+                        }
+                    ),
+                    "{keys} keys: {error}"
+                );
+            } else {
+                let gpu = result.unwrap();
+                let row = reference::attention_row(&problem, &data.inputs(), 0, 0, 3).unwrap();
+                let stats = ErrorStats::compare(&gpu.out[3 * 8..][..8], &row.out);
+                assert!(stats.passes(&Tolerance::F32), "{keys} keys: {stats}");
+            }
+        }
         let shape = AttentionShape::new(1, 1, 4, 65536, 8);
         let problem = AttentionProblem::new(shape);
         let data = crate::common::random_inputs(&problem, 65536, 0.0);
-        let result = context().attention_with(Kernel::ThreeStage, &problem, &data.inputs());
-        if is_llvmpipe {
-            let error = result.unwrap_err();
-            assert!(
-                matches!(
-                    error,
-                    Error::Unsupported {
-                        kernel: "three-stage",
-                        ..
-                    }
-                ),
-                "{error}"
-            );
-        } else {
-            let gpu = result.unwrap();
-            let row = reference::attention_row(&problem, &data.inputs(), 0, 0, 3).unwrap();
-            let stats = ErrorStats::compare(&gpu.out[3 * 8..][..8], &row.out);
-            assert!(stats.passes(&Tolerance::F32), "{stats}");
-        }
         assert!(matches!(
             Kernel::Auto.resolve(&problem, context()),
             Kernel::FlashRows | Kernel::FlashDecode | Kernel::FlashSubgroup | Kernel::FlashTiled
