@@ -1,7 +1,7 @@
 //! `validate`: runs the kernels on a grid of generated problems and judges each output against
 //! the f64 CPU reference.
 //!
-//! A case is one problem, one dtype and one kernel. The grid has six parts:
+//! A case is one problem, one dtype and one kernel. The grid has seven parts:
 //!
 //! - every pair of odd sequence lengths from [`SEQ_LENS`] (with `seq_q > seq_kv` too), crossed
 //!   with every head dim, with the grouped-query ratio and the masking options rotated so that
@@ -14,6 +14,8 @@
 //!   key lengths, packed sequences), crossed with every layout of [`LAYOUTS`] and every head-dim
 //!   pair of [`VARIANT_HEAD_DIMS`], with the masking options, lengths and ratios rotated;
 //! - long prefill at [`LONG_PREFILL`], where the subgroup program takes its largest blocks;
+//! - packed sequences of thousands of keys ([`LONG_PACKED`]), in decoding and prefill, where
+//!   llvmpipe's loop cap splits the key range more often than without packing;
 //! - large scores: the explicit scales of [`LARGE_SCALES`], in prefill and decoding, which the
 //!   f32 tolerance alone would reject without an allowance for score rounding.
 //!
@@ -338,6 +340,38 @@ fn long_prefill_problems() -> Vec<AttentionProblem> {
     problems
 }
 
+/// Sequence lengths of the long packed part, as (query, key) lengths per sequence, and the query
+/// heads over 4 key/value heads. On llvmpipe, packed sequences keep the decoding and subgroup
+/// programs' loops over vec4 columns rolled, and one split of the first sequence of each problem
+/// would pass the driver's loop cap unless the split sizes count those loops.
+const LONG_PACKED: [([(usize, usize); 2], usize); 2] =
+    [([(1, 8192), (1, 3001)], 16), ([(64, 4096), (17, 1031)], 4)];
+
+/// Builds the long packed part: each entry of [`LONG_PACKED`] at head dim 128, without and with
+/// ALiBi slopes and sinks.
+fn long_packed_problems() -> Vec<GridProblem> {
+    let mut problems = Vec::new();
+    for (lengths, heads) in LONG_PACKED {
+        for variants in [false, true] {
+            let (seq_q, seq_kv) = lengths[0];
+            let total = |pick: fn(&(usize, usize)) -> usize| lengths.iter().map(pick).sum();
+            let shape =
+                AttentionShape::new(lengths.len(), heads, seq_q, seq_kv, 128).with_kv_heads(4);
+            let problem = AttentionProblem::new(shape)
+                .with_causal(Causal::BottomRight)
+                .with_packed(total(|l| l.0), total(|l| l.1));
+            let extras = Extras {
+                alibi: variants,
+                sinks: variants,
+                kv_lens: false,
+                packed: Some(lengths.to_vec()),
+            };
+            problems.push(GridProblem { problem, extras });
+        }
+    }
+    problems
+}
+
 /// The variants that live in the inputs rather than in the problem.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Extras {
@@ -480,6 +514,7 @@ fn grid_problems() -> Vec<GridProblem> {
         .map(GridProblem::plain)
         .collect();
     problems.extend(variant_problems());
+    problems.extend(long_packed_problems());
     for grid in &mut problems {
         reveal_keys(grid);
     }
