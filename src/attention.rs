@@ -9,8 +9,8 @@ use crate::context::{Context, Scratch};
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, OptionalLens};
 use crate::kernels::{
-    AuxLayout, Command, EXTRA_ALIBI, EXTRA_KV_LENS, EXTRA_PACKED, EXTRA_SINKS, check_binding,
-    encode, flash, three_stage,
+    AuxLayout, Command, EXTRA_ALIBI, EXTRA_KV_LENS, EXTRA_PACKED, EXTRA_SINKS, SPLIT_KEYS_FIX,
+    SPLIT_ROWS_FIX, check_binding, encode, flash, three_stage,
 };
 use crate::problem::{AttentionProblem, Dtype};
 use half::f16;
@@ -791,11 +791,17 @@ impl Context {
         let limits = self.limits();
         let element = problem.dtype.bytes();
         let [q, k, v, out] = problem.spans();
-        check_binding(limits, "q", q, element)?;
-        check_binding(limits, "k", k, element)?;
-        check_binding(limits, "v", v, element)?;
-        check_binding(limits, "out", out, element)?;
-        check_binding(limits, "mask", problem.mask_len(), 4)?;
+        check_binding(limits, "tensor `q`", q, element, SPLIT_ROWS_FIX)?;
+        check_binding(limits, "tensor `k`", k, element, SPLIT_KEYS_FIX)?;
+        check_binding(limits, "tensor `v`", v, element, SPLIT_KEYS_FIX)?;
+        check_binding(limits, "tensor `out`", out, element, SPLIT_ROWS_FIX)?;
+        check_binding(
+            limits,
+            "tensor `mask`",
+            problem.mask_len(),
+            4,
+            SPLIT_ROWS_FIX,
+        )?;
         Ok(())
     }
 }

@@ -367,6 +367,51 @@ fn tensor_over_binding_limit_is_rejected() {
         .unwrap_err();
     assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
     assert!(error.to_string().contains("tensor `q`"), "{error}");
+    assert!(error.to_string().contains("query rows"), "{error}");
+
+    // K of 1,024 keys at head dim 64 takes 256 KiB, and the fix names the key range.
+    let shape = AttentionShape::new(1, 1, 1, 1024, 64);
+    let problem = AttentionProblem::new(shape);
+    let data = crate::common::random_inputs(&problem, 5, 0.0);
+    let error = context
+        .attention_with(Kernel::Flash, &problem, &data.inputs())
+        .unwrap_err();
+    assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
+    assert!(error.to_string().contains("tensor `k`"), "{error}");
+    assert!(error.to_string().contains("merge_partials"), "{error}");
+}
+
+#[test]
+fn row_programs_report_their_workgroup_memory() {
+    // 4 KiB of workgroup memory fits no block of the row or decoding program at head dim 128.
+    // Each must name its own need, which is over the limit, while the tiled program still runs.
+    let (device, queue) =
+        device_with_limits(|limits| limits.max_compute_workgroup_storage_size = 4096);
+    let context = Context::from_device(device, queue);
+    let shape = AttentionShape::new(2, 4, 100, 300, 128).with_kv_heads(2);
+    let problem = AttentionProblem::new(shape);
+    let data = crate::common::random_inputs(&problem, 7, 0.0);
+    for kernel in [Kernel::FlashRows, Kernel::FlashDecode] {
+        let error = context
+            .attention_with(kernel, &problem, &data.inputs())
+            .unwrap_err();
+        match &error {
+            Error::ExceedsLimit {
+                value,
+                limit,
+                limit_name,
+                ..
+            } => {
+                assert!(value > limit, "{kernel:?}: {error}");
+                assert_eq!(*limit, 4096, "{kernel:?}");
+                assert_eq!(*limit_name, "max_compute_workgroup_storage_size");
+            }
+            other => panic!("{kernel:?}: expected ExceedsLimit, got {other}"),
+        }
+        assert!(error.to_string().contains(kernel.name()), "{error}");
+        assert!(error.to_string().contains("Kernel::Flash"), "{error}");
+    }
+    assert_matches_reference_on(&context, Kernel::FlashTiled, &problem, &data.inputs());
 }
 
 #[test]

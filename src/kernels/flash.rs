@@ -25,8 +25,8 @@ use crate::context::{Context, LLVMPIPE_MAX_LOOP_ITERATIONS, PipelineKey, Scratch
 use crate::error::{Error, Result};
 use crate::kernels::three_stage::Bindings;
 use crate::kernels::tiling::{
-    FLASH_DECODE_ROWS, FLASH_ROWS, FLASH_SUBGROUP_SIZE, FlashDecodeTiles, FlashRowTiles,
-    FlashSubgroupTiles, FlashTiles, RowLoads,
+    FLASH_DECODE_ROWS, FLASH_ROWS, FLASH_ROWS_MIN_TILE_KV, FLASH_SUBGROUP_SIZE, FlashDecodeTiles,
+    FlashRowTiles, FlashSubgroupTiles, FlashTiles, RowLoads,
 };
 use crate::kernels::{Command, EXTRA_ALIBI, KernelParams, check_binding, compile, grid_dispatches};
 use crate::problem::AttentionProblem;
@@ -492,9 +492,12 @@ fn split_keys(
     if kv_splits > 1 {
         check_binding(
             context.limits(),
-            "partial outputs of the key splits",
+            "the partial outputs of the key splits",
             kv_splits as usize * (s.out_len() + 2 * s.lse_len()),
             4,
+            "use Kernel::Flash (flash in the CLI), which picks a program whose splits fit, or \
+             split the batch, the heads or the query rows into several calls (causal masks, \
+             windows and ALiBi then need adjusting to each part)",
         )?;
     }
     Ok(FlashPlan {
@@ -525,7 +528,8 @@ fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) ->
             fix: "use Kernel::Flash or Kernel::FlashTiled (flash or flash-tiled in the CLI)",
         };
     }
-    if kernel == Kernel::FlashSubgroup {
+    let subgroup_fits = context.fixed_subgroup_size() == Some(FLASH_SUBGROUP_SIZE);
+    if kernel == Kernel::FlashSubgroup && !subgroup_fits {
         let info = context.adapter_info();
         if context.features().contains(wgpu::Features::SUBGROUP) {
             return Error::Unsupported {
@@ -545,21 +549,54 @@ fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) ->
                   or use Kernel::Flash (flash in the CLI), which picks a program the device runs",
         };
     }
-    let smallest = FlashTiles {
-        key_lanes: 16,
-        row_lanes: 1,
-        keys_per_lane: 1,
-        d_cols: (s.head_dim as u32).div_ceil(16),
-        d_cols_v: (s.head_dim_v as u32).div_ceil(16),
-        k_chunk: 16,
-        v_keys: 1,
+
+    // Otherwise the program's smallest block does not fit the device's workgroup memory.
+    let row_fix = "use Kernel::Flash (flash in the CLI), which picks a program that fits the \
+                   device, or Kernel::ThreeStage (three-stage)";
+    let (block, needed, fix) = match kernel {
+        Kernel::FlashRows => (
+            format!("a tile of {FLASH_ROWS_MIN_TILE_KV} K and V rows"),
+            FLASH_ROWS_MIN_TILE_KV * FlashRowTiles::key_bytes(problem),
+            row_fix,
+        ),
+        Kernel::FlashDecode => (
+            "the merge state of one row".to_string(),
+            FlashDecodeTiles::row_bytes(problem, limits),
+            row_fix,
+        ),
+        Kernel::FlashSubgroup => (
+            "the outputs of one row per invocation".to_string(),
+            FlashSubgroupTiles::row_bytes(problem),
+            row_fix,
+        ),
+        _ => {
+            let smallest = FlashTiles {
+                key_lanes: 16,
+                row_lanes: 1,
+                keys_per_lane: 1,
+                d_cols: (s.head_dim as u32).div_ceil(16),
+                d_cols_v: (s.head_dim_v as u32).div_ceil(16),
+                k_chunk: 16,
+                v_keys: 1,
+            };
+            (
+                "the smallest block of the tiled program".to_string(),
+                smallest.workgroup_bytes(),
+                "use Kernel::ThreeStage (three-stage in the CLI) on this device",
+            )
+        }
     };
     Error::ExceedsLimit {
-        what: format!("the fused kernel at head_dim {head_dim}"),
-        value: u64::from(smallest.workgroup_bytes()),
+        what: format!(
+            "{} at head dims {}/{} ({block})",
+            kernel.name(),
+            s.head_dim,
+            s.head_dim_v
+        ),
+        value: u64::from(needed),
         limit_name: "max_compute_workgroup_storage_size",
         limit: u64::from(limits.max_compute_workgroup_storage_size),
-        fix: "use Kernel::ThreeStage (three-stage in the CLI) on this device",
+        fix,
     }
 }
 

@@ -445,12 +445,23 @@ pub(crate) fn max_binding_bytes(limits: &wgpu::Limits) -> u64 {
         .min(limits.max_buffer_size)
 }
 
-/// Checks that a tensor of `elements` values of `element_bytes` each fits in one storage binding.
+/// The fix for a query-side tensor (Q, the output or the mask) over the binding limit.
+pub(crate) const SPLIT_ROWS_FIX: &str = "split the batch or the heads into several calls, or \
+    the query rows (causal masks, windows and ALiBi then need adjusting to each part)";
+
+/// The fix for K or V over the binding limit.
+pub(crate) const SPLIT_KEYS_FIX: &str = "split the batch or the heads into several calls, or \
+    the key range, and combine the calls' results with merge_partials (masks then need \
+    adjusting to each range)";
+
+/// Checks that `what` (such as "tensor `q`"), `elements` values of `element_bytes` each, fits in
+/// one storage binding. Returns [`Error::ExceedsLimit`] with `fix` where it does not.
 pub(crate) fn check_binding(
     limits: &wgpu::Limits,
-    tensor: &str,
+    what: &str,
     elements: usize,
     element_bytes: usize,
+    fix: &'static str,
 ) -> Result<()> {
     let bytes = (element_bytes * elements) as u64;
     let limit = max_binding_bytes(limits);
@@ -461,11 +472,11 @@ pub(crate) fn check_binding(
             "max_buffer_size"
         };
         return Err(Error::ExceedsLimit {
-            what: format!("tensor `{tensor}` ({elements} values of {element_bytes} bytes)"),
+            what: format!("{what} ({elements} values of {element_bytes} bytes)"),
             value: bytes,
             limit_name,
             limit,
-            fix: "split the batch or the heads into several calls",
+            fix,
         });
     }
     Ok(())

@@ -422,16 +422,21 @@ impl FlashSubgroupTiles {
         let rows = (columns / (d4 + d4v))
             .min(packed_rows.div_ceil(FLASH_SUBGROUP_SIZE))
             .clamp(1, FLASH_SUBGROUP_MAX_ROWS);
-        // The finished rows wait in workgroup memory for the output stores.
-        let rows = rows_that_fit(rows, limits, |rows| {
-            rows * FLASH_SUBGROUP_SIZE * (16 * d4v + 4)
-        })?;
+        let row_bytes = Self::row_bytes(problem);
+        let rows = rows_that_fit(rows, limits, |rows| rows * row_bytes)?;
         Some(Self {
             rows,
             d4,
             d4v,
             loads,
         })
+    }
+
+    /// Returns the workgroup memory that each row per invocation takes: the finished rows wait
+    /// there for the output stores.
+    pub fn row_bytes(problem: &AttentionProblem) -> u32 {
+        let d4v = (problem.shape.head_dim_v as u32).div_ceil(4);
+        FLASH_SUBGROUP_SIZE * (16 * d4v + 4)
     }
 }
 
@@ -470,9 +475,7 @@ impl FlashDecodeTiles {
         if s.head_dim.max(s.head_dim_v) > FLASH_ROWS_MAX_HEAD_DIM {
             return None;
         }
-        let workgroup = 8
-            .min(limits.max_compute_invocations_per_workgroup)
-            .min(limits.max_compute_workgroup_size_x);
+        let workgroup = Self::workgroup(limits);
         let packed_rows = (s.group_size() * s.seq_q) as u32;
         let d4 = (s.head_dim as u32).div_ceil(4);
         let d4v = (s.head_dim_v as u32).div_ceil(4);
@@ -482,8 +485,8 @@ impl FlashDecodeTiles {
             let by_columns = FLASH_DECODE_COLUMNS / (d4 + d4v);
             floor_power_of_two(by_columns.max(1)).min(FLASH_DECODE_ROWS)
         };
-        // The merge keeps every invocation's state for every row in workgroup memory.
-        let rows = rows_that_fit(rows, limits, |rows| rows * workgroup * (12 + 16 * d4v))?;
+        let row_bytes = Self::row_bytes(problem, limits);
+        let rows = rows_that_fit(rows, limits, |rows| rows * row_bytes)?;
         Some(Self {
             workgroup,
             rows,
@@ -491,6 +494,19 @@ impl FlashDecodeTiles {
             d4v,
             loads,
         })
+    }
+
+    /// Returns the invocations per workgroup: 8, or fewer where the device allows fewer.
+    fn workgroup(limits: &wgpu::Limits) -> u32 {
+        8.min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x)
+    }
+
+    /// Returns the workgroup memory that each row of a block takes: the merge keeps every
+    /// invocation's state for the row there.
+    pub fn row_bytes(problem: &AttentionProblem, limits: &wgpu::Limits) -> u32 {
+        let d4v = (problem.shape.head_dim_v as u32).div_ceil(4);
+        Self::workgroup(limits) * (12 + 16 * d4v)
     }
 }
 
@@ -536,9 +552,9 @@ impl FlashRowTiles {
             .clamp(8, 64)
             .min(limits.max_compute_invocations_per_workgroup)
             .min(limits.max_compute_workgroup_size_x);
-        let by_memory = limits.max_compute_workgroup_storage_size / ((d4 + d4v) * 16);
+        let by_memory = limits.max_compute_workgroup_storage_size / Self::key_bytes(problem);
         let tile_kv = by_memory.min(64);
-        let tile_kv = if tile_kv >= 8 {
+        let tile_kv = if tile_kv >= FLASH_ROWS_MIN_TILE_KV {
             floor_power_of_two(tile_kv)
         } else {
             return None;
@@ -551,7 +567,16 @@ impl FlashRowTiles {
             vec4_loads: vec4_rows(problem),
         })
     }
+
+    /// Returns the workgroup memory that each key of a tile takes: its K and V rows.
+    pub fn key_bytes(problem: &AttentionProblem) -> u32 {
+        let s = &problem.shape;
+        16 * ((s.head_dim as u32).div_ceil(4) + (s.head_dim_v as u32).div_ceil(4))
+    }
 }
+
+/// Minimum keys per tile of the row program.
+pub(crate) const FLASH_ROWS_MIN_TILE_KV: u32 = 8;
 
 #[cfg(test)]
 mod tests {
