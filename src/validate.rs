@@ -25,6 +25,8 @@ pub struct ErrorStats {
     pub worst_index: usize,
     /// Elements where one side is NaN or infinite and the other is not the same non-finite value.
     pub nonfinite_mismatches: usize,
+    /// Flat index of the first such element, which `worst_index` never points to.
+    pub first_nonfinite_mismatch: Option<usize>,
     /// Elements compared.
     pub len: usize,
     /// Largest amount by which `|actual - expected|` exceeds its element's allowance for the f32
@@ -126,6 +128,7 @@ impl ErrorStats {
             if !e.is_finite() || !a.is_finite() {
                 if excess > 0.0 {
                     stats.nonfinite_mismatches += 1;
+                    stats.first_nonfinite_mismatch.get_or_insert(index);
                 }
                 continue;
             }
@@ -203,8 +206,12 @@ impl fmt::Display for ErrorStats {
                 self.max_abs_excess, self.nmse_excess
             )?;
         }
-        if self.nonfinite_mismatches > 0 {
-            write!(f, ", {} NaN/inf mismatches", self.nonfinite_mismatches)?;
+        if let Some(first) = self.first_nonfinite_mismatch {
+            write!(
+                f,
+                ", {} NaN/inf mismatches (the first at {first})",
+                self.nonfinite_mismatches
+            )?;
         }
         Ok(())
     }

@@ -163,7 +163,7 @@ fn check_reference_alone_judges_the_files() {
     assert!(stdout.contains("f32 tolerance: "), "{stdout}");
     // The shifted element is the first of batch element 0, head 0.
     assert!(
-        stdout.contains("largest error at [0, 0, 0, 0] (batch, head, row, col)"),
+        stdout.contains("largest finite error at [0, 0, 0, 0] (batch, head, row, col)"),
         "{stdout}"
     );
     assert!(

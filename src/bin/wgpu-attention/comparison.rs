@@ -16,7 +16,7 @@ pub(crate) enum Sides {
     BothApproximate,
 }
 
-/// The largest error's place in the compared tensor, and its two values.
+/// An element's place in the compared tensor, and its two values.
 pub(crate) struct Worst {
     /// Indices into the compared tensor, outermost first.
     pub(crate) index: Vec<usize>,
@@ -31,6 +31,9 @@ pub(crate) struct Comparison {
     pub(crate) tolerance: Tolerance,
     /// The largest absolute error's place, or `None` when the tensors are empty.
     pub(crate) worst: Option<Worst>,
+    /// The first element where one side is NaN or infinite and the other differs, which the
+    /// largest error leaves out.
+    pub(crate) first_nonfinite: Option<Worst>,
     /// Elements whose error is over the absolute limit, counted per `(batch, head)`, in order.
     pub(crate) over_limit_by_head: Vec<((usize, usize), usize)>,
 }
@@ -60,11 +63,13 @@ impl Comparison {
         let allowance =
             |index: usize| sensitivity.map_or(0.0, |s| factor * SCORE_ROUNDING * s[index]);
         let stats = ErrorStats::compare_with_allowance(actual, expected, allowance);
-        let worst = (stats.len > 0).then(|| Worst {
-            index: unravel(stats.worst_index, dims),
-            actual: actual[stats.worst_index].into(),
-            expected: expected[stats.worst_index].into(),
-        });
+        let element = |index: usize| Worst {
+            index: unravel(index, dims),
+            actual: actual[index].into(),
+            expected: expected[index].into(),
+        };
+        let worst = (stats.len > 0).then(|| element(stats.worst_index));
+        let first_nonfinite = stats.first_nonfinite_mismatch.map(element);
         let limit = tolerance.abs_limit(stats.max_expected);
         let head_len: usize = dims[2..].iter().product();
         let mut over_limit_by_head: Vec<((usize, usize), usize)> = Vec::new();
@@ -82,6 +87,7 @@ impl Comparison {
             stats,
             tolerance,
             worst,
+            first_nonfinite,
             over_limit_by_head,
         }
     }
@@ -97,10 +103,17 @@ impl Comparison {
             self.tolerance.abs_limit(self.stats.max_expected),
             self.tolerance.nmse
         );
+        if let Some(first) = &self.first_nonfinite {
+            let _ = write!(
+                text,
+                "; first NaN/inf mismatch at {:?} ({index_names}): {:.7e} against {:.7e} expected",
+                first.index, first.actual, first.expected
+            );
+        }
         if let Some(worst) = &self.worst {
             let _ = write!(
                 text,
-                "; largest error at {:?} ({index_names}): {:.7e} against {:.7e} expected",
+                "; largest finite error at {:?} ({index_names}): {:.7e} against {:.7e} expected",
                 worst.index, worst.actual, worst.expected
             );
         }
@@ -144,6 +157,11 @@ impl Comparison {
                 "expected": worst.expected,
             })),
             "nonfinite_mismatches": stats.nonfinite_mismatches,
+            "first_nonfinite_mismatch": self.first_nonfinite.as_ref().map(|first| json!({
+                "index": first.index,
+                "actual": first.actual,
+                "expected": first.expected,
+            })),
             "limits": {
                 "max_abs": self.tolerance.abs_limit(stats.max_expected),
                 "nmse": self.tolerance.nmse,
@@ -194,6 +212,30 @@ mod tests {
         let worst = comparison.worst.unwrap();
         assert_eq!(worst.index, [0, 1, 0]);
         assert_eq!(worst.actual, 1.0);
+    }
+
+    #[test]
+    fn names_first_nonfinite_mismatch() {
+        // [1, 2, 2] tensor: element [0, 1, 1] is expected NaN, and the others differ by rounding.
+        let comparison = Comparison::new(
+            &[0.5f32, 0.25, 1.0, 2.0],
+            &[0.5f64, 0.25 + 1e-9, 1.0, f64::NAN],
+            None,
+            &[1, 2, 2],
+            Tolerance::F32,
+            Sides::OneApproximate,
+        );
+        assert!(!comparison.passes());
+        let first = comparison.first_nonfinite.as_ref().unwrap();
+        assert_eq!(first.index, [0, 1, 1]);
+        assert_eq!(first.actual, 2.0);
+        assert!(first.expected.is_nan());
+        let details = comparison.failure_details("batch, head, col");
+        assert!(
+            details.contains("first NaN/inf mismatch at [0, 1, 1]"),
+            "{details}"
+        );
+        assert_eq!(comparison.worst.as_ref().unwrap().index, [0, 0, 1]);
     }
 
     #[test]
