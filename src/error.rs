@@ -185,10 +185,12 @@ pub enum Error {
         what: String,
     },
 
-    /// The output's strides map two elements to the same place.
+    /// The output's strides are not nested, so two elements may share a place. Strides pass
+    /// when, sorted by size, each one is larger than the span that the smaller ones cover.
     #[error(
-        "the strides of `{tensor}` ({strides}) make different elements overlap; give each \
-         (batch, head, position, column) its own element, for example with Layout::Bhsd"
+        "the strides of `{tensor}` ({strides}) may map two elements to the same place: sorted \
+         by size, each stride must be larger than the span that the smaller strides cover. Give \
+         each (batch, head, position, column) its own element, for example with Layout::Bhsd"
     )]
     OverlappingStrides {
         /// Which tensor.
