@@ -186,11 +186,13 @@ pub enum Error {
     },
 
     /// The output's strides are not nested, so two elements may share a place. Strides pass
-    /// when, sorted by size, each one is larger than the span that the smaller ones cover.
+    /// when, sorted by size, each one is larger than the span that the smaller ones cover, with
+    /// dimensions of extent 1 left out.
     #[error(
         "the strides of `{tensor}` ({strides}) may map two elements to the same place: sorted \
-         by size, each stride must be larger than the span that the smaller strides cover. Give \
-         each (batch, head, position, column) its own element, for example with Layout::Bhsd"
+         by size, each stride must be larger than the span that the smaller strides cover \
+         (dimensions of extent 1 aside). Give each (batch, head, position, column) its own \
+         element, for example with Layout::Bhsd"
     )]
     OverlappingStrides {
         /// Which tensor.

@@ -21,11 +21,12 @@ pub struct ErrorStats {
     pub nmse: f64,
     /// Largest `|expected|`, the magnitude that absolute errors are judged against.
     pub max_expected: f64,
-    /// Flat index of the element with the largest absolute error.
+    /// Flat index of the element with the largest absolute error among those where both sides
+    /// are finite (0 when there is none).
     pub worst_index: usize,
     /// Elements where one side is NaN or infinite and the other is not the same non-finite value.
     pub nonfinite_mismatches: usize,
-    /// Flat index of the first such element, which `worst_index` never points to.
+    /// Flat index of the first such element, if any.
     pub first_nonfinite_mismatch: Option<usize>,
     /// Elements compared.
     pub len: usize,
@@ -122,6 +123,7 @@ impl ErrorStats {
             ..Default::default()
         };
         let (mut err_sq, mut excess_sq, mut ref_sq) = (0.0f64, 0.0f64, 0.0f64);
+        let mut finite_seen = false;
         for (index, (&a, &e)) in actual.iter().zip(expected).enumerate() {
             let (a, e): (f64, f64) = (a.into(), e.into());
             let excess = Self::element_excess(a, e, allowance(index));
@@ -133,9 +135,10 @@ impl ErrorStats {
                 continue;
             }
             let diff = (a - e).abs();
-            if diff > stats.max_abs {
+            if diff > stats.max_abs || !finite_seen {
                 stats.max_abs = diff;
                 stats.worst_index = index;
+                finite_seen = true;
             }
             if e.abs() >= rel_floor && e != 0.0 {
                 stats.max_rel = stats.max_rel.max(diff / e.abs());

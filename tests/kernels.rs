@@ -440,18 +440,25 @@ mod choice_and_memory {
     fn packed_rows_split_at_loop_cap() {
         // Packed sequences keep wgpu's bounds checks, and with them NIR leaves the loops over
         // vec4 columns of the decoding and subgroup programs rolled, so each key costs more loop
-        // iterations on llvmpipe. One split of these sequences ran past the driver's loop cap
-        // and returned wrong rows without an error.
+        // iterations on llvmpipe. One split of the long sequence ran past the driver's loop cap
+        // and returned wrong rows without an error. 63 one-key sequences over 2 key/value heads
+        // bring the grid to 128 workgroups, the most that the split rule targets on any machine,
+        // so no split for parallelism shortens the long sequence's key range.
         for (kernel, heads, seq_q, keys) in [
-            (Kernel::FlashDecode, 4, 1, 8192),
-            (Kernel::FlashDecode, 16, 1, 8192),
-            (Kernel::FlashSubgroup, 4, 8, 4096),
+            (Kernel::FlashDecode, 2, 1, 8192),
+            (Kernel::FlashDecode, 8, 1, 8192),
+            (Kernel::FlashSubgroup, 2, 8, 4096),
         ] {
-            let shape = AttentionShape::new(2, heads, seq_q, keys, 128).with_kv_heads(4);
-            let problem = AttentionProblem::new(shape).with_packed(2 * seq_q, 2 * keys);
+            let mut lengths = vec![(seq_q as u32, keys as u32)];
+            lengths.resize(64, (1, 1));
+            let (mut cu_q, mut cu_kv) = (vec![0], vec![0]);
+            for &(q, kv) in &lengths {
+                cu_q.push(cu_q.last().unwrap() + q);
+                cu_kv.push(cu_kv.last().unwrap() + kv);
+            }
+            let shape = AttentionShape::new(64, heads, seq_q, keys, 128).with_kv_heads(2);
+            let problem = AttentionProblem::new(shape).with_packed(seq_q + 63, keys + 63);
             let data = OwnedInputs::random(&problem, keys as u64);
-            let (q, kv) = (seq_q as u32, keys as u32);
-            let (cu_q, cu_kv) = ([0, q, 2 * q], [0, kv, 2 * kv]);
             let inputs = data.inputs().with_cu_seqlens(&cu_q, &cu_kv);
             assert_matches_reference(kernel, &problem, &inputs);
         }

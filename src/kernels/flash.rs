@@ -28,7 +28,9 @@ use crate::kernels::tiling::{
     FLASH_DECODE_ROWS, FLASH_ROWS, FLASH_ROWS_MIN_TILE_KV, FLASH_SUBGROUP_SIZE, FlashDecodeTiles,
     FlashRowTiles, FlashSubgroupTiles, FlashTiles, RowLoads,
 };
-use crate::kernels::{Command, EXTRA_ALIBI, KernelParams, check_binding, compile, grid_dispatches};
+use crate::kernels::{
+    Command, EXTRA_ALIBI, KernelParams, SPLIT_ROWS_FIX, check_binding, compile, grid_dispatches,
+};
 use crate::problem::AttentionProblem;
 
 const FLASH_WGSL: &str = concat!(
@@ -264,7 +266,8 @@ impl FlashVariant {
     /// Returns an upper estimate of the loop iterations outside the key loop. That is loading
     /// the Q block, and in the decoding and subgroup programs also the merge and the output
     /// stores, which follow the key loop and share its count. For those two programs every such
-    /// loop is counted as rolled, at n + 1 passes.
+    /// loop is counted as rolled, at n + 1 passes: four loops over the rows, the pass that ends
+    /// the key loop, and per row the loops below.
     fn setup_iterations(&self) -> u64 {
         match self {
             FlashVariant::Tiled(tiles) => {
@@ -283,14 +286,14 @@ impl FlashVariant {
                     + 2 * (wg + 1)
                     + (merge_columns + 1)
                     + merge_columns * ((wg + 1) + 5);
-                8 + u64::from(rows) * u64::from(per_row)
+                u64::from(4 * (rows + 1) + 1) + u64::from(rows) * u64::from(per_row)
             }
             // Per row: loading Q, and the output stores, staged or not, whose loops over the
             // columns each contain a loop over a vec4.
             FlashVariant::Subgroup(tiles) => {
                 let (rows, d4, d4v) = (tiles.rows, tiles.d4, tiles.d4v);
                 let per_row = (d4 + 1) + 2 * (d4v + 1) + d4v * 5;
-                8 + u64::from(rows) * u64::from(per_row)
+                u64::from(4 * (rows + 1) + 1) + u64::from(rows) * u64::from(per_row)
             }
         }
     }
@@ -451,7 +454,7 @@ pub(crate) fn plan(
     };
     let mut first_error = None;
     for variant in candidates.into_iter().flatten() {
-        match split_keys(context, problem, variant) {
+        match split_keys(context, kernel, problem, variant) {
             Ok(plan) => return Ok(plan),
             Err(error) => {
                 first_error.get_or_insert(error);
@@ -461,11 +464,12 @@ pub(crate) fn plan(
     Err(first_error.unwrap_or_else(|| unsupported(context, kernel, problem)))
 }
 
-/// Splits the key range of `problem` for `variant`: enough splits to keep each invocation
-/// under llvmpipe's loop cap and, on small grids, to give every thread of the device work.
-/// Returns the error of a split whose partial outputs exceed the binding limit.
+/// Splits the key range of `problem` for `variant`, a program of `kernel`: enough splits to keep
+/// each invocation under llvmpipe's loop cap and, on small grids, to give every thread of the
+/// device work. Returns the error of a split whose partial outputs exceed the binding limit.
 fn split_keys(
     context: &Context,
+    kernel: Kernel,
     problem: &AttentionProblem,
     variant: FlashVariant,
 ) -> Result<FlashPlan> {
@@ -495,9 +499,13 @@ fn split_keys(
             "the partial outputs of the key splits",
             kv_splits as usize * (s.out_len() + 2 * s.lse_len()),
             4,
-            "use Kernel::Flash (flash in the CLI), which picks a program whose splits fit, or \
-             split the batch, the heads or the query rows into several calls (causal masks, \
-             windows and ALiBi then need adjusting to each part)",
+            if matches!(kernel, Kernel::Flash | Kernel::Auto) {
+                SPLIT_ROWS_FIX
+            } else {
+                "use Kernel::Flash (flash in the CLI), which tries the other fused programs, or \
+                 split the batch or the heads into several calls, or the query rows (causal \
+                 masks, windows and ALiBi then need adjusting to each part)"
+            },
         )?;
     }
     Ok(FlashPlan {
@@ -552,7 +560,7 @@ fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) ->
 
     // Otherwise the program's smallest block does not fit the device's workgroup memory.
     let row_fix = "use Kernel::Flash (flash in the CLI), which picks a program that fits the \
-                   device, or Kernel::ThreeStage (three-stage)";
+                   device, or Kernel::ThreeStage (three-stage in the CLI)";
     let (block, needed, fix) = match kernel {
         Kernel::FlashRows => (
             format!("a tile of {FLASH_ROWS_MIN_TILE_KV} K and V rows"),

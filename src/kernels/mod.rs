@@ -451,8 +451,8 @@ pub(crate) const SPLIT_ROWS_FIX: &str = "split the batch or the heads into sever
 
 /// The fix for K or V over the binding limit.
 pub(crate) const SPLIT_KEYS_FIX: &str = "split the batch or the heads into several calls, or \
-    the key range, and combine the calls' results with merge_partials (masks then need \
-    adjusting to each range)";
+    the key range, and combine the calls' results with merge_partials (its documentation says \
+    what each range's call needs)";
 
 /// Checks that `what` (such as "tensor `q`"), `elements` values of `element_bytes` each, fits in
 /// one storage binding. Returns [`Error::ExceedsLimit`] with `fix` where it does not.

@@ -29,7 +29,8 @@ pub(crate) struct Comparison {
     pub(crate) stats: ErrorStats,
     /// The limits the comparison is judged by.
     pub(crate) tolerance: Tolerance,
-    /// The largest absolute error's place, or `None` when the tensors are empty.
+    /// The largest absolute error's place among elements finite on both sides, or `None` when
+    /// there is no such element.
     pub(crate) worst: Option<Worst>,
     /// The first element where one side is NaN or infinite and the other differs, which the
     /// largest error leaves out.
@@ -68,7 +69,8 @@ impl Comparison {
             actual: actual[index].into(),
             expected: expected[index].into(),
         };
-        let worst = (stats.len > 0).then(|| element(stats.worst_index));
+        let worst = Some(element(stats.worst_index))
+            .filter(|worst| worst.actual.is_finite() && worst.expected.is_finite());
         let first_nonfinite = stats.first_nonfinite_mismatch.map(element);
         let limit = tolerance.abs_limit(stats.max_expected);
         let head_len: usize = dims[2..].iter().product();
@@ -234,6 +236,22 @@ mod tests {
         assert!(
             details.contains("first NaN/inf mismatch at [0, 1, 1]"),
             "{details}"
+        );
+        assert_eq!(comparison.worst.as_ref().unwrap().index, [0, 0, 1]);
+
+        // A mismatch at element 0 with every finite element exact: the largest finite error is
+        // the first finite element's, not the mismatch.
+        let comparison = Comparison::new(
+            &[f32::NAN, 1.0],
+            &[0.5f64, 1.0],
+            None,
+            &[1, 1, 2],
+            Tolerance::F32,
+            Sides::OneApproximate,
+        );
+        assert_eq!(
+            comparison.first_nonfinite.as_ref().unwrap().index,
+            [0, 0, 0]
         );
         assert_eq!(comparison.worst.as_ref().unwrap().index, [0, 0, 1]);
     }

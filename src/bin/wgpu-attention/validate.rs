@@ -347,13 +347,20 @@ fn long_prefill_problems() -> Vec<AttentionProblem> {
 const LONG_PACKED: [([(usize, usize); 2], usize); 2] =
     [([(1, 8192), (1, 3001)], 16), ([(64, 4096), (17, 1031)], 4)];
 
+/// One-key sequences that follow those of [`LONG_PACKED`]. With them each problem has at least
+/// 128 workgroups, the most that the split rule targets on any machine, so no split for
+/// parallelism shortens the first sequence's key range.
+const LONG_PACKED_SHORT: usize = 30;
+
 /// Builds the long packed part: each entry of [`LONG_PACKED`] at head dim 128, without and with
 /// ALiBi slopes and sinks.
 fn long_packed_problems() -> Vec<GridProblem> {
     let mut problems = Vec::new();
-    for (lengths, heads) in LONG_PACKED {
+    for (long, heads) in LONG_PACKED {
         for variants in [false, true] {
-            let (seq_q, seq_kv) = lengths[0];
+            let mut lengths = long.to_vec();
+            lengths.resize(long.len() + LONG_PACKED_SHORT, (1, 1));
+            let (seq_q, seq_kv) = long[0];
             let total = |pick: fn(&(usize, usize)) -> usize| lengths.iter().map(pick).sum();
             let shape =
                 AttentionShape::new(lengths.len(), heads, seq_q, seq_kv, 128).with_kv_heads(4);
@@ -364,7 +371,7 @@ fn long_packed_problems() -> Vec<GridProblem> {
                 alibi: variants,
                 sinks: variants,
                 kv_lens: false,
-                packed: Some(lengths.to_vec()),
+                packed: Some(lengths),
             };
             problems.push(GridProblem { problem, extras });
         }
