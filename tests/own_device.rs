@@ -358,27 +358,25 @@ fn tensor_over_binding_limit_is_rejected() {
     let (device, queue) =
         device_with_limits(|limits| limits.max_storage_buffer_binding_size = 64 << 10);
     let context = Context::from_device(device, queue);
+    let message = |kernel: Kernel, shape: AttentionShape| {
+        let problem = AttentionProblem::new(shape);
+        let data = crate::common::random_inputs(&problem, 5, 0.0);
+        let error = context
+            .attention_with(kernel, &problem, &data.inputs())
+            .unwrap_err();
+        assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
+        error.to_string()
+    };
+
     // q holds 4 · 64 · 256 f32 values = 256 KiB, four times the limit.
-    let shape = AttentionShape::new(1, 4, 64, 8, 256);
-    let problem = AttentionProblem::new(shape);
-    let data = crate::common::random_inputs(&problem, 5, 0.0);
-    let error = context
-        .attention_with(Kernel::ThreeStage, &problem, &data.inputs())
-        .unwrap_err();
-    assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
-    assert!(error.to_string().contains("tensor `q`"), "{error}");
-    assert!(error.to_string().contains("query rows"), "{error}");
+    let q_error = message(Kernel::ThreeStage, AttentionShape::new(1, 4, 64, 8, 256));
+    assert!(q_error.contains("tensor `q`"), "{q_error}");
+    assert!(q_error.contains("query rows"), "{q_error}");
 
     // K of 1,024 keys at head dim 64 takes 256 KiB, and the fix names the key range.
-    let shape = AttentionShape::new(1, 1, 1, 1024, 64);
-    let problem = AttentionProblem::new(shape);
-    let data = crate::common::random_inputs(&problem, 5, 0.0);
-    let error = context
-        .attention_with(Kernel::Flash, &problem, &data.inputs())
-        .unwrap_err();
-    assert!(matches!(error, Error::ExceedsLimit { .. }), "{error}");
-    assert!(error.to_string().contains("tensor `k`"), "{error}");
-    assert!(error.to_string().contains("merge_partials"), "{error}");
+    let k_error = message(Kernel::Flash, AttentionShape::new(1, 1, 1, 1024, 64));
+    assert!(k_error.contains("tensor `k`"), "{k_error}");
+    assert!(k_error.contains("merge_partials"), "{k_error}");
 }
 
 #[test]

@@ -29,7 +29,8 @@ use crate::kernels::tiling::{
     FlashRowTiles, FlashSubgroupTiles, FlashTiles, RowLoads,
 };
 use crate::kernels::{
-    Command, EXTRA_ALIBI, KernelParams, SPLIT_ROWS_FIX, check_binding, compile, grid_dispatches,
+    Command, EXTRA_ALIBI, KernelParams, SPLIT_PARTIALS_FIX, SPLIT_ROWS_FIX, check_binding, compile,
+    grid_dispatches,
 };
 use crate::problem::AttentionProblem;
 
@@ -502,9 +503,7 @@ fn split_keys(
             if matches!(kernel, Kernel::Flash | Kernel::Auto) {
                 SPLIT_ROWS_FIX
             } else {
-                "use Kernel::Flash (flash in the CLI), which tries the other fused programs, or \
-                 split the batch or the heads into several calls, or the query rows (causal \
-                 masks, windows and ALiBi then need adjusting to each part)"
+                SPLIT_PARTIALS_FIX
             },
         )?;
     }

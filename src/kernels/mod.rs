@@ -454,6 +454,12 @@ pub(crate) const SPLIT_KEYS_FIX: &str = "split the batch or the heads into sever
     the key range, and combine the calls' results with merge_partials (its documentation says \
     what each range's call needs)";
 
+/// The fix for the split partial outputs over the binding limit, where the caller named one of
+/// the fused programs.
+pub(crate) const SPLIT_PARTIALS_FIX: &str = "use Kernel::Flash (flash in the CLI), which tries \
+    the other fused programs, or split the batch or the heads into several calls, or the query \
+    rows (causal masks, windows and ALiBi then need adjusting to each part)";
+
 /// Checks that `what` (such as "tensor `q`"), `elements` values of `element_bytes` each, fits in
 /// one storage binding. Returns [`Error::ExceedsLimit`] with `fix` where it does not.
 pub(crate) fn check_binding(

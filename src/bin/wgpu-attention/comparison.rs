@@ -69,7 +69,8 @@ impl Comparison {
             actual: actual[index].into(),
             expected: expected[index].into(),
         };
-        let worst = Some(element(stats.worst_index))
+        let worst = (stats.len > 0)
+            .then(|| element(stats.worst_index))
             .filter(|worst| worst.actual.is_finite() && worst.expected.is_finite());
         let first_nonfinite = stats.first_nonfinite_mismatch.map(element);
         let limit = tolerance.abs_limit(stats.max_expected);
@@ -214,6 +215,21 @@ mod tests {
         let worst = comparison.worst.unwrap();
         assert_eq!(worst.index, [0, 1, 0]);
         assert_eq!(worst.actual, 1.0);
+    }
+
+    #[test]
+    fn empty_tensors_have_no_worst() {
+        let comparison = Comparison::new(
+            &[] as &[f32],
+            &[] as &[f64],
+            None,
+            &[1, 1, 0],
+            Tolerance::F32,
+            Sides::OneApproximate,
+        );
+        assert!(comparison.passes());
+        assert!(comparison.worst.is_none());
+        assert!(comparison.first_nonfinite.is_none());
     }
 
     #[test]

@@ -361,12 +361,12 @@ fn long_packed_problems() -> Vec<GridProblem> {
             let mut lengths = long.to_vec();
             lengths.resize(long.len() + LONG_PACKED_SHORT, (1, 1));
             let (seq_q, seq_kv) = long[0];
-            let total = |pick: fn(&(usize, usize)) -> usize| lengths.iter().map(pick).sum();
+            let (total_q, total_kv) = packed_totals(&lengths);
             let shape =
                 AttentionShape::new(lengths.len(), heads, seq_q, seq_kv, 128).with_kv_heads(4);
             let problem = AttentionProblem::new(shape)
                 .with_causal(Causal::BottomRight)
-                .with_packed(total(|l| l.0), total(|l| l.1));
+                .with_packed(total_q, total_kv);
             let extras = Extras {
                 alibi: variants,
                 sinks: variants,
@@ -426,8 +426,8 @@ fn variant_problems() -> Vec<GridProblem> {
                 problem.shape = problem.shape.with_head_dim_v(head_dim_v);
                 let packed = (combination & 8 != 0).then(|| packed_lengths(seq_q, seq_kv, index));
                 if let Some(lengths) = &packed {
-                    let total = |pick: fn(&(usize, usize)) -> usize| lengths.iter().map(pick).sum();
-                    problem = problem.with_packed(total(|l| l.0), total(|l| l.1));
+                    let (total_q, total_kv) = packed_totals(lengths);
+                    problem = problem.with_packed(total_q, total_kv);
                 }
                 problem = problem.with_layout(layout_for(layout, &problem));
                 let extras = Extras {
@@ -445,6 +445,13 @@ fn variant_problems() -> Vec<GridProblem> {
         }
     }
     problems
+}
+
+/// Returns the query rows and keys of packed sequences of these (query, key) lengths, in all.
+fn packed_totals(lengths: &[(usize, usize)]) -> (usize, usize) {
+    lengths
+        .iter()
+        .fold((0, 0), |(rows, keys), &(q, kv)| (rows + q, keys + kv))
 }
 
 /// Lengths of [`VARIANT_BATCH`] packed sequences: the longest, a shorter one, and either one
