@@ -42,6 +42,9 @@ pub struct Context {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     features: wgpu::Features,
+    /// The adapter's features, known when the context requested the device itself; errors use
+    /// them to tell a feature the device lacks from one the adapter cannot give.
+    adapter_features: Option<wgpu::Features>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     scratch: Mutex<[Option<wgpu::Buffer>; Scratch::COUNT]>,
     /// Set once the warning that f16 inputs are converted on the host has been logged, so that
@@ -160,7 +163,9 @@ impl Context {
             info.backend,
             info.driver_info
         );
-        Ok(Self::from_device(device, queue))
+        let mut context = Self::from_device(device, queue);
+        context.adapter_features = Some(adapter.features());
+        Ok(context)
     }
 
     /// Creates a context on the caller's own device and queue.
@@ -187,6 +192,7 @@ impl Context {
             info,
             limits,
             features,
+            adapter_features: None,
             pipelines: Mutex::new(HashMap::new()),
             scratch: Mutex::new(Default::default()),
             warned_f16_conversion: AtomicBool::new(false),
@@ -238,6 +244,13 @@ impl Context {
     /// The device's features.
     pub fn features(&self) -> wgpu::Features {
         self.features
+    }
+
+    /// Returns whether the adapter cannot give `feature` to any device: known only for contexts
+    /// that created their own device, and false for one built on the caller's device.
+    pub(crate) fn adapter_lacks(&self, feature: wgpu::Features) -> bool {
+        self.adapter_features
+            .is_some_and(|offered| !offered.contains(feature))
     }
 
     /// Returns the cached pipeline for `key`, compiling it with `build` on first use.

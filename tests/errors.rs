@@ -225,6 +225,51 @@ fn unknown_adapter_lists_available() {
 }
 
 #[test]
+fn subgroup_program_names_what_lacks_subgroups() {
+    let problem = AttentionProblem::new(AttentionShape::new(1, 1, 16, 16, 16));
+    let data = wgpu_attention::OwnedInputs::random(&problem, 16);
+    let run = |context: &Context| {
+        context
+            .attention_with(Kernel::FlashSubgroup, &problem, &data.inputs())
+            .unwrap_err()
+            .to_string()
+    };
+    // The caller created its device without SUBGROUP, which it can add where the adapter has it.
+    let (device, queue) = common::device_with_limits(|_| {});
+    let message = run(&Context::from_device(device, queue));
+    assert!(
+        message.contains("a device without the SUBGROUP feature"),
+        "{message}"
+    );
+    assert!(
+        message.contains("create the device with wgpu::Features::SUBGROUP"),
+        "{message}"
+    );
+    // The adapter offers no subgroups, so no device of it can have them: the message names the
+    // adapter and does not ask for the feature.
+    let mut without_subgroups = 0;
+    for adapter in wgpu_attention::enumerate_adapters() {
+        if adapter.features().contains(wgpu::Features::SUBGROUP) {
+            continue;
+        }
+        without_subgroups += 1;
+        let context = pollster::block_on(Context::from_adapter(&adapter)).unwrap();
+        let message = run(&context);
+        let name = &adapter.get_info().name;
+        assert!(message.contains(&format!("{name} (")), "{message}");
+        assert!(message.contains("offers no SUBGROUP feature"), "{message}");
+        assert!(!message.contains("create the device"), "{message}");
+    }
+    // The Mesa packages that bring lavapipe bring its GL driver too, which has no subgroups.
+    if common::context().adapter_info().name.contains("llvmpipe") {
+        assert!(
+            without_subgroups > 0,
+            "no adapter without subgroups; expected llvmpipe on GL"
+        );
+    }
+}
+
+#[test]
 fn no_adapter_message_tells_how_to_install() {
     let message = Error::NoAdapter.to_string();
     assert!(message.contains("mesa-vulkan-drivers"), "{message}");

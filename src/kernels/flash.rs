@@ -549,6 +549,18 @@ fn unsupported(context: &Context, kernel: Kernel, problem: &AttentionProblem) ->
                 fix: "use Kernel::Flash (flash in the CLI), which picks a program the device runs",
             };
         }
+        if context.adapter_lacks(wgpu::Features::SUBGROUP) {
+            return Error::Unsupported {
+                kernel: kernel.name(),
+                what: format!(
+                    "adapter {} ({}), which offers no SUBGROUP feature",
+                    info.name,
+                    info.backend.to_str()
+                ),
+                fix: "use Kernel::Flash (flash in the CLI), which picks a program the device runs, \
+                      or an adapter with subgroups, such as lavapipe on Vulkan",
+            };
+        }
         return Error::Unsupported {
             kernel: kernel.name(),
             what: "a device without the SUBGROUP feature".to_string(),
