@@ -52,9 +52,10 @@ struct Params {
     // (the program's key tile) that a split's size is rounded up to.
     min_keys_per_split: u32,
     split_align: u32,
-    // Unused: pads the block to a multiple of 16 bytes, as the host struct is.
-    padding0: u32,
-    padding1: u32,
+    // Rows of the packed Q and output, and of the packed K and V; 0 unless the sequences are
+    // packed.
+    packed_rows: u32,
+    packed_keys: u32,
 }
 
 // `aux` holds, in this order: ALiBi slopes [heads] and sink logits [heads] as f32 bits, key
@@ -107,12 +108,15 @@ fn sequence(b: u32) -> Sequence {
     if (params.extras & EXTRA_PACKED) != 0u {
         let cu_q = 2u * params.heads + params.batch;
         let cu_kv = cu_q + params.batch + 1u;
-        seq.row_begin = aux[cu_q + b];
-        seq.key_begin = aux[cu_kv + b];
-        // Offsets the host did not check are clamped, so a bad length cannot reach past the
-        // dispatched grid.
-        seq.rows = min(aux[cu_q + b + 1u] - seq.row_begin, params.seq_q);
-        seq.keys = min(aux[cu_kv + b + 1u] - seq.key_begin, params.seq_kv);
+        // Offsets the host did not check are clamped: a bad length cannot reach past the
+        // dispatched grid, and no sequence reaches past the packed tensors. The programs that
+        // go without wgpu's bounds checks rely on the second.
+        seq.row_begin = min(aux[cu_q + b], params.packed_rows);
+        seq.key_begin = min(aux[cu_kv + b], params.packed_keys);
+        let rows = min(aux[cu_q + b + 1u] - aux[cu_q + b], params.seq_q);
+        let keys = min(aux[cu_kv + b + 1u] - aux[cu_kv + b], params.seq_kv);
+        seq.rows = min(rows, params.packed_rows - seq.row_begin);
+        seq.keys = min(keys, params.packed_keys - seq.key_begin);
         seq.key_limit = seq.keys;
     }
     if (params.extras & EXTRA_KV_LENS) != 0u {

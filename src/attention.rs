@@ -544,7 +544,8 @@ impl Context {
     /// buffer is created per call and released once the submitted work completes. A loop that
     /// records the same call on every step can build it once with [`Context::prepare`].
     /// Offsets and lengths in GPU buffers cannot be checked here: a sequence longer than the
-    /// shape's `seq_q` or `seq_kv` is cut to it.
+    /// shape's `seq_q` or `seq_kv` is cut to it, and one that reaches past the packed tensors'
+    /// `total_q` or `total_kv` rows is cut at their end.
     ///
     /// # Errors
     ///

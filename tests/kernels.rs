@@ -438,10 +438,10 @@ mod choice_and_memory {
 
     #[test]
     fn packed_rows_split_at_loop_cap() {
-        // Packed sequences keep wgpu's bounds checks, and with them NIR leaves the loops over
-        // vec4 columns of the decoding and subgroup programs rolled, so each key costs more loop
-        // iterations on llvmpipe. One split of the long sequence ran past the driver's loop cap
-        // and returned wrong rows without an error. 63 one-key sequences over 2 key/value heads
+        // One split of the long sequence runs close to llvmpipe's loop cap. While packed
+        // sequences kept wgpu's bounds checks, NIR left the loops over vec4 columns of the
+        // decoding and subgroup programs rolled, the split ran past the cap and returned wrong
+        // rows without an error. 63 one-key sequences over 2 key/value heads
         // bring the grid to 128 workgroups, the most that the split rule targets on any machine,
         // so no split for parallelism shortens the long sequence's key range.
         for (kernel, heads, seq_q, keys) in [

@@ -847,3 +847,62 @@ fn calls_in_one_encoder_share_scratch_buffers() {
     queue.submit([encoder.finish()]);
     check("after release_scratch");
 }
+
+#[test]
+fn packed_offsets_past_the_tensors_are_cut() {
+    // Offsets in GPU buffers reach the programs unchecked. The second sequence's offsets reach
+    // past the 5 query rows and 6 keys of the packed tensors, so every program must cut it to
+    // rows 3..5 and keys 4..6, and neither read the NaN keys past the tensors nor write the
+    // output past its rows. With 2 heads in BHSD, the rows past head 0 are head 1's.
+    let context = common::context();
+    let device = context.device();
+    let (heads, head_dim, total_q, total_kv) = (2, 8, 5, 6);
+    let shape = AttentionShape::new(2, heads, 3, 4, head_dim);
+    let problem = AttentionProblem::new(shape)
+        .with_causal(Causal::BottomRight)
+        .with_packed(total_q, total_kv);
+    let data = OwnedInputs::random(&problem, 11);
+    let cut = data.inputs().with_cu_seqlens(&[0, 3, 5], &[0, 4, 6]);
+    let expected = reference::attention(&problem, &cut).unwrap().out;
+
+    let nan_tail = |tensor: &[f32]| {
+        let mut padded = tensor.to_vec();
+        padded.resize(tensor.len() + 4 * head_dim, f32::NAN);
+        storage(device, &padded)
+    };
+    let (q, k, v) = (
+        storage(device, &data.q),
+        nan_tail(&data.k),
+        nan_tail(&data.v),
+    );
+    let offsets = |values: &[u32]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(values),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+    };
+    let (cu_q, cu_kv) = (offsets(&[0, 3, 100]), offsets(&[0, 4, 50]));
+    let tail = 4 * head_dim;
+    for kernel in common::kernels() {
+        let out = output(device, expected.len() + tail);
+        context.queue().write_buffer(
+            &out,
+            0,
+            bytemuck::cast_slice(&vec![7.0f32; expected.len() + tail]),
+        );
+        let tensors = GpuTensors::new(&q, &k, &v, &out).with_cu_seqlens(&cu_q, &cu_kv);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        context
+            .record(kernel, &problem, &mut encoder, &tensors)
+            .unwrap();
+        context.queue().submit([encoder.finish()]);
+        let written = read(device, context.queue(), &out);
+        let stats = ErrorStats::compare(&written[..expected.len()], &expected);
+        assert!(stats.passes(&Tolerance::F32), "{kernel:?}: {stats}");
+        assert!(
+            written[expected.len()..].iter().all(|&x| x == 7.0),
+            "{kernel:?} wrote past the output rows"
+        );
+    }
+}

@@ -181,7 +181,7 @@ impl FlashVariant {
     }
 
     /// Returns an upper estimate of the loop iterations one invocation runs per key tile, for
-    /// llvmpipe's loop cap, with wgpu's bounds checks on or off (see [`Self::bounds_checks`]).
+    /// llvmpipe's loop cap.
     ///
     /// llvmpipe counts every pass through a loop, the final one that ends it included, so a
     /// rolled loop of n iterations counts n + 1 each time it is entered.
@@ -210,19 +210,13 @@ impl FlashVariant {
     /// Rows: the tile loop, the staging loop, and the score and P V loops over the tile's keys,
     /// plus 8 (measured: 148 at head dim 64, where this gives 153).
     ///
-    /// Decoding and subgroup programs without bounds checks: one step of the key loop, whose
-    /// inner loops NIR unrolls, and 2 leaves a margin. With bounds checks NIR no longer unrolls
-    /// their loops over vec4 columns, nor the softmax's loop over the rows. Each step then counts
-    /// the key loop and those loops, taken 10 % larger. The decoding program has two column
-    /// loops (K and V), and the subgroup program four (reading K and V, and using them).
-    /// Measured on lavapipe (Mesa 22.3) with packed sequences, ALiBi, soft-capping and sinks, as
-    /// 65,535 over the number of steps at which rows first went wrong, against the count before
-    /// the margin:
-    /// - decoding, 4 rows: 67 at head dim 128 (count 72), 35 at 64 (count 40), and 67 with
-    ///   f16 storage at 128;
-    /// - subgroup, 2 rows at head dim 128: 136 in f32 and f16 (count 136);
-    /// - subgroup, 4 rows at head dim 64: 74 in f16 and 40 in f32 (count 74).
-    fn tile_iterations(&self, bounds_checks: bool) -> u64 {
+    /// Decoding and subgroup programs: one step of the key loop, whose inner loops NIR unrolls,
+    /// and 2 leaves a margin. That holds because llvmpipe is a CPU adapter, where these
+    /// programs go without wgpu's bounds checks (see [`Self::bounds_checks`]). With the checks,
+    /// NIR left their loops over vec4 columns and the softmax's loop over the rows rolled, and
+    /// lavapipe (Mesa 22.3) returned wrong rows past 67 steps of 4 rows at head dim 128 in the
+    /// decoding program and past 136 steps of 2 rows in the subgroup program.
+    fn tile_iterations(&self) -> u64 {
         let with_margin = |count: u64| count + count.div_ceil(10);
         match self {
             FlashVariant::Tiled(tiles) => {
@@ -252,15 +246,7 @@ impl FlashVariant {
                     + u64::from(tiles.tile_kv * tiles.d4v).div_ceil(workgroup);
                 1 + staging + 2 * u64::from(tiles.tile_kv) + 8
             }
-            FlashVariant::Decode(_) | FlashVariant::Subgroup(_) if !bounds_checks => 2,
-            FlashVariant::Decode(tiles) => {
-                let (rows, d4, d4v) = (tiles.rows, tiles.d4, tiles.d4v);
-                with_margin(u64::from(1 + (rows + 1) + (d4 + 1) + (d4v + 1)))
-            }
-            FlashVariant::Subgroup(tiles) => {
-                let (rows, d4, d4v) = (tiles.rows, tiles.d4, tiles.d4v);
-                with_margin(u64::from(1 + (rows + 1) + 2 * (d4 + 1) + 2 * (d4v + 1)))
-            }
+            FlashVariant::Decode(_) | FlashVariant::Subgroup(_) => 2,
         }
     }
 
@@ -300,14 +286,11 @@ impl FlashVariant {
     }
 
     /// Returns whether the program is built with wgpu's bounds checks. The decoding and
-    /// subgroup programs run without them on CPU adapters (see `compile`), unless the sequences
-    /// are packed, because a GPU caller's sequence offsets then reach the programs unchecked.
-    fn bounds_checks(&self, problem: &AttentionProblem, on_cpu: bool) -> bool {
+    /// subgroup programs run without them on CPU adapters (see `compile`).
+    fn bounds_checks(&self, on_cpu: bool) -> bool {
         match self {
             FlashVariant::Tiled(_) | FlashVariant::Rows(_) => true,
-            FlashVariant::Decode(_) | FlashVariant::Subgroup(_) => {
-                !on_cpu || problem.packed.is_some()
-            }
+            FlashVariant::Decode(_) | FlashVariant::Subgroup(_) => !on_cpu,
         }
     }
 
@@ -328,7 +311,7 @@ impl FlashVariant {
                     ("V_KEYS", tiles.v_keys),
                     ("KV_TILE", tiles.kv_tile()),
                 ],
-                bounds_checks: self.bounds_checks(problem, on_cpu),
+                bounds_checks: self.bounds_checks(on_cpu),
             },
             FlashVariant::Rows(tiles) => PipelineKey {
                 shader: if tiles.vec4_loads {
@@ -343,7 +326,7 @@ impl FlashVariant {
                     ("D4", tiles.d4),
                     ("D4V", tiles.d4v),
                 ],
-                bounds_checks: self.bounds_checks(problem, on_cpu),
+                bounds_checks: self.bounds_checks(on_cpu),
             },
             FlashVariant::Decode(tiles) => {
                 let mut constants = vec![("WG", tiles.workgroup), ("ROWS", tiles.rows)];
@@ -356,7 +339,7 @@ impl FlashVariant {
                     },
                     dtype: problem.dtype,
                     constants,
-                    bounds_checks: self.bounds_checks(problem, on_cpu),
+                    bounds_checks: self.bounds_checks(on_cpu),
                 }
             }
             FlashVariant::Subgroup(tiles) => {
@@ -374,7 +357,7 @@ impl FlashVariant {
                     },
                     dtype: problem.dtype,
                     constants,
-                    bounds_checks: self.bounds_checks(problem, on_cpu),
+                    bounds_checks: self.bounds_checks(on_cpu),
                 }
             }
         }
@@ -481,7 +464,7 @@ fn split_keys(
     let mut splits = 1;
     if context.loop_iterations_capped() {
         let budget = LLVMPIPE_MAX_LOOP_ITERATIONS - variant.setup_iterations();
-        let per_tile = variant.tile_iterations(variant.bounds_checks(problem, on_cpu));
+        let per_tile = variant.tile_iterations();
         let max_keys = (budget / per_tile) * tile_kv;
         splits = seq_kv.div_ceil(max_keys.max(tile_kv));
     }

@@ -50,8 +50,10 @@ pub(crate) struct KernelParams {
     /// split's size is rounded up to (`split_keys` in the WGSL).
     pub min_keys_per_split: u32,
     pub split_align: u32,
-    /// Pads the block to a multiple of 16 bytes, the size WGSL gives a uniform struct.
-    pub padding: [u32; 2],
+    /// Rows of the packed Q and output, and of the packed K and V; 0 unless the sequences are
+    /// packed. The programs cut a sequence whose offsets reach past them.
+    pub packed_rows: u32,
+    pub packed_keys: u32,
 }
 
 /// Bits of `KernelParams::extras`, as `EXTRA_*` in `shaders/params.wgsl`.
@@ -131,7 +133,9 @@ impl KernelParams {
             },
             min_keys_per_split: 0,
             split_align: 1,
-            padding: [0; 2],
+            // check_binding keeps the packed tensors' rows within u32.
+            packed_rows: problem.packed.map_or(0, |packed| packed.total_q as u32),
+            packed_keys: problem.packed.map_or(0, |packed| packed.total_kv as u32),
         }
     }
 }
@@ -321,9 +325,10 @@ pub(crate) fn compile(device: &wgpu::Device, program: &str, key: &PipelineKey) -
     // arrays: they index the private ones with loop counters below their lengths, and the
     // workgroup ones with slots of a row below ROWS and an invocation below the workgroup size,
     // and with vec4 columns below D4V. Their storage buffer offsets come from the validated
-    // shape and strides, with every key read clamped below seq_kv. Packed sequences keep the checks, because a GPU
-    // caller's offsets reach the programs unchecked. llvmpipe also checks every storage buffer
-    // access against the buffer's size.
+    // shape and strides, with every key read clamped below seq_kv. The offsets of packed
+    // sequences, which a GPU caller passes unchecked, are clamped to the packed tensors' rows
+    // (`sequence` in params.wgsl). llvmpipe also checks every storage buffer access against the
+    // buffer's size.
     let module = unsafe {
         device.create_shader_module_trusted(
             wgpu::ShaderModuleDescriptor {
