@@ -95,7 +95,8 @@ fn main(
     // With one active split, the output and log-sum-exp are written here, not merged.
     let direct = splits == 1u;
 
-    // Load the Q block once, zero past the packed rows, the sequence and head_dim.
+    // Load the Q block once, scaled as the other programs scale it, so that the products stay
+    // within f32 where the scaled scores do. Zero past the packed rows, the sequence and head_dim.
     for (var t = local_index; t < block_q * d_pad; t += invocations) {
         let packed = packed0 + t / d_pad;
         let col = t % d_pad;
@@ -103,7 +104,7 @@ fn main(
         let position = packed % params.seq_q;
         var value = 0.0;
         if packed < packed_rows && position < seq.rows && col < d {
-            value = f32(q[q_offset(b, h, seq.row_begin + position) + col]);
+            value = f32(q[q_offset(b, h, seq.row_begin + position) + col]) * params.scale;
         }
         q_block[t] = value;
     }
@@ -197,7 +198,7 @@ fn main(
                     var lane_poisoned = false;
                     for (var kk = 0u; kk < KEYS; kk++) {
                         let key = j0 + lane + kk * WG_KV;
-                        var score = cap_score(params.scale * s[r * MAX_KEYS + kk])
+                        var score = cap_score(s[r * MAX_KEYS + kk])
                             + alibi_bias(row_slope[r], row_diag[r], key);
                         if key < row_keys[r].x || key >= min(row_keys[r].y, key_end) {
                             score = neg_inf();

@@ -57,13 +57,16 @@ fn main(
     var acc: array<f32, ROWS * COLS>;
     if computes {
         for (var d0 = 0u; d0 < d; d0 += TILE_D) {
-            // Load Q: [tile_q][TILE_D], zero past the sequence's rows and head_dim.
+            // Load Q: [tile_q][TILE_D], scaled as the fused programs scale it, so that the
+            // products stay within f32 where the scaled scores do. Zero past the sequence's rows
+            // and head_dim.
             for (var t = local_index; t < tile_q * TILE_D; t += invocations) {
                 let row = row0 + t / TILE_D;
                 let col = d0 + t % TILE_D;
                 var value = 0.0;
                 if row < seq.rows && col < d {
-                    value = f32(q[q_offset(head.b, head.h, seq.row_begin + row) + col]);
+                    let index = q_offset(head.b, head.h, seq.row_begin + row) + col;
+                    value = f32(q[index]) * params.scale;
                 }
                 q_tile[t] = value;
             }
@@ -119,7 +122,7 @@ fn main(
             if col >= params.seq_kv {
                 continue;
             }
-            var s = cap_score(params.scale * acc[r * COLS + cc]) + alibi_bias(slope, diag, col);
+            var s = cap_score(acc[r * COLS + cc]) + alibi_bias(slope, diag, col);
             if params.has_mask != 0u {
                 s += mask[mask_base + row * params.seq_kv + col];
             }

@@ -93,6 +93,20 @@ fn nan_key_stays_nan_through_softcap() {
 }
 
 #[test]
+fn large_finite_queries_stay_finite() {
+    // Every product q·k overflows f32 unless the query is scaled first, while the scaled scores
+    // stay below 2e38: queries of 2e38 / sqrt(d) over keys in [0, 1). Every kernel must scale
+    // first, and pick the same key as the reference in each row.
+    for d in HEAD_DIMS {
+        let problem = causal_problem(d);
+        let mut data = crate::common::random_inputs(&problem, 5, 0.0);
+        data.q.fill(2e38 / (d as f32).sqrt());
+        data.k.iter_mut().for_each(|x| *x = x.abs());
+        check("large queries", &problem, &data, &[]);
+    }
+}
+
+#[test]
 fn infinite_query_makes_its_row_nan() {
     for d in HEAD_DIMS {
         let problem = causal_problem(d);
