@@ -363,7 +363,11 @@ fn print_self_attention(heading: &str, attention: &SelfAttention) {
 fn run() -> Result<()> {
     let context = Context::new()?;
     let info = context.adapter_info();
-    println!("adapter: {} ({:?})", info.name, info.backend);
+    println!(
+        "adapter: {} ({})",
+        info.name,
+        wgpu_attention::backend_name(info.backend)
+    );
     println!();
 
     println!("Embeddings (tech, fruitiness, other):");

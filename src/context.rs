@@ -42,7 +42,7 @@ pub struct Context {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     features: wgpu::Features,
-    /// The adapter's features, known when the context requested the device itself; errors use
+    /// The adapter's features, known when the context requested the device itself. Errors use
     /// them to tell a feature the device lacks from one the adapter cannot give.
     adapter_features: Option<wgpu::Features>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,

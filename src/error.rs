@@ -1,8 +1,8 @@
 //! The crate's error type.
 
 /// How an adapter is requested through [`crate::Context::new`] or `--adapter`.
-const ADAPTER_HINT: &str = "set WGPU_ATTENTION_ADAPTER (the command-line tool's --adapter) to a \
-     part of an adapter name or to a backend (vulkan, metal, dx12, gl); the tool's \
+const ADAPTER_HINT: &str = "request a part of an adapter name or a backend (vulkan, metal, dx12, \
+     gl), in `Context::with_adapter`, WGPU_ATTENTION_ADAPTER or the tool's --adapter; the tool's \
      `wgpu-attention info` lists the adapters";
 
 /// How to get an adapter on a machine without a GPU.

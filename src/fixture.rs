@@ -107,8 +107,13 @@ impl Fixture {
         }
         let out = optional_tensor(&tensors, &names, "out", &[batch, heads, seq_q, head_dim_v])?;
 
-        let scale_text = required(&metadata, "scale")?;
         let usual_scale = 1.0 / (head_dim as f64).sqrt();
+        let scale_text = required(&metadata, "scale").map_err(|missing| {
+            format!(
+                "{missing}; store the softmax scale the expected output was computed with, as a \
+                 decimal, such as {usual_scale} for 1/sqrt({head_dim})"
+            )
+        })?;
         let scale: f64 = scale_text.parse().map_err(|error| {
             format!(
                 "metadata `scale` = {scale_text} is not a number: {error}; store the softmax \
@@ -121,7 +126,8 @@ impl Fixture {
                  a decimal, such as {usual_scale} for 1/sqrt({head_dim})"
             ));
         }
-        let causal_name = required(&metadata, "causal")?;
+        let causal_name = required(&metadata, "causal")
+            .map_err(|missing| format!("{missing}; store none, top_left or bottom_right"))?;
         let causal = Causal::from_name(causal_name).ok_or_else(|| {
             format!("metadata `causal` = {causal_name} is not one of none, top_left, bottom_right")
         })?;

@@ -286,7 +286,7 @@ fn check_reports_malformed_file_and_fails() {
         stdout.contains("ERROR") && stdout.contains("not a safetensors file"),
         "{stdout}"
     );
-    assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
+    assert!(stdout.contains("1 passed, 0 failed, 1 error"), "{stdout}");
 }
 
 #[test]

@@ -282,3 +282,23 @@ fn bench_rejects_huge_shape_before_drawing_inputs() {
     assert!(message.contains("max_buffer_size"), "{message}");
     assert_eq!(rows[1]["status"], "skipped", "{}", rows[1]);
 }
+
+#[test]
+fn bench_footer_names_the_clocks_of_what_ran() {
+    let footer = |kernels: &str| {
+        let output = bench(&["--shape", "1,1,1,4,4,8", "--kernel", kernels]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let line = text.lines().find(|line| line.contains(" times: "));
+        line.unwrap_or_else(|| panic!("no timing line in\n{text}"))
+            .to_string()
+    };
+    // With the reference alone, no GPU kernel ran, so no GPU clock is named.
+    assert_eq!(footer("reference"), "reference times: host clock");
+    let both = footer("flash,reference");
+    assert!(both.starts_with("GPU kernel times: "), "{both}");
+    assert!(both.ends_with("; reference times: host clock"), "{both}");
+    let gpu = footer("flash");
+    assert!(gpu.starts_with("GPU kernel times: "), "{gpu}");
+    assert!(!gpu.contains("reference"), "{gpu}");
+}

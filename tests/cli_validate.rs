@@ -211,7 +211,8 @@ fn validate_json_lines_parse() {
 
 #[test]
 fn validate_reports_unsupported_as_skip() {
-    // The row program of the fused kernel stops at head dim 128, on every adapter.
+    // The row program of the fused kernel stops at head dim 128, on every adapter. A run whose
+    // every case was skipped checked nothing, and fails.
     let (names, _) = list(&["--kernel", "flash-rows", "--filter", "_d256"]);
     let case = names
         .iter()
@@ -220,7 +221,7 @@ fn validate_reports_unsupported_as_skip() {
         .expect("the grid has head dim 256");
     let output = validate(&["--kernel", "flash-rows", "--filter", &format!("{case} ")]);
     let text = stdout(&output);
-    assert!(output.status.success(), "{text}\n{}", stderr(&output));
+    assert!(!output.status.success(), "{text}");
     assert!(text.contains(&format!("SKIP {case} flash-rows")), "{text}");
     assert!(text.contains("(unsupported: "), "{text}");
     assert!(
@@ -228,6 +229,8 @@ fn validate_reports_unsupported_as_skip() {
             .any(|line| line == "0 passed, 0 failed, 1 skipped"),
         "{text}"
     );
+    let message = stderr(&output);
+    assert!(message.contains("error: no case ran"), "{message}");
 }
 
 #[test]

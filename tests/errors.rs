@@ -234,6 +234,7 @@ fn subgroup_program_names_what_lacks_subgroups() {
             .unwrap_err()
             .to_string()
     };
+
     // The caller created its device without SUBGROUP, which it can add where the adapter has it.
     let (device, queue) = common::device_with_limits(|_| {});
     let message = run(&Context::from_device(device, queue));
@@ -245,6 +246,7 @@ fn subgroup_program_names_what_lacks_subgroups() {
         message.contains("create the device with wgpu::Features::SUBGROUP"),
         "{message}"
     );
+
     // The adapter offers no subgroups, so no device of it can have them: the message names the
     // adapter and does not ask for the feature.
     let mut without_subgroups = 0;
@@ -260,6 +262,7 @@ fn subgroup_program_names_what_lacks_subgroups() {
         assert!(message.contains("offers no SUBGROUP feature"), "{message}");
         assert!(!message.contains("create the device"), "{message}");
     }
+
     // The Mesa packages that bring lavapipe bring its GL driver too, which has no subgroups.
     if common::context().adapter_info().name.contains("llvmpipe") {
         assert!(
@@ -635,7 +638,14 @@ fn fixture_missing_key_or_tensor() {
         "no-scale.safetensors",
         small_case(),
         &[("causal", "none")],
-        "metadata key `scale` is missing",
+        "metadata key `scale` is missing; store the softmax scale the expected output was \
+         computed with, as a decimal, such as 0.5 for 1/sqrt(4)",
+    );
+    assert_load_fails(
+        "no-causal.safetensors",
+        small_case(),
+        &[("scale", "1")],
+        "metadata key `causal` is missing; store none, top_left or bottom_right",
     );
 
     let mut tensors = small_case();

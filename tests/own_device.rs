@@ -852,7 +852,7 @@ fn calls_in_one_encoder_share_scratch_buffers() {
 fn packed_offsets_past_the_tensors_are_cut() {
     // Offsets in GPU buffers reach the programs unchecked. The second sequence's offsets reach
     // past the 5 query rows and 6 keys of the packed tensors, so every program must cut it to
-    // rows 3..5 and keys 4..6, and neither read the NaN keys past the tensors nor write the
+    // rows 3..5 and keys 4..6. No program may read the NaN keys past the tensors or write the
     // output past its rows. With 2 heads in BHSD, the rows past head 0 are head 1's.
     let context = common::context();
     let device = context.device();

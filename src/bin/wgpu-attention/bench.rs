@@ -365,18 +365,18 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode, Error> {
         measured_gpu += summary.measured_gpu;
     }
     session.progress.finish_and_clear();
-    if !session.json {
-        let reference = args.kernel.0.contains(&BenchKernel::Reference);
-        print_footer(&context, session.gpu_timing(), reference);
-    }
-    // Every row gives the reason its kernel did not run. A run that timed nothing fails, and so
-    // does one that timed only the reference when GPU kernels were requested, so that a script
-    // looping over adapters notices an adapter that ran none of them.
     let gpu_requested = args
         .kernel
         .0
         .iter()
         .any(|k| matches!(k, BenchKernel::Gpu(_)));
+    if !session.json {
+        let reference = args.kernel.0.contains(&BenchKernel::Reference);
+        print_footer(&context, session.gpu_timing(), gpu_requested, reference);
+    }
+    // Every row gives the reason its kernel did not run. A run that timed nothing fails, and so
+    // does one that timed only the reference when GPU kernels were requested, so that a script
+    // looping over adapters notices an adapter that ran none of them.
     if measured == 0 {
         eprintln!(
             "error: no kernel ran on any case; see each row's reason, and pick another --adapter, \
@@ -930,7 +930,9 @@ impl Table {
 
 /// Prints the adapter and what the times measure, naming the reference's clock where a
 /// reference row was requested.
-fn print_footer(context: &Context, gpu_timing: Timing, reference: bool) {
+/// Prints the adapter and how the requested kernels were timed: GPU kernels by `gpu_timing`,
+/// the reference by the host clock.
+fn print_footer(context: &Context, gpu_timing: Timing, gpu: bool, reference: bool) {
     println!();
     let info = context.adapter_info();
     println!(
@@ -945,10 +947,10 @@ fn print_footer(context: &Context, gpu_timing: Timing, reference: bool) {
              TIMESTAMP_QUERY_INSIDE_ENCODERS)"
         }
     };
-    if reference {
-        println!("GPU kernel times: {gpu_clock}; reference times: host clock");
-    } else {
-        println!("GPU kernel times: {gpu_clock}");
+    match (gpu, reference) {
+        (true, true) => println!("GPU kernel times: {gpu_clock}; reference times: host clock"),
+        (true, false) => println!("GPU kernel times: {gpu_clock}"),
+        (false, _) => println!("reference times: host clock"),
     }
     println!(
         "first call ms: the warm-up run, including recording and any pipeline compilation it \

@@ -168,7 +168,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
         let adapter = adapter.as_deref().unwrap_or("none");
         println!("adapter: {adapter}, kernel: {kernel}");
     }
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed, mut errors) = (0, 0, 0);
     for path in &args.files {
         let gpu = gpu.as_ref().map(|(context, kernel)| (context, *kernel));
         match check_file(gpu, args, path) {
@@ -188,7 +188,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
                 }
             }
             Err(error) => {
-                failed += 1;
+                errors += 1;
                 if args.json {
                     let object = json!({
                         "file": path.display().to_string(),
@@ -229,9 +229,10 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode, wgpu_attention::Error> {
         }
     }
     if !args.json {
-        println!("{passed} passed, {failed} failed");
+        let noun = if errors == 1 { "error" } else { "errors" };
+        println!("{passed} passed, {failed} failed, {errors} {noun}");
     }
-    Ok(if failed == 0 {
+    Ok(if failed == 0 && errors == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

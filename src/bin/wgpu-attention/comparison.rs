@@ -37,6 +37,8 @@ pub(crate) struct Comparison {
     pub(crate) first_nonfinite: Option<Worst>,
     /// Elements whose error is over the absolute limit, counted per `(batch, head)`, in order.
     pub(crate) over_limit_by_head: Vec<((usize, usize), usize)>,
+    /// Whether errors are judged beyond an allowance for the f32 rounding of large scores.
+    pub(crate) score_rounding: bool,
 }
 
 impl Comparison {
@@ -92,6 +94,7 @@ impl Comparison {
             worst,
             first_nonfinite,
             over_limit_by_head,
+            score_rounding: sensitivity.is_some(),
         }
     }
 
@@ -101,8 +104,13 @@ impl Comparison {
 
     /// Describes the limits and where the errors sit, for a failing comparison.
     pub(crate) fn failure_details(&self, index_names: &str) -> String {
+        let beyond = if self.score_rounding {
+            " (beyond score rounding)"
+        } else {
+            ""
+        };
         let mut text = format!(
-            "limits: max_abs {:.2e} (beyond score rounding), nmse {:.1e}",
+            "limits: max_abs {:.2e}{beyond}, nmse {:.1e}",
             self.tolerance.abs_limit(self.stats.max_expected),
             self.tolerance.nmse
         );
@@ -212,9 +220,26 @@ mod tests {
         );
         assert!(!comparison.passes());
         assert_eq!(comparison.over_limit_by_head, [((0, 1), 2)]);
+        // Without score sensitivities there is no rounding allowance to be beyond.
+        let details = comparison.failure_details("batch, head, col");
+        assert!(
+            details.starts_with("limits: max_abs 1.00e-5, "),
+            "{details}"
+        );
         let worst = comparison.worst.unwrap();
         assert_eq!(worst.index, [0, 1, 0]);
         assert_eq!(worst.actual, 1.0);
+
+        let with_allowance = Comparison::new(
+            &[0.0f32, 1.0],
+            &[0.0f64, 0.0],
+            Some(&[0.0, 0.0]),
+            &[1, 1, 2],
+            Tolerance::F32,
+            Sides::OneApproximate,
+        );
+        let details = with_allowance.failure_details("batch, head, col");
+        assert!(details.contains("(beyond score rounding)"), "{details}");
     }
 
     #[test]

@@ -1463,6 +1463,15 @@ pub(crate) fn run(args: &ValidateArgs) -> Result<ExitCode, Error> {
         tally.passed, tally.failed, tally.skipped
     );
     print_status(args.json, &summary);
+    // Every skipped case gives its reason. A run that checked nothing fails, so that a script
+    // looping over adapters or kernels notices one that ran no case.
+    if tally.passed == 0 && tally.failed == 0 {
+        eprintln!(
+            "error: no case ran; see each case's reason, and pick another --adapter, --kernel \
+             or --filter"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(if tally.failed == 0 {
         ExitCode::SUCCESS
     } else {
