@@ -318,7 +318,8 @@ fn packed_rows_per_kv_head() -> u32 {
 }
 
 // Returns packed row `p` of key/value head `kv_head` in batch element `b`. A row past the packed
-// rows is not valid, and reads the last packed row's offsets so that its reads stay in bounds.
+// rows, or past its sequence, is not valid, and its offsets stay in bounds so that the programs
+// may read its Q row unconditionally.
 fn packed_row(b: u32, kv_head: u32, seq: Sequence, p: u32) -> PackedRow {
     let heads_per_kv = params.heads / params.kv_heads;
     let packed_rows = packed_rows_per_kv_head();
@@ -326,6 +327,11 @@ fn packed_row(b: u32, kv_head: u32, seq: Sequence, p: u32) -> PackedRow {
     let h = kv_head * heads_per_kv + packed / params.seq_q;
     let position = packed % params.seq_q;
     let valid = p < packed_rows && position < seq.rows;
+    // A packed sequence shorter than seq_q would place its invalid rows past Q's last row.
+    var q_row = seq.row_begin + position;
+    if (params.extras & EXTRA_PACKED) != 0u {
+        q_row = min(q_row, params.packed_rows - 1u);
+    }
     return PackedRow(
         h,
         position,
@@ -334,6 +340,6 @@ fn packed_row(b: u32, kv_head: u32, seq: Sequence, p: u32) -> PackedRow {
         alibi_slope(h),
         diagonal(seq, position),
         b * params.mask_batch_stride + h * params.mask_head_stride + position * params.seq_kv,
-        q_offset(b, h, seq.row_begin + position),
+        q_offset(b, h, q_row),
     );
 }

@@ -438,10 +438,11 @@ mod choice_and_memory {
 
     #[test]
     fn packed_rows_split_at_loop_cap() {
-        // One split of the long sequence runs close to llvmpipe's loop cap. While packed
-        // sequences kept wgpu's bounds checks, NIR left the loops over vec4 columns of the
-        // decoding and subgroup programs rolled, the split ran past the cap and returned wrong
-        // rows without an error. 63 one-key sequences over 2 key/value heads
+        // On CPU adapters the decoding and subgroup programs go without wgpu's bounds checks, so
+        // NIR unrolls their loops over vec4 columns, and the key splits count 2 loop passes per
+        // key step. Built with the checks, as packed sequences once were, the loops stay rolled
+        // and one split of the long sequence ran past llvmpipe's loop cap, returning wrong rows
+        // without an error. 63 one-key sequences over 2 key/value heads
         // bring the grid to 128 workgroups, the most that the split rule targets on any machine,
         // so no split for parallelism shortens the long sequence's key range.
         for (kernel, heads, seq_q, keys) in [
@@ -461,6 +462,40 @@ mod choice_and_memory {
             let data = OwnedInputs::random(&problem, keys as u64);
             let inputs = data.inputs().with_cu_seqlens(&cu_q, &cu_kv);
             assert_matches_reference(kernel, &problem, &inputs);
+        }
+    }
+
+    #[test]
+    fn packed_keys_over_u32_total() {
+        // K and V broadcast one key row (seq stride 0), so no binding bounds the declared total
+        // of keys, which may pass u32::MAX. The programs must not cut the sequences to that
+        // total taken modulo 2^32, here 0.
+        let d = 8;
+        let shape = AttentionShape::new(1, 1, 2, 3, d);
+        let rows = Strides {
+            batch: 0,
+            head: 2 * d,
+            seq: d,
+        };
+        let broadcast = Strides {
+            batch: 0,
+            head: d,
+            seq: 0,
+        };
+        let problem = AttentionProblem::new(shape)
+            .with_layout(Layout::Strided(TensorStrides {
+                q: rows,
+                k: broadcast,
+                v: broadcast,
+                out: rows,
+            }))
+            .with_packed(2, 1 << 32);
+        let data = OwnedInputs::random(&problem, 3);
+        let inputs = data.inputs().with_cu_seqlens(&[0, 2], &[0, 3]);
+        let mut kernels = crate::common::kernels();
+        kernels.push(Kernel::Auto);
+        for kernel in kernels {
+            crate::common::assert_matches_reference(kernel, &problem, &inputs);
         }
     }
 

@@ -391,8 +391,8 @@ pub(crate) struct FlashPlan {
 /// it takes the decoding program where a key/value head has at most [`FLASH_DECODE_ROWS`]
 /// packed rows, and the subgroup program above where the device has subgroups of exactly 8.
 /// Each falls back to the other, then to the row and tiled programs. The next program also
-/// takes over where one would need more key splits than fit the partial outputs' binding, as
-/// packed sequences on CPU adapters can, because their loops count more passes per key.
+/// takes over where one would need more key splits than fit the partial outputs' binding, as a
+/// long sequence can where many short ones bring the partial outputs' size up.
 ///
 /// On lavapipe the decoding program ran 12.4× faster than the row program for one query row (B1 H32
 /// Skv4096 D128). At 4 rows per key/value head it ran about as fast as the subgroup program, which

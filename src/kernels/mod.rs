@@ -133,9 +133,14 @@ impl KernelParams {
             },
             min_keys_per_split: 0,
             split_align: 1,
-            // check_binding keeps the packed tensors' rows within u32.
-            packed_rows: problem.packed.map_or(0, |packed| packed.total_q as u32),
-            packed_keys: problem.packed.map_or(0, |packed| packed.total_kv as u32),
+            // Offsets are u32, so a larger total cuts no sequence and saturates. K and V may
+            // broadcast one key row, so their total is not bounded by a binding.
+            packed_rows: problem
+                .packed
+                .map_or(0, |p| u32::try_from(p.total_q).unwrap_or(u32::MAX)),
+            packed_keys: problem
+                .packed
+                .map_or(0, |p| u32::try_from(p.total_kv).unwrap_or(u32::MAX)),
         }
     }
 }

@@ -341,10 +341,10 @@ fn long_prefill_problems() -> Vec<AttentionProblem> {
 }
 
 /// Sequence lengths of the long packed part, as (query, key) lengths per sequence, and the query
-/// heads over 4 key/value heads. On llvmpipe, one split of the first sequence of each problem
-/// runs close to the driver's loop cap, and passed it while packed sequences kept wgpu's bounds
-/// checks, which leave the loops over vec4 columns rolled, and the split sizes did not count
-/// those loops.
+/// heads over 4 key/value heads. On llvmpipe, the key splits count the decoding and subgroup
+/// programs' loops as NIR unrolls them without wgpu's bounds checks. Built with the checks, as
+/// packed sequences once were, one split of the first sequence of each problem passed the
+/// driver's loop cap.
 const LONG_PACKED: [([(usize, usize); 2], usize); 2] =
     [([(1, 8192), (1, 3001)], 16), ([(64, 4096), (17, 1031)], 4)];
 
