@@ -211,8 +211,8 @@ impl FlashVariant {
     /// plus 8 (measured: 148 at head dim 64, where this gives 153).
     ///
     /// Decoding and subgroup programs: one step of the key loop, whose inner loops NIR unrolls,
-    /// and 2 leaves a margin. The count is right because llvmpipe is a CPU adapter, where
-    /// these programs go without wgpu's bounds checks (see [`Self::bounds_checks`]). With the checks,
+    /// and 2 leaves a margin. The count is right because llvmpipe is a CPU adapter, where these
+    /// programs go without wgpu's bounds checks (see [`Self::bounds_checks`]). With the checks,
     /// NIR left their loops over vec4 columns and the softmax's loop over the rows rolled, and
     /// lavapipe (Mesa 22.3) returned wrong rows past 67 steps of 4 rows at head dim 128 in the
     /// decoding program and past 136 steps of 2 rows in the subgroup program.

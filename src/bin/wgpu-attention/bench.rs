@@ -928,8 +928,6 @@ impl Table {
     }
 }
 
-/// Prints the adapter and what the times measure, naming the reference's clock where a
-/// reference row was requested.
 /// Prints the adapter and how the requested kernels were timed: GPU kernels by `gpu_timing`,
 /// the reference by the host clock.
 fn print_footer(context: &Context, gpu_timing: Timing, gpu: bool, reference: bool) {
