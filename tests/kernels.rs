@@ -482,6 +482,7 @@ mod choice_and_memory {
             head: d,
             seq: 0,
         };
+
         let problem = AttentionProblem::new(shape)
             .with_layout(Layout::Strided(TensorStrides {
                 q: rows,
@@ -492,6 +493,7 @@ mod choice_and_memory {
             .with_packed(2, 1 << 32);
         let data = OwnedInputs::random(&problem, 3);
         let inputs = data.inputs().with_cu_seqlens(&[0, 2], &[0, 3]);
+
         let mut kernels = crate::common::kernels();
         kernels.push(Kernel::Auto);
         for kernel in kernels {

@@ -213,9 +213,9 @@ impl FlashVariant {
     /// Decoding and subgroup programs: one step of the key loop, whose inner loops NIR unrolls,
     /// and 2 leaves a margin. The count is right because llvmpipe is a CPU adapter, where these
     /// programs go without wgpu's bounds checks (see [`Self::bounds_checks`]). With the checks,
-    /// NIR left their loops over vec4 columns and the softmax's loop over the rows rolled, and
-    /// lavapipe (Mesa 22.3) returned wrong rows past 67 steps of 4 rows at head dim 128 in the
-    /// decoding program and past 136 steps of 2 rows in the subgroup program.
+    /// NIR left their loops over vec4 columns and the softmax's loop over the rows rolled. On
+    /// lavapipe (Mesa 22.3), the decoding program then returned wrong rows past 67 steps of 4
+    /// rows at head dim 128, and the subgroup program past 136 steps of 2 rows.
     fn tile_iterations(&self) -> u64 {
         let with_margin = |count: u64| count + count.div_ceil(10);
         match self {
@@ -394,12 +394,13 @@ pub(crate) struct FlashPlan {
 /// takes over where one would need more key splits than fit the partial outputs' binding, as a
 /// long sequence can where many short ones bring the partial outputs' size up.
 ///
-/// On lavapipe the decoding program ran 12.4× faster than the row program for one query row (B1 H32
-/// Skv4096 D128). At 4 rows per key/value head it ran about as fast as the subgroup program, which
-/// then leaves half its lanes idle (7.0 against 7.2 ms, B1 H32 H_kv8 Skv4096 D128). At 1 row it was
-/// faster (21.3 against 25.3 ms at H_kv32). Above 4 rows, with both programs reading 8 floats at a
-/// time, the subgroup program ran 1.7× to 2.3× faster than the decoding program from 512 × 512 to
-/// 4,096 × 4,096 (B1 H8 D64). At the MiniLM batch it ran 2.7× faster.
+/// On lavapipe the decoding program ran 12.4× faster than the row program for one query row
+/// (B1 H32 Skv4096 D128). At 4 rows per key/value head it ran about as fast as the subgroup
+/// program, which then leaves half its lanes idle (7.0 against 7.2 ms, B1 H32 H_kv8 Skv4096
+/// D128). At 1 row it was faster (21.3 against 25.3 ms at H_kv32). Above 4 rows, with both
+/// programs reading 8 floats at a time, the subgroup program ran 1.7× to 2.3× faster than the
+/// decoding program from 512 × 512 to 4,096 × 4,096 (B1 H8 D64). At the MiniLM batch it ran
+/// 2.7× faster.
 // NOTE: measured on lavapipe only (Mesa 22.3.6, 2 cores); other CPU drivers may differ.
 pub(crate) fn plan(
     context: &Context,

@@ -14,8 +14,8 @@
 //!   key lengths, packed sequences), crossed with every layout of [`LAYOUTS`] and every head-dim
 //!   pair of [`VARIANT_HEAD_DIMS`], with the masking options, lengths and ratios rotated;
 //! - long prefill at [`LONG_PREFILL`], where the subgroup program takes its largest blocks;
-//! - packed sequences of thousands of keys ([`LONG_PACKED`]), in decoding and prefill, where
-//!   llvmpipe's loop cap splits the key range more often than without packing;
+//! - packed sequences of thousands of keys ([`LONG_PACKED`]), in decoding and prefill, whose key
+//!   splits under llvmpipe's loop cap depend on the programs going without bounds checks;
 //! - large scores: the explicit scales of [`LARGE_SCALES`], in prefill and decoding, which the
 //!   f32 tolerance alone would reject without an allowance for score rounding.
 //!
